@@ -1,0 +1,17 @@
+"""Errors a user can act on; the CLI prints them as one line, without a traceback."""
+
+
+class TogetherError(Exception):
+    """Base class: the message says what went wrong and how to fix it."""
+
+
+class ModelError(TogetherError):
+    """A model could not be found, read or understood."""
+
+
+class ShardSpecError(TogetherError):
+    """A --shards / --layers specification is invalid."""
+
+
+class RequestError(TogetherError):
+    """A generation request is impossible (e.g. prompt longer than the context)."""

@@ -1,0 +1,218 @@
+"""The backend-neutral LayerShard interface: a [start, end) slice of a model with per-sequence caches.
+
+numpy and bytes at its edges, never framework tensors:
+- the first slice takes token ids (int32, all chunks concatenated), others take `Hidden`;
+- a non-last slice returns `Hidden` (tokens, hidden_size) in its wire dtype;
+- the last slice returns one `Sample` per chunk, drawn from the chunk's last position.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from backends.config import ModelConfig
+from backends.errors import RequestError
+from backends.sampling import SamplingParams
+from backends.weights import Checkpoint
+from backends.wire import DTYPES, Hidden
+
+BACKENDS = ("mlx", "torch")
+
+
+@dataclass
+class SeqChunk:
+    """`length` consecutive tokens of one sequence, starting at position `offset`."""
+
+    seq_id: str
+    offset: int
+    length: int
+
+
+@dataclass
+class Sample:
+    seq_id: str
+    token: int
+    logprob: float = 0.0  # log-probability of `token` under the model's raw distribution
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class SeqState:
+    """What a shard keeps per sequence besides its KV cache."""
+
+    params: SamplingParams
+    history: list[int]  # prompt + generated tokens (used by penalties); last slice only
+    length: int = 0  # tokens already in the cache
+    rng: object = None  # backend RNG state for seeded sampling
+
+
+class LayerShard(abc.ABC):
+    """Layers [start, end) of a model; the first embeds, the last normalises, projects and samples."""
+
+    backend: str = ""
+
+    def __init__(self, checkpoint: Checkpoint, start: int, end: int, dtype: str,
+                 wire_dtype: str | None = None):
+        cfg = checkpoint.config
+        if not (0 <= start < end <= cfg.num_hidden_layers):
+            raise RequestError(f"bad layer range [{start}, {end}) for a {cfg.num_hidden_layers}-layer model")
+        if dtype not in DTYPES:
+            raise RequestError(f"unknown dtype {dtype!r} (expected one of {', '.join(DTYPES)})")
+        self.config: ModelConfig = cfg
+        self.start, self.end, self.dtype = start, end, dtype
+        self.wire_dtype = wire_dtype or dtype
+        self.seqs: dict[str, SeqState] = {}
+
+    @property
+    def is_first(self) -> bool:
+        return self.start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.end == self.config.num_hidden_layers
+
+    @property
+    def num_layers(self) -> int:
+        return self.end - self.start
+
+    # ---- sequences
+
+    def add_sequence(self, seq_id: str, params: SamplingParams | None = None,
+                     prompt: Sequence[int] = ()) -> None:
+        """Create an empty cache for a sequence (the last slice also keeps its sampler)."""
+        if seq_id in self.seqs:
+            self.free_sequence(seq_id)
+        st = SeqState(params or SamplingParams(), list(prompt))
+        self.seqs[seq_id] = st
+        self._new_cache(seq_id, st)
+
+    def free_sequence(self, seq_id: str) -> bool:
+        """Drop a sequence's cache; True if it existed."""
+        st = self.seqs.pop(seq_id, None)
+        if st is None:
+            return False
+        self._free_cache(seq_id)
+        return True
+
+    def has_sequence(self, seq_id: str) -> bool:
+        return seq_id in self.seqs
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.seqs)
+
+    # ---- compute
+
+    def forward(self, chunks: list[SeqChunk], x: np.ndarray | Hidden) -> Hidden | list[Sample]:
+        """Run a batch of chunks through the slice, appending to each sequence's cache."""
+        self._check(chunks, x)
+        out = self._forward(chunks, x, want_logits=False)
+        for c in chunks:
+            self.seqs[c.seq_id].length += c.length
+        if self.is_last:
+            for s in out:
+                self.seqs[s.seq_id].history.append(s.token)
+        return out
+
+    def logits(self, chunks: list[SeqChunk], x: np.ndarray | Hidden) -> np.ndarray:
+        """Last slice only: float32 logits for every position, (total_tokens, vocab); caches advance."""
+        if not self.is_last:
+            raise RequestError("logits() needs the last slice")
+        self._check(chunks, x)
+        out = self._forward(chunks, x, want_logits=True)
+        for c in chunks:
+            self.seqs[c.seq_id].length += c.length
+        return out
+
+    def _check(self, chunks: list[SeqChunk], x: np.ndarray | Hidden) -> None:
+        total = 0
+        for c in chunks:
+            st = self.seqs.get(c.seq_id)
+            if st is None:
+                raise RequestError(f"unknown sequence {c.seq_id!r}")
+            if c.offset != st.length:
+                raise RequestError(f"sequence {c.seq_id!r}: chunk at position {c.offset} but cache "
+                                   f"holds {st.length} tokens")
+            if c.length < 1:
+                raise RequestError(f"sequence {c.seq_id!r}: empty chunk")
+            if c.offset + c.length > self.config.max_position_embeddings:
+                raise RequestError(f"sequence {c.seq_id!r}: {c.offset + c.length} tokens exceed the "
+                                   f"model's context of {self.config.max_position_embeddings}")
+            total += c.length
+        if self.is_first:
+            if not isinstance(x, np.ndarray) or x.ndim != 1 or x.shape[0] != total:
+                raise RequestError(f"first slice expects {total} token ids")
+            if total and (x.min() < 0 or x.max() >= self.config.vocab_size):
+                raise RequestError("token id out of the vocabulary")
+        else:
+            if not isinstance(x, Hidden) or x.shape != (total, self.config.hidden_size):
+                got = getattr(x, "shape", type(x).__name__)
+                raise RequestError(f"expected hidden states of shape ({total}, "
+                                   f"{self.config.hidden_size}), got {got}")
+
+    def cache_tokens(self) -> int:
+        return sum(st.length for st in self.seqs.values())
+
+    # ---- backend hooks
+
+    @abc.abstractmethod
+    def _new_cache(self, seq_id: str, st: SeqState) -> None: ...
+
+    @abc.abstractmethod
+    def _free_cache(self, seq_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def _forward(self, chunks: list[SeqChunk], x: np.ndarray | Hidden, want_logits: bool): ...
+
+    @abc.abstractmethod
+    def cache_nbytes(self) -> int:
+        """Bytes held by all KV caches of this slice."""
+
+    @abc.abstractmethod
+    def weight_nbytes(self) -> int:
+        """Bytes held by this slice's weights."""
+
+
+def default_dtype(backend: str, checkpoint: Checkpoint, device: str | None = None) -> str:
+    """MLX computes in float16 (as mlx-lm does for quantized/half checkpoints); torch in float32
+    on CPU (fastest there) and bfloat16 on CUDA."""
+    if backend == "mlx":
+        return "float16"
+    return "bfloat16" if (device or "cpu").startswith("cuda") else "float32"
+
+
+def available_backends() -> list[str]:
+    out = []
+    for b in BACKENDS:
+        try:
+            __import__("mlx.core" if b == "mlx" else "torch")
+            out.append(b)
+        except Exception:
+            pass
+    return out
+
+
+def load_shard(backend: str, checkpoint: Checkpoint, start: int, end: int, dtype: str = "auto",
+               wire_dtype: str | None = None, device: str | None = None,
+               threads: int | None = None) -> LayerShard:
+    """Load layers [start, end) of `checkpoint` on `backend` ('mlx' or 'torch')."""
+    if dtype == "auto":
+        dtype = default_dtype(backend, checkpoint, device)
+    if backend == "mlx":
+        try:
+            from backends.mlx.shard import MLXShard
+        except ImportError as e:
+            raise RequestError(f"the mlx backend is not installed ({e}); pip install mlx "
+                               f"(Linux: 'mlx[cpu]')") from None
+        return MLXShard(checkpoint, start, end, dtype, wire_dtype, threads=threads)
+    if backend == "torch":
+        try:
+            from backends.torch.shard import TorchShard
+        except ImportError as e:
+            raise RequestError(f"the torch backend is not installed ({e}); pip install torch") from None
+        return TorchShard(checkpoint, start, end, dtype, wire_dtype, device=device, threads=threads)
+    raise RequestError(f"unknown backend {backend!r} (expected one of {', '.join(BACKENDS)})")

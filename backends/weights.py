@@ -1,0 +1,397 @@
+"""Lazy checkpoint readers: GGUF, HF safetensors dirs and MLX-quantized dirs.
+
+Every reader exposes tensors under HF names in HF orientation (Q/K in half-split RoPE order),
+read only when asked, so a slice loads only its own tensors. Quantized tensors that are affine
+per group (GGUF Q4_0/Q4_1/Q8_0, MLX-quantized) can be handed over packed, as MLX wants them;
+anything else is dequantized to float32.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from backends.config import ModelConfig
+from backends.errors import ModelError
+
+
+@dataclass
+class Affine:
+    """Affine group quantization, MLX layout: w = scales * q + biases per group along the input."""
+
+    packed: np.ndarray  # (out, in * bits / 32) uint32, element j of a word at bits [j*bits, (j+1)*bits)
+    scales: np.ndarray  # (out, in / group_size) float16/float32
+    biases: np.ndarray  # (out, in / group_size)
+    bits: int
+    group_size: int
+
+    def dequantize(self) -> np.ndarray:
+        per = 32 // self.bits
+        mask = (1 << self.bits) - 1
+        shifts = (np.arange(per, dtype=np.uint32) * self.bits)[None, None, :]
+        q = (self.packed[:, :, None] >> shifts) & mask  # (out, words, per)
+        q = q.reshape(self.packed.shape[0], -1).astype(np.float32)
+        g = q.reshape(q.shape[0], -1, self.group_size)
+        w = g * self.scales.astype(np.float32)[:, :, None] + self.biases.astype(np.float32)[:, :, None]
+        return w.reshape(q.shape)
+
+    def rows(self, perm: np.ndarray) -> "Affine":
+        return Affine(self.packed[perm], self.scales[perm], self.biases[perm], self.bits, self.group_size)
+
+
+class TensorRef:
+    """One tensor of a checkpoint, read on demand."""
+
+    def __init__(self, name: str, shape: tuple[int, ...], source: str,
+                 read_dense: Callable[[], np.ndarray] | None = None,
+                 read_affine: Callable[[], Affine] | None = None,
+                 row_perm: np.ndarray | None = None):
+        self.name, self.shape, self.source = name, tuple(shape), source
+        self._dense, self._affine, self._perm = read_dense, read_affine, row_perm
+
+    @property
+    def quantized(self) -> bool:
+        return self._affine is not None
+
+    def affine(self) -> Affine | None:
+        """Packed affine form when stored that way, else None."""
+        if self._affine is None:
+            return None
+        a = self._affine()
+        return a.rows(self._perm) if self._perm is not None else a
+
+    def numpy(self) -> np.ndarray:
+        """The tensor as float (float32 unless stored as float16)."""
+        if self._affine is not None:
+            w = self._affine().dequantize()
+        else:
+            w = self._dense()
+        if self._perm is not None:
+            w = w[self._perm]
+        return np.ascontiguousarray(w)
+
+    def __repr__(self) -> str:
+        return f"TensorRef({self.name}, {self.shape}, {'affine' if self.quantized else 'dense'})"
+
+
+class Checkpoint:
+    """A model checkpoint: its config, its tensors by HF name, and where its tokenizer lives."""
+
+    def __init__(self, path: Path, config: ModelConfig, tensors: dict[str, TensorRef], kind: str):
+        self.path, self.config, self.tensors, self.kind = path, config, tensors, kind
+
+    def get(self, name: str) -> TensorRef:
+        t = self.tensors.get(name)
+        if t is None:
+            raise ModelError(f"{self.path}: missing tensor {name!r}")
+        return t
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    @property
+    def tied_head(self) -> bool:
+        """The output projection reuses the token embedding."""
+        return self.config.tie_word_embeddings or not self.has("lm_head.weight")
+
+    def slice_names(self, start: int, end: int) -> list[str]:
+        """Names of the tensors a slice [start, end) needs."""
+        cfg = self.config
+        names = [n for n in self.tensors
+                 if (m := _LAYER.match(n)) and start <= int(m.group(1)) < end]
+        if start == 0:
+            names.append("model.embed_tokens.weight")
+        if end == cfg.num_hidden_layers:
+            names.append("model.norm.weight")
+            if self.tied_head:
+                names.append("model.embed_tokens.weight")
+            else:
+                names.append("lm_head.weight")
+        return list(dict.fromkeys(names))
+
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+# ---------------------------------------------------------------- safetensors
+
+
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U32": np.uint32,
+              "I32": np.int32, "I64": np.int64, "U8": np.uint8, "I8": np.int8}
+
+
+def _bf16_to_f32(a: np.ndarray) -> np.ndarray:
+    return (a.astype(np.uint32) << 16).view(np.float32)
+
+
+class _SafetensorsFile:
+    """Memory-mapped reader of one .safetensors file (only touched tensors are paged in)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                if n > 100_000_000:
+                    raise ValueError("header too large")
+                self.header = json.loads(f.read(n))
+        except (OSError, ValueError, struct.error) as e:
+            raise ModelError(f"{path}: not a readable safetensors file ({e})") from None
+        self.base = 8 + n
+        self.header.pop("__metadata__", None)
+        self._mm: np.memmap | None = None
+
+    def read(self, name: str) -> np.ndarray:
+        info = self.header[name]
+        if info["dtype"] not in _ST_DTYPES:
+            raise ModelError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        if self._mm is None:
+            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+        a, b = info["data_offsets"]
+        raw = self._mm[self.base + a: self.base + b]
+        arr = raw.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+        if info["dtype"] == "BF16":
+            return _bf16_to_f32(arr)
+        return np.array(arr)
+
+
+def _open_safetensors_dir(path: Path) -> Checkpoint:
+    cfg_path = path / "config.json"
+    if not cfg_path.exists():
+        raise ModelError(f"{path}: no config.json (expected an HF or MLX model directory)")
+    raw = json.loads(cfg_path.read_text())
+    config = ModelConfig.from_dict(raw, str(cfg_path))
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"{path}: no .safetensors files (download the weights, or convert "
+                         f".bin checkpoints to safetensors)")
+    readers = {f.name: _SafetensorsFile(f) for f in files}
+    where: dict[str, _SafetensorsFile] = {}
+    for r in readers.values():
+        for k in r.header:
+            where[k] = r
+    quant = raw.get("quantization") or raw.get("quantization_config")
+    tensors: dict[str, TensorRef] = {}
+    for name, r in where.items():
+        if name.endswith((".scales", ".biases")) or "rotary_emb" in name:
+            continue
+        info = r.header[name]
+        shape = tuple(info["shape"])
+        base = name[: -len(".weight")] if name.endswith(".weight") else None
+        if base and f"{base}.scales" in where and quant:
+            q = quant.get(base, quant) if isinstance(quant.get(base), dict) else quant
+            bits, gs = int(q.get("bits", 4)), int(q.get("group_size", 64))
+            shape = (shape[0], shape[1] * 32 // bits)
+
+            def read_affine(name=name, base=base, r=r, bits=bits, gs=gs) -> Affine:
+                biases = where[f"{base}.biases"].read(f"{base}.biases") if f"{base}.biases" in where \
+                    else None
+                scales = where[f"{base}.scales"].read(f"{base}.scales")
+                if biases is None:
+                    raise ModelError(f"{r.path}: {base} has scales but no biases "
+                                     f"(only affine MLX quantization is supported)")
+                return Affine(r.read(name), scales, biases, bits, gs)
+
+            tensors[name] = TensorRef(name, shape, str(r.path), read_affine=read_affine)
+        else:
+            tensors[name] = TensorRef(name, shape, str(r.path), read_dense=lambda n=name, r=r: r.read(n))
+    kind = "mlx" if quant else "hf"
+    return Checkpoint(path, config, tensors, kind)
+
+
+# ---------------------------------------------------------------- GGUF
+
+_GGUF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_LAYER = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def _gguf_hf_name(name: str) -> str | None:
+    if name in _GGUF_NAMES:
+        return _GGUF_NAMES[name]
+    m = re.match(r"blk\.(\d+)\.([a-z_]+)\.(weight|bias)$", name)
+    if m and m.group(2) in _GGUF_LAYER:
+        return f"model.layers.{m.group(1)}.{_GGUF_LAYER[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def _unpermute_rows(n_rows: int, n_head: int) -> np.ndarray:
+    """Row order that undoes llama.cpp's interleaved-RoPE permutation of Q/K (to half-split)."""
+    idx = np.arange(n_rows).reshape(n_head, n_rows // n_head // 2, 2)
+    return idx.swapaxes(1, 2).reshape(-1)
+
+
+def _pack(q: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned ints (rows, n) into uint32 words, lowest bits first."""
+    per = 32 // bits
+    q = q.astype(np.uint32).reshape(q.shape[0], -1, per)
+    shifts = (np.arange(per, dtype=np.uint32) * bits)[None, None, :]
+    return np.bitwise_or.reduce(q << shifts, axis=2)
+
+
+def _gguf_affine(kind: str, data: np.ndarray) -> Affine:
+    """Re-express GGUF Q4_0/Q4_1/Q8_0 blocks (rows, bytes) exactly as MLX affine groups of 32."""
+    rows = data.shape[0]
+    if kind == "Q4_1":
+        b = data.reshape(rows, -1, 20)
+        d = b[:, :, 0:2].copy().view(np.float16)[..., 0]
+        m = b[:, :, 2:4].copy().view(np.float16)[..., 0]
+        qs = b[:, :, 4:20]
+        q = np.concatenate([qs & 0xF, qs >> 4], axis=2).reshape(rows, -1)
+        return Affine(_pack(q, 4), d, m, 4, 32)
+    if kind == "Q4_0":
+        b = data.reshape(rows, -1, 18)
+        d = b[:, :, 0:2].copy().view(np.float16)[..., 0]
+        qs = b[:, :, 2:18]
+        q = np.concatenate([qs & 0xF, qs >> 4], axis=2).reshape(rows, -1)
+        return Affine(_pack(q, 4), d, (d * np.float16(-8)), 4, 32)
+    if kind == "Q8_0":
+        b = data.reshape(rows, -1, 34)
+        d = b[:, :, 0:2].copy().view(np.float16)[..., 0]
+        q = (b[:, :, 2:34].view(np.int8).astype(np.int16) + 128).reshape(rows, -1)
+        return Affine(_pack(q, 8), d, (d * np.float16(-128)), 8, 32)
+    raise AssertionError(kind)
+
+
+def _gguf_config(fields: dict, path: Path) -> dict:
+    def get(key, default=None):
+        f = fields.get(key)
+        if f is None:
+            return default
+        return f.contents()
+
+    arch = get("general.architecture")
+    if arch not in ("llama", "qwen2", "mistral"):
+        raise ModelError(f"{path}: unsupported GGUF architecture {arch!r} (supported: llama, qwen2)")
+    p = arch
+    heads = int(get(f"{p}.attention.head_count"))
+    hidden = int(get(f"{p}.embedding_length"))
+    vocab = get(f"{p}.vocab_size")
+    if vocab is None and "tokenizer.ggml.tokens" in fields:
+        vocab = len(fields["tokenizer.ggml.tokens"].data)
+    d = {
+        "model_type": "mistral" if arch == "mistral" else arch,
+        "vocab_size": int(vocab),
+        "hidden_size": hidden,
+        "intermediate_size": int(get(f"{p}.feed_forward_length")),
+        "num_hidden_layers": int(get(f"{p}.block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(get(f"{p}.attention.head_count_kv", heads)),
+        "head_dim": int(get(f"{p}.attention.key_length", hidden // heads)),
+        "rms_norm_eps": float(get(f"{p}.attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float(get(f"{p}.rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(get(f"{p}.context_length", 4096)),
+        "bos_token_id": get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": get("tokenizer.ggml.eos_token_id"),
+    }
+    scaling = get(f"{p}.rope.scaling.type")
+    if scaling == "linear":
+        d["rope_scaling"] = {"type": "linear", "factor": float(get(f"{p}.rope.scaling.factor"))}
+    return d
+
+
+def _open_gguf(path: Path) -> Checkpoint:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path), "r")
+    except Exception as e:  # the gguf package raises bare ValueErrors/asserts on corrupt files
+        raise ModelError(f"{path}: not a valid GGUF file ({type(e).__name__}: {e})") from None
+    raw = _gguf_config(reader.fields, path)
+    by_name = {t.name: t for t in reader.tensors}
+    raw["tie_word_embeddings"] = "output.weight" not in by_name
+    config = ModelConfig.from_dict(raw, str(path))
+    permute = config.model_type in ("llama", "mistral")
+    tensors: dict[str, TensorRef] = {}
+    for t in reader.tensors:
+        hf = _gguf_hf_name(t.name)
+        if hf is None:
+            continue  # e.g. rope_freqs: handled through the config
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        kind = t.tensor_type.name
+        perm = None
+        if permute and hf.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
+            heads = config.num_attention_heads if ".q_proj." in hf else config.num_key_value_heads
+            perm = _unpermute_rows(shape[0], heads)
+        if kind in ("Q4_0", "Q4_1", "Q8_0") and len(shape) == 2:
+            ref = TensorRef(hf, shape, str(path), read_affine=lambda t=t, k=kind: _gguf_affine(k, np.asarray(t.data)),
+                            row_perm=perm)
+        elif kind in ("F32", "F16"):
+            ref = TensorRef(hf, shape, str(path),
+                            read_dense=lambda t=t, s=shape: np.array(t.data).reshape(s), row_perm=perm)
+        else:
+            def deq(t=t, s=shape):
+                try:
+                    return gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32).reshape(s)
+                except NotImplementedError:
+                    raise ModelError(f"{path}: tensor {t.name} uses {t.tensor_type.name}, "
+                                     f"which cannot be dequantized here") from None
+            ref = TensorRef(hf, shape, str(path), read_dense=deq, row_perm=perm)
+        tensors[hf] = ref
+    ck = Checkpoint(path, config, tensors, "gguf")
+    ck.gguf_fields = reader.fields  # for the tokenizer and chat template
+    return ck
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open a local checkpoint: a .gguf file, or an HF / MLX directory of safetensors."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelError(f"model path {path} does not exist")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelError(f"{path}: a model file must be .gguf (or pass a model directory)")
+        return _open_gguf(path)
+    ggufs = sorted(path.glob("*.gguf"))
+    if not (path / "config.json").exists() and len(ggufs) == 1:
+        return _open_gguf(ggufs[0])
+    return _open_safetensors_dir(path)
+
+
+def validate_slice(ck: Checkpoint, start: int, end: int, expect: dict[str, tuple[int, ...]]) -> None:
+    """Check that every expected tensor exists with the expected logical shape."""
+    for name, shape in expect.items():
+        t = ck.get(name)
+        if tuple(t.shape) != tuple(shape):
+            raise ModelError(f"{t.source}: tensor {name!r} has shape {t.shape}, expected {tuple(shape)}")
+
+
+def expected_shapes(cfg: ModelConfig, start: int, end: int, tied_head: bool) -> dict[str, tuple[int, ...]]:
+    """Logical shapes of the tensors a slice needs, by HF name."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    out: dict[str, tuple[int, ...]] = {}
+    for layer in range(start, end):
+        p = f"model.layers.{layer}."
+        out.update({
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+            p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+            p + "mlp.down_proj.weight": (h, i),
+        })
+        if cfg.qkv_bias:
+            out.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                        p + "self_attn.v_proj.bias": (kv,)})
+        if cfg.o_bias:
+            out[p + "self_attn.o_proj.bias"] = (h,)
+    if start == 0 or (end == cfg.num_hidden_layers and tied_head):
+        out["model.embed_tokens.weight"] = (cfg.vocab_size, h)
+    if end == cfg.num_hidden_layers:
+        out["model.norm.weight"] = (h,)
+        if not tied_head:
+            out["lm_head.weight"] = (cfg.vocab_size, h)
+    return out
