@@ -1,0 +1,251 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class SamplingParams(_message.Message):
+    __slots__ = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "penalty_context", "has_seed", "seed", "logprobs")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MIN_P_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    PRESENCE_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    FREQUENCY_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    PENALTY_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    HAS_SEED_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    repetition_penalty: float
+    presence_penalty: float
+    frequency_penalty: float
+    penalty_context: int
+    has_seed: bool
+    seed: int
+    logprobs: int
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., penalty_context: _Optional[int] = ..., has_seed: _Optional[bool] = ..., seed: _Optional[int] = ..., logprobs: _Optional[int] = ...) -> None: ...
+
+class SeqEntry(_message.Message):
+    __slots__ = ("seq_id", "offset", "length", "start", "sampling", "history", "adapter")
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    seq_id: str
+    offset: int
+    length: int
+    start: bool
+    sampling: SamplingParams
+    history: _containers.RepeatedScalarFieldContainer[int]
+    adapter: str
+    def __init__(self, seq_id: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., start: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., history: _Optional[_Iterable[int]] = ..., adapter: _Optional[str] = ...) -> None: ...
+
+class Frame(_message.Message):
+    __slots__ = ("frame_id", "epoch", "seqs", "dtype", "shape", "data", "tokens", "origin", "sent_at")
+    FRAME_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SEQS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    SENT_AT_FIELD_NUMBER: _ClassVar[int]
+    frame_id: int
+    epoch: int
+    seqs: _containers.RepeatedCompositeFieldContainer[SeqEntry]
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    origin: str
+    sent_at: float
+    def __init__(self, frame_id: _Optional[int] = ..., epoch: _Optional[int] = ..., seqs: _Optional[_Iterable[_Union[SeqEntry, _Mapping]]] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., tokens: _Optional[_Iterable[int]] = ..., origin: _Optional[str] = ..., sent_at: _Optional[float] = ...) -> None: ...
+
+class TokenResult(_message.Message):
+    __slots__ = ("seq_id", "token", "logprob", "top_tokens", "top_logprobs")
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TOP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    seq_id: str
+    token: int
+    logprob: float
+    top_tokens: _containers.RepeatedScalarFieldContainer[int]
+    top_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, seq_id: _Optional[str] = ..., token: _Optional[int] = ..., logprob: _Optional[float] = ..., top_tokens: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class Result(_message.Message):
+    __slots__ = ("frame_id", "epoch", "results", "error", "error_code", "failed_seqs", "hop_ms")
+    FRAME_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    FAILED_SEQS_FIELD_NUMBER: _ClassVar[int]
+    HOP_MS_FIELD_NUMBER: _ClassVar[int]
+    frame_id: int
+    epoch: int
+    results: _containers.RepeatedCompositeFieldContainer[TokenResult]
+    error: str
+    error_code: int
+    failed_seqs: _containers.RepeatedScalarFieldContainer[str]
+    hop_ms: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, frame_id: _Optional[int] = ..., epoch: _Optional[int] = ..., results: _Optional[_Iterable[_Union[TokenResult, _Mapping]]] = ..., error: _Optional[str] = ..., error_code: _Optional[int] = ..., failed_seqs: _Optional[_Iterable[str]] = ..., hop_ms: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class Ack(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PeerInfo(_message.Message):
+    __slots__ = ("node_id", "name", "address", "backend", "free_memory", "layer_ms", "started_at", "api", "version", "model", "start", "end", "standby", "tp_group")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    FREE_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    LAYER_MS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    API_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    STANDBY_FIELD_NUMBER: _ClassVar[int]
+    TP_GROUP_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    name: str
+    address: str
+    backend: str
+    free_memory: int
+    layer_ms: float
+    started_at: float
+    api: str
+    version: str
+    model: str
+    start: int
+    end: int
+    standby: bool
+    tp_group: str
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., backend: _Optional[str] = ..., free_memory: _Optional[int] = ..., layer_ms: _Optional[float] = ..., started_at: _Optional[float] = ..., api: _Optional[str] = ..., version: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., standby: _Optional[bool] = ..., tp_group: _Optional[str] = ...) -> None: ...
+
+class Assignment(_message.Message):
+    __slots__ = ("node_id", "start", "end")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    start: int
+    end: int
+    def __init__(self, node_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
+
+class Plan(_message.Message):
+    __slots__ = ("epoch", "coordinator", "stages", "peers", "num_layers", "model", "complete", "missing")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    coordinator: str
+    stages: _containers.RepeatedCompositeFieldContainer[Assignment]
+    peers: _containers.RepeatedCompositeFieldContainer[PeerInfo]
+    num_layers: int
+    model: str
+    complete: bool
+    missing: str
+    def __init__(self, epoch: _Optional[int] = ..., coordinator: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ..., peers: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., num_layers: _Optional[int] = ..., model: _Optional[str] = ..., complete: _Optional[bool] = ..., missing: _Optional[str] = ...) -> None: ...
+
+class JoinRequest(_message.Message):
+    __slots__ = ("peer", "want_start", "want_end")
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    WANT_START_FIELD_NUMBER: _ClassVar[int]
+    WANT_END_FIELD_NUMBER: _ClassVar[int]
+    peer: PeerInfo
+    want_start: int
+    want_end: int
+    def __init__(self, peer: _Optional[_Union[PeerInfo, _Mapping]] = ..., want_start: _Optional[int] = ..., want_end: _Optional[int] = ...) -> None: ...
+
+class JoinReply(_message.Message):
+    __slots__ = ("ok", "reason", "start", "end", "plan")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    reason: str
+    start: int
+    end: int
+    plan: Plan
+    def __init__(self, ok: _Optional[bool] = ..., reason: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ...) -> None: ...
+
+class LeaveRequest(_message.Message):
+    __slots__ = ("node_id",)
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    def __init__(self, node_id: _Optional[str] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("peer", "epoch")
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    peer: PeerInfo
+    epoch: int
+    def __init__(self, peer: _Optional[_Union[PeerInfo, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class HeartbeatReply(_message.Message):
+    __slots__ = ("plan",)
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    plan: Plan
+    def __init__(self, plan: _Optional[_Union[Plan, _Mapping]] = ...) -> None: ...
+
+class PlanRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("seq_ids", "propagate")
+    SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
+    PROPAGATE_FIELD_NUMBER: _ClassVar[int]
+    seq_ids: _containers.RepeatedScalarFieldContainer[str]
+    propagate: bool
+    def __init__(self, seq_ids: _Optional[_Iterable[str]] = ..., propagate: _Optional[bool] = ...) -> None: ...
+
+class ReleaseReply(_message.Message):
+    __slots__ = ("freed",)
+    FREED_FIELD_NUMBER: _ClassVar[int]
+    freed: int
+    def __init__(self, freed: _Optional[int] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatusReply(_message.Message):
+    __slots__ = ("peer", "plan", "sequences", "cache_bytes", "tokens_per_s")
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    peer: PeerInfo
+    plan: Plan
+    sequences: int
+    cache_bytes: int
+    tokens_per_s: float
+    def __init__(self, peer: _Optional[_Union[PeerInfo, _Mapping]] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., sequences: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., tokens_per_s: _Optional[float] = ...) -> None: ...
