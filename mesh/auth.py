@@ -1,0 +1,286 @@
+"""Mesh-key authentication for grpc.aio, plus the server and channel factories that use it.
+
+Every RPC carries four metadata entries proving the caller holds the mesh key without
+sending it:
+
+    x-together-ts     caller's wall clock, seconds (decimal string)
+    x-together-nonce  128 random bits, hex
+    x-together-node   caller's node id
+    x-together-auth   hex HMAC-SHA256(key, "method|ts|nonce|node")
+
+The server checks the MAC in constant time, the timestamp within a window, and refuses a
+nonce it has already seen inside that window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+import grpc.aio
+
+log = logging.getLogger(__name__)
+
+TS_KEY = "x-together-ts"
+NONCE_KEY = "x-together-nonce"
+NODE_KEY = "x-together-node"
+AUTH_KEY = "x-together-auth"
+
+REFUSAL = "wrong or missing mesh key: start every peer with the same --mesh-key"
+
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+KEEPALIVE_TIME_MS = 10_000
+KEEPALIVE_TIMEOUT_MS = 5_000
+MIN_PING_INTERVAL_MS = 5_000
+
+# Hidden states can be large and the links are long-lived: raise the 4 MiB default, and ping
+# idle links so a dead peer is noticed in seconds rather than at the next TCP timeout.
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),  # keep pinging an idle link, unlimited
+)
+# The server must tolerate the clients' 10 s pings; its default (5 min) would answer them
+# with GOAWAY "too_many_pings".
+SERVER_OPTIONS: tuple[tuple[str, int], ...] = CHANNEL_OPTIONS + (
+    ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
+)
+
+MeshKey = str | bytes | None
+Metadata = tuple[tuple[str, str], ...]
+
+
+def _key_bytes(mesh_key: MeshKey) -> bytes | None:
+    if mesh_key is None:
+        return None
+    key = mesh_key.encode() if isinstance(mesh_key, str) else bytes(mesh_key)
+    return key or None  # an empty --mesh-key means "no key", not "the empty key"
+
+
+def _method_str(method: str | bytes) -> str:
+    return method.decode() if isinstance(method, bytes) else method
+
+
+def _mac(key: bytes, method: str, ts: str, nonce: str, node: str) -> str:
+    msg = "|".join((method, ts, nonce, node)).encode()
+    return hmac.new(key, msg, hashlib.sha256).hexdigest()
+
+
+def auth_metadata(
+    mesh_key: MeshKey,
+    method: str | bytes,
+    node_id: str,
+    *,
+    now: float | None = None,
+    nonce: str | None = None,
+) -> Metadata:
+    """Call metadata proving this caller holds mesh_key for one call of `method`.
+
+    `method` is the full gRPC path, e.g. "/together.Together/Status". Without a key the
+    result is empty.
+    """
+    key = _key_bytes(mesh_key)
+    if key is None:
+        return ()
+    ts = f"{time.time() if now is None else now:.3f}"
+    nonce = nonce or secrets.token_hex(16)
+    method = _method_str(method)
+    return (
+        (TS_KEY, ts),
+        (NONCE_KEY, nonce),
+        (NODE_KEY, node_id),
+        (AUTH_KEY, _mac(key, method, ts, nonce, node_id)),
+    )
+
+
+class MeshKeyVerifier:
+    """Checks auth metadata: MAC, clock window and nonce replay (bounded in size and time)."""
+
+    def __init__(self, mesh_key: str | bytes, *, window_s: float = 60.0, max_nonces: int = 100_000) -> None:
+        key = _key_bytes(mesh_key)
+        if key is None:
+            raise ValueError("MeshKeyVerifier needs a non-empty mesh key")
+        self._key = key
+        self._window_s = window_s
+        self._max_nonces = max_nonces
+        self._seen: OrderedDict[str, float] = OrderedDict()  # nonce -> time it was accepted
+
+    def verify(self, method: str | bytes, metadata: Any, *, now: float | None = None) -> str | None:
+        """None when the metadata authenticates this call, else the reason it does not."""
+        now = time.time() if now is None else now
+        fields: dict[str, str] = {}
+        for key, value in metadata or ():
+            if key in (TS_KEY, NONCE_KEY, NODE_KEY, AUTH_KEY) and key not in fields:
+                fields[key] = value.decode() if isinstance(value, bytes) else value
+        if AUTH_KEY not in fields:
+            return "no auth metadata"
+        ts, nonce, node = fields.get(TS_KEY, ""), fields.get(NONCE_KEY, ""), fields.get(NODE_KEY, "")
+        expected = _mac(self._key, _method_str(method), ts, nonce, node)
+        if not hmac.compare_digest(expected.encode(), fields[AUTH_KEY].encode()):
+            return f"bad MAC from node {node!r}"
+        try:
+            skew = abs(now - float(ts))
+        except ValueError:
+            return f"bad timestamp {ts!r} from node {node!r}"
+        if skew > self._window_s:
+            return f"timestamp {skew:.0f} s off from node {node!r} (clocks out of sync?)"
+        if not nonce:
+            return f"empty nonce from node {node!r}"
+        self._expire(now)
+        if nonce in self._seen:
+            return f"replayed nonce from node {node!r}"
+        self._seen[nonce] = now
+        return None
+
+    def _expire(self, now: float) -> None:
+        # Nonces older than twice the window can't pass the clock check again, so forgetting
+        # them is safe; the size cap bounds memory under a flood (oldest go first).
+        horizon = now - 2 * self._window_s
+        while self._seen:
+            nonce, seen_at = next(iter(self._seen.items()))
+            if seen_at >= horizon and len(self._seen) < self._max_nonces:
+                break
+            del self._seen[nonce]
+
+
+def _refusing_handler(handler: grpc.RpcMethodHandler | None, method: str, reason: str) -> grpc.RpcMethodHandler:
+    async def refuse(context: grpc.aio.ServicerContext) -> None:
+        log.warning("refused %s from %s: %s", method, context.peer(), reason)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, REFUSAL)
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await refuse(context)
+
+    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await refuse(context)
+        yield  # pragma: no cover - makes this an async generator; abort raises first
+
+    # Mirror the real handler's arity and (de)serializers so the call is torn down cleanly.
+    req_stream = bool(handler and handler.request_streaming)
+    resp_stream = bool(handler and handler.response_streaming)
+    deser = handler.request_deserializer if handler else None
+    ser = handler.response_serializer if handler else None
+    if req_stream and resp_stream:
+        return grpc.stream_stream_rpc_method_handler(streaming, deser, ser)
+    if req_stream:
+        return grpc.stream_unary_rpc_method_handler(unary, deser, ser)
+    if resp_stream:
+        return grpc.unary_stream_rpc_method_handler(streaming, deser, ser)
+    return grpc.unary_unary_rpc_method_handler(unary, deser, ser)
+
+
+class MeshKeyServerInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses every call, unary or streaming, whose metadata does not prove the mesh key."""
+
+    def __init__(self, mesh_key: str | bytes, *, window_s: float = 60.0, max_nonces: int = 100_000) -> None:
+        self._verifier = MeshKeyVerifier(mesh_key, window_s=window_s, max_nonces=max_nonces)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+        reason = self._verifier.verify(method, handler_call_details.invocation_metadata)
+        handler = await continuation(handler_call_details)
+        if reason is None:
+            return handler
+        return _refusing_handler(handler, method, reason)
+
+
+class _Signer:
+    def __init__(self, mesh_key: str | bytes, node_id: str) -> None:
+        self._key = mesh_key
+        self._node_id = node_id
+
+    def details(self, call_details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(call_details.metadata or ()))
+        for key, value in auth_metadata(self._key, call_details.method, self._node_id):
+            metadata.add(key, value)
+        return grpc.aio.ClientCallDetails(
+            call_details.method,
+            call_details.timeout,
+            metadata,
+            call_details.credentials,
+            call_details.wait_for_ready,
+        )
+
+
+class _UnaryUnaryAuth(_Signer, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return await continuation(self.details(client_call_details), request)
+
+
+class _UnaryStreamAuth(_Signer, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return await continuation(self.details(client_call_details), request)
+
+
+class _StreamUnaryAuth(_Signer, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
+        return await continuation(self.details(client_call_details), request_iterator)
+
+
+class _StreamStreamAuth(_Signer, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
+        return await continuation(self.details(client_call_details), request_iterator)
+
+
+def client_interceptors(mesh_key: MeshKey, node_id: str) -> list[grpc.aio.ClientInterceptor]:
+    """One signing interceptor per call arity (grpc.aio files each under exactly one kind)."""
+    key = _key_bytes(mesh_key)
+    if key is None:
+        return []
+    return [cls(key, node_id) for cls in (_UnaryUnaryAuth, _UnaryStreamAuth, _StreamUnaryAuth, _StreamStreamAuth)]
+
+
+def make_channel(
+    address: str,
+    mesh_key: MeshKey,
+    node_id: str,
+    *,
+    options: Sequence[tuple[str, Any]] = (),
+) -> grpc.aio.Channel:
+    """An insecure grpc.aio channel to `address` that signs every call with the mesh key.
+
+    Close it with `await channel.close()`.
+    """
+    return grpc.aio.insecure_channel(
+        address,
+        options=list(CHANNEL_OPTIONS) + list(options),
+        compression=grpc.Compression.NoCompression,  # hidden states don't compress; gzip only adds latency
+        interceptors=client_interceptors(mesh_key, node_id),
+    )
+
+
+def make_server(
+    mesh_key: MeshKey,
+    *,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    options: Sequence[tuple[str, Any]] = (),
+    window_s: float = 60.0,
+) -> grpc.aio.Server:
+    """A grpc.aio server with mesh-key checking (when a key is given) and tuned transport options.
+
+    Add servicers and ports, then `await server.start()`; pair it with `await server.stop(grace)`.
+    """
+    chain: list[grpc.aio.ServerInterceptor] = []
+    key = _key_bytes(mesh_key)
+    if key is not None:
+        chain.append(MeshKeyServerInterceptor(key, window_s=window_s))
+    chain.extend(interceptors)
+    return grpc.aio.server(
+        interceptors=chain,
+        options=list(SERVER_OPTIONS) + list(options),
+        compression=grpc.Compression.NoCompression,
+    )
