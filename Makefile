@@ -1,0 +1,34 @@
+# The two commands of the README: `make demo` and `make test`. Both set everything up first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup model demo test test-fast bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+model: setup
+	@$(VENV)/bin/together fetch --model smollm2-135m >/dev/null
+
+demo: model
+	$(VENV)/bin/together generate --model smollm2-135m --max-tokens 96 \
+		--prompt "In two sentences, why can several laptops serve a model none of them could hold alone?"
+
+test: model
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: model
+	$(PY) -m pytest -q -m "not slow"
+
+bench: model
+	$(PY) perf/bench_core.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,124 @@
+"""The `together` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from typing import Callable
+
+from backends.errors import TogetherError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="smollm2-135m (embedded), a local HF/MLX dir or .gguf, or an HF hub id")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="compute dtype (auto: float16 on MLX, float32 on torch CPU, bfloat16 on CUDA)")
+    p.add_argument("--threads", type=int, default=None, help="compute threads for this process")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _sampling(a: argparse.Namespace):
+    from backends.sampling import SamplingParams
+
+    return SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
+                          repetition_penalty=a.repetition_penalty, seed=a.seed,
+                          max_tokens=a.max_tokens, stop=list(a.stop)).validate()
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from backends.models import resolve_model
+    from backends.pipeline import Pipeline, SliceSpec, parse_shards
+    from backends.shard import available_backends
+    from backends.tokenizer import Tokenizer
+    from backends.weights import open_checkpoint
+
+    params = _sampling(a)
+    backend = a.backend or (available_backends() or ["torch"])[0]
+    ck = open_checkpoint(resolve_model(a.model))
+    n = ck.config.num_hidden_layers
+    slices = parse_shards(a.shards, n, backend) if a.shards else [SliceSpec(backend, 0, n)]
+    tok = Tokenizer.from_checkpoint(ck)
+    if a.raw:
+        prompt = tok.encode(a.prompt)
+    else:
+        msgs = ([{"role": "system", "content": a.system}] if a.system else []) + \
+               [{"role": "user", "content": a.prompt}]
+        prompt = tok.apply_chat(msgs)
+    t = time.perf_counter()
+    pipe = Pipeline.load(ck, slices, dtype=a.dtype, threads=a.threads)
+    load_s = time.perf_counter() - t
+    stats: dict = {}
+    for d in pipe.generate(prompt, params, tok, stats):
+        sys.stdout.write(d.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    split = ",".join(f"{s.backend}:{s.start}-{s.end}" for s in slices)
+    print(f"[{split}] load {load_s:.1f}s | prompt {stats['prompt_tokens']} tok, "
+          f"{stats['prompt_tokens'] / max(stats['prefill_s'], 1e-9):.1f} tok/s | "
+          f"generated {stats['generated_tokens']} tok, "
+          f"{max(stats['generated_tokens'] - 1, 0) / max(stats['decode_s'], 1e-9):.1f} tok/s | "
+          f"finish: {stats['finish_reason']}", file=sys.stderr)
+    return 0
+
+
+def cmd_fetch(a: argparse.Namespace) -> int:
+    from backends.models import resolve_model
+
+    print(resolve_model(a.model, quiet=a.quiet))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="together", description="A peer-to-peer LLM inference mesh.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="generate text in this process (optionally split into slices)")
+    _add_model_args(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--system", default=None, help="system prompt (chat mode)")
+    g.add_argument("--backend", choices=["mlx", "torch"], default=None)
+    g.add_argument("--shards", default=None, help="e.g. mlx:0-12,torch:12-30")
+    g.add_argument("--raw", action="store_true", help="no chat template: continue the prompt as is")
+    _add_sampling_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    f = sub.add_parser("fetch", help="fetch a model into the cache and print its path")
+    f.add_argument("--model", default="smollm2-135m")
+    f.add_argument("--quiet", action="store_true")
+    f.set_defaults(func=cmd_fetch)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    func: Callable[[argparse.Namespace], int] = a.func
+    try:
+        return func(a)
+    except TogetherError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Consecutive slices in one process, hidden states passed through the wire codec: the path
+the mesh takes, minus the network."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from backends.errors import ShardSpecError
+from backends.generation import Delta, Generation
+from backends.sampling import SamplingParams
+from backends.shard import BACKENDS, LayerShard, Sample, SeqChunk, load_shard
+from backends.tokenizer import Tokenizer
+from backends.weights import Checkpoint
+from backends.wire import Hidden, decode, encode
+
+_SPEC = re.compile(r"^(?:(?P<backend>[a-z]+):)?(?P<start>\d+)-(?P<end>\d+)$")
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    backend: str
+    start: int
+    end: int
+
+
+def parse_shards(spec: str, num_layers: int, default_backend: str) -> list[SliceSpec]:
+    """Parse 'mlx:0-12,torch:12-30' into consecutive slices covering [0, num_layers) exactly."""
+    out: list[SliceSpec] = []
+    for part in [p.strip() for p in spec.split(",")]:
+        m = _SPEC.match(part)
+        if not m:
+            raise ShardSpecError(f"bad shard {part!r}: expected BACKEND:START-END, e.g. mlx:0-12")
+        backend = m.group("backend") or default_backend
+        if backend not in BACKENDS:
+            raise ShardSpecError(f"bad shard {part!r}: unknown backend {backend!r} "
+                                 f"(expected {' or '.join(BACKENDS)})")
+        start, end = int(m.group("start")), int(m.group("end"))
+        if start >= end:
+            raise ShardSpecError(f"bad shard {part!r}: START must be below END (ranges are half-open)")
+        out.append(SliceSpec(backend, start, end))
+    expect = 0
+    for s in out:
+        if s.start > expect:
+            raise ShardSpecError(f"gap in --shards: layers {expect}-{s.start} are not assigned")
+        if s.start < expect:
+            raise ShardSpecError(f"overlap in --shards: layer {s.start} is assigned twice")
+        expect = s.end
+    if expect > num_layers:
+        raise ShardSpecError(f"--shards goes to layer {expect} but the model has {num_layers} layers")
+    if expect < num_layers:
+        raise ShardSpecError(f"--shards stops at layer {expect}; the model has {num_layers} layers "
+                             f"(end the last slice at {num_layers})")
+    return out
+
+
+class Pipeline:
+    """Slices run back to back; between them the hidden states go through encode/decode."""
+
+    def __init__(self, shards: list[LayerShard]):
+        self.shards = shards
+        self._ids = itertools.count()
+        self.bytes_per_hop = 0  # last step's payload per hop, for statistics
+
+    @classmethod
+    def load(cls, ck: Checkpoint, slices: list[SliceSpec], dtype: str = "auto",
+             wire_dtype: str | None = None, threads: int | None = None) -> "Pipeline":
+        return cls([load_shard(s.backend, ck, s.start, s.end, dtype=dtype, wire_dtype=wire_dtype,
+                               threads=threads) for s in slices])
+
+    @property
+    def config(self):
+        return self.shards[0].config
+
+    def add(self, seq_id: str, params: SamplingParams, prompt: list[int]) -> None:
+        for sh in self.shards:
+            sh.add_sequence(seq_id, params, prompt)
+
+    def free(self, seq_id: str) -> None:
+        for sh in self.shards:
+            sh.free_sequence(seq_id)
+
+    def step(self, chunks: list[SeqChunk], tokens: np.ndarray, logits: bool = False
+             ) -> list[Sample] | np.ndarray:
+        x: np.ndarray | Hidden = tokens
+        for sh in self.shards[:-1]:
+            h = sh.forward(chunks, x)
+            head, payload = encode(h)
+            self.bytes_per_hop = len(head) + len(payload)
+            x = decode(b"".join((head, payload)))
+        last = self.shards[-1]
+        return last.logits(chunks, x) if logits else last.forward(chunks, x)
+
+    def generate(self, prompt: list[int], params: SamplingParams, tok: Tokenizer,
+                 stats: dict | None = None) -> Iterator[Delta]:
+        """Stream the deltas of one sequence (a batch of one; the mesh scheduler batches)."""
+        seq_id = f"local-{next(self._ids)}"
+        gen = Generation(seq_id, prompt, params, tok, self.config.max_position_embeddings)
+        self.add(seq_id, params, prompt)
+        try:
+            t0 = time.perf_counter()
+            (s,) = self.step([SeqChunk(seq_id, 0, len(prompt))], np.asarray(prompt, np.int32))
+            t1 = time.perf_counter()
+            yield gen.add(s)
+            while not gen.finished:
+                pos = len(prompt) + len(gen.tokens) - 1
+                (s,) = self.step([SeqChunk(seq_id, pos, 1)], np.asarray([s.token], np.int32))
+                yield gen.add(s)
+            t2 = time.perf_counter()
+            if stats is not None:
+                stats.update(prompt_tokens=len(prompt), generated_tokens=len(gen.tokens),
+                             prefill_s=t1 - t0, decode_s=t2 - t1, finish_reason=gen.finish_reason,
+                             bytes_per_hop=self.bytes_per_hop)
+        finally:
+            self.free(seq_id)
