@@ -40,6 +40,7 @@ def _sampling(a: argparse.Namespace):
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
+    from backends.generation import check_prompt
     from backends.models import resolve_model
     from backends.pipeline import Pipeline, SliceSpec, parse_shards
     from backends.shard import available_backends
@@ -58,6 +59,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         msgs = ([{"role": "system", "content": a.system}] if a.system else []) + \
                [{"role": "user", "content": a.prompt}]
         prompt = tok.apply_chat(msgs)
+    check_prompt(len(prompt), ck.config.max_position_embeddings)
     t = time.perf_counter()
     pipe = Pipeline.load(ck, slices, dtype=a.dtype, threads=a.threads)
     load_s = time.perf_counter() - t

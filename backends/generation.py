@@ -21,16 +21,21 @@ class Delta:
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
 
 
+def check_prompt(n_tokens: int, context: int) -> None:
+    """Refuse a prompt that leaves no room to generate."""
+    if n_tokens == 0:
+        raise RequestError("the prompt is empty")
+    if n_tokens >= context:
+        raise RequestError(f"the prompt is {n_tokens} tokens but the model's context is "
+                           f"{context} tokens; shorten it")
+
+
 class Generation:
     """One sequence being generated: feed it samples, read text deltas and the finish reason."""
 
     def __init__(self, seq_id: str, prompt: list[int], params: SamplingParams, tok: Tokenizer,
                  context: int):
-        if not prompt:
-            raise RequestError("the prompt is empty")
-        if len(prompt) >= context:
-            raise RequestError(f"the prompt is {len(prompt)} tokens but the model's context is "
-                               f"{context} tokens; shorten it")
+        check_prompt(len(prompt), context)
         self.seq_id, self.prompt, self.params, self.tok = seq_id, list(prompt), params, tok
         self.max_new = min(params.max_tokens, context - len(prompt))
         self.tokens: list[int] = []
