@@ -1,0 +1,268 @@
+"""Layer placement for the coordinator: pure functions, no I/O.
+
+Ranges are half-open `[start, end)` over decoder layers. Memory figures are bytes; a layer
+costs `layer_bytes` of weights plus `kv_reserve` bytes set aside for its KV caches (both per
+layer), so a peer offering `free_memory` holds `free_memory // (layer_bytes + kv_reserve)`
+layers.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+
+Range = tuple[int, int]
+Stage = tuple[str, int, int]  # (node_id, start, end)
+Claim = tuple[int, int] | tuple[str, int, int]  # (start, end) or (owner, start, end)
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10, "kib": 1 << 10, "kb": 10**3,
+    "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
+    "g": 1 << 30, "gib": 1 << 30, "gb": 10**9,
+    "t": 1 << 40, "tib": 1 << 40, "tb": 10**12,
+}  # fmt: skip
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in a size like "4GB", "512MiB", "1.5G" or "100000".
+
+    KB/MB/GB/TB are decimal; KiB/MiB/GiB/TiB and the bare K/M/G/T are binary.
+    """
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError(f"size must not be negative: {text}")
+        return text
+    m = _SIZE_RE.match(text)
+    unit = m.group(2).lower() if m else ""
+    if m is None or unit not in _UNITS:
+        raise ValueError(f"not a size: {text!r} (expected e.g. 4GB, 512MiB, 1.5G or a byte count)")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def format_size(n: int) -> str:
+    """Human-readable binary size, e.g. 1.5 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n:.1f} TiB"
+
+
+def layers_that_fit(free_memory: int, layer_bytes: int, kv_reserve: int) -> int:
+    """How many layers (weights + KV reserve) fit in free_memory."""
+    per_layer = layer_bytes + kv_reserve
+    if per_layer <= 0:
+        raise ValueError("a layer must cost some memory (layer_bytes + kv_reserve > 0)")
+    return max(0, free_memory) // per_layer
+
+
+def _claims(taken: Iterable[Claim]) -> list[tuple[str, int, int]]:
+    out = []
+    for claim in taken:
+        if len(claim) == 3:
+            owner, start, end = claim  # type: ignore[misc]
+        else:
+            (start, end), owner = claim, "another peer"  # type: ignore[misc]
+        out.append((str(owner), int(start), int(end)))
+    return sorted(out, key=lambda c: (c[1], c[2]))
+
+
+def free_ranges(num_layers: int, taken: Iterable[Claim]) -> list[Range]:
+    """The gaps in [0, num_layers) that no claim covers, in order."""
+    gaps: list[Range] = []
+    cursor = 0
+    for _, start, end in _claims(taken):
+        if start > cursor:
+            gaps.append((cursor, min(start, num_layers)))
+        cursor = max(cursor, end)
+    if cursor < num_layers:
+        gaps.append((cursor, num_layers))
+    return [g for g in gaps if g[0] < g[1]]
+
+
+def plan_claim(
+    num_layers: int,
+    layer_bytes: int,
+    kv_reserve_bytes: int,
+    taken: Sequence[Claim],
+    peer_free_memory: int,
+    want: Range | None = None,
+) -> tuple[Range | None, str]:
+    """The range a joining peer gets, or None, with the reason.
+
+    Without `want`: the lowest free layers, contiguous, as many as fit after the KV reserve.
+    With `want`: granted only if inside [0, num_layers), overlapping no claim, and fitting.
+    `taken` entries are (start, end) or (owner, start, end); owners make refusals clearer.
+    """
+    fit = layers_that_fit(peer_free_memory, layer_bytes, kv_reserve_bytes)
+    one_layer = layer_bytes + kv_reserve_bytes
+    claims = _claims(taken)
+    if want is not None:
+        start, end = want
+        if not (0 <= start < end <= num_layers):
+            return None, f"layers [{start}, {end}) are not a range within [0, {num_layers})"
+        overlaps = [c for c in claims if c[1] < end and start < c[2]]
+        if overlaps:
+            who = ", ".join(f"{owner} holds [{s}, {e})" for owner, s, e in overlaps)
+            return None, f"layers [{start}, {end}) overlap live claims: {who}"
+        if end - start > fit:
+            return None, (
+                f"layers [{start}, {end}) need {format_size((end - start) * one_layer)} "
+                f"but this peer offers {format_size(peer_free_memory)} (room for {fit} layers)"
+            )
+        return (start, end), f"granted the requested layers [{start}, {end})"
+    if fit < 1:
+        return None, (
+            f"not enough memory for one layer: a layer needs {format_size(one_layer)} "
+            f"({format_size(layer_bytes)} weights + {format_size(kv_reserve_bytes)} KV reserve), "
+            f"this peer offers {format_size(peer_free_memory)}"
+        )
+    gaps = free_ranges(num_layers, claims)
+    if not gaps:
+        return None, f"all {num_layers} layers are already claimed; standing by"
+    start, gap_end = gaps[0]
+    end = min(gap_end, start + fit)
+    return (start, end), f"claimed layers [{start}, {end}) ({end - start} of {fit} that fit)"
+
+
+def _speed(layer_ms: float) -> float:
+    # An unmeasured peer (0 or negative) counts as 1 ms per layer rather than infinitely fast.
+    return 1.0 / layer_ms if layer_ms > 0 else 1.0
+
+
+def _shares(total: int, weights: list[float], caps: list[int]) -> list[int]:
+    """Split `total` in proportion to weights, capped per peer (water-filling), in integers."""
+    alloc = [0] * len(weights)
+    active = [i for i, c in enumerate(caps) if c > 0 and weights[i] > 0]
+    remaining = total
+    while active and remaining > 0:
+        w = sum(weights[i] for i in active)
+        capped = [i for i in active if remaining * weights[i] / w >= caps[i]]
+        if not capped:
+            exact = {i: remaining * weights[i] / w for i in active}
+            for i in active:
+                alloc[i] = math.floor(exact[i])
+            leftover = remaining - sum(alloc[i] for i in active)
+            # Largest remainder first; ties go to the earlier peer so the result is deterministic.
+            for i in sorted(active, key=lambda i: (-(exact[i] - alloc[i]), i))[:leftover]:
+                alloc[i] += 1
+            break
+        for i in capped:
+            alloc[i] = caps[i]
+            remaining -= caps[i]
+        active = [i for i in active if i not in capped]
+    return alloc
+
+
+def split_proportional(
+    num_layers: int,
+    layer_bytes: int,
+    kv_reserve: int,
+    peers: Sequence[tuple[str, int, float]],
+) -> list[Stage]:
+    """Split [0, num_layers) among peers (node_id, free_memory, layer_ms) claiming at once.
+
+    Shares follow capacity (layers that fit, up to num_layers) times speed (1 / layer_ms);
+    nobody gets more than fits. Stages are contiguous, in the given order, and cover
+    [0, num_layers) when total capacity allows (else [0, capacity)). Peers left out stand by.
+    """
+    caps = [min(num_layers, layers_that_fit(free, layer_bytes, kv_reserve)) for _, free, _ in peers]
+    weights = [cap * _speed(ms) for cap, (_, _, ms) in zip(caps, peers)]
+    alloc = _shares(num_layers, weights, caps)
+    stages: list[Stage] = []
+    cursor = 0
+    for (node_id, _, _), n in zip(peers, alloc):
+        if n > 0:
+            stages.append((node_id, cursor, cursor + n))
+            cursor += n
+    return stages
+
+
+def reassign(
+    num_layers: int,
+    stages: Sequence[Stage],
+    lost: set[str],
+    candidates: Sequence[tuple[str, int, float, Range | None]],
+    *,
+    layer_bytes: int,
+    kv_reserve: int = 0,
+) -> tuple[list[Stage] | None, list[Range]]:
+    """New stages covering the layers of lost peers (and any other gap), or None and the gaps.
+
+    candidates are (node_id, free_memory, layer_ms, current_range or None for a standby);
+    free_memory is the peer's whole offer, including what its current layers use. Per gap:
+    a standby that fits all of it (fastest first), else the neighbouring survivors extended
+    into it, else neighbours plus standbys for the middle; otherwise the gap stays missing.
+    """
+    survivors = sorted(((n, s, e) for n, s, e in stages if n not in lost), key=lambda st: st[1])
+    ranges: dict[str, list[int]] = {n: [s, e] for n, s, e in survivors}
+    info = {c[0]: c for c in candidates if c[0] not in lost}
+    caps = {n: layers_that_fit(c[1], layer_bytes, kv_reserve) for n, c in info.items()}
+    standbys = [c for c in candidates if c[0] not in lost and c[0] not in ranges and c[3] is None]
+    standbys.sort(key=lambda c: c[2] if c[2] > 0 else math.inf)  # fastest first; stable
+    used: set[str] = set()
+    new: list[Stage] = []
+    missing: list[Range] = []
+
+    def room(node_id: str | None) -> int:
+        if node_id is None or node_id not in caps:
+            return 0
+        s, e = ranges[node_id]
+        return max(0, caps[node_id] - (e - s))
+
+    for g_start, g_end in free_ranges(num_layers, survivors):
+        size = g_end - g_start
+        whole = next((c for c in standbys if c[0] not in used and caps[c[0]] >= size), None)
+        if whole is not None:
+            used.add(whole[0])
+            new.append((whole[0], g_start, g_end))
+            continue
+        left = next((n for n, r in ranges.items() if r[1] == g_start), None)
+        right = next((n for n, r in ranges.items() if r[0] == g_end), None)
+        room_l, room_r = room(left), room(right)
+        if room_l + room_r >= size:
+            # Split the gap between the neighbours in proportion to speed, within their room.
+            s_l = _speed(info[left][2]) if left and room_l else 0.0
+            s_r = _speed(info[right][2]) if right and room_r else 0.0
+            want_l = round(size * s_l / (s_l + s_r)) if s_l + s_r > 0 else 0
+            take_l = min(room_l, max(size - room_r, want_l))
+            if left:
+                ranges[left][1] += take_l
+            if right:
+                ranges[right][0] -= size - take_l
+            continue
+        # Neighbours take all they can; standbys (largest first) fill the middle.
+        mid_start, mid_end = g_start + room_l, g_end - room_r
+        fill: list[Stage] = []
+        cursor = mid_start
+        for c in sorted((c for c in standbys if c[0] not in used), key=lambda c: -caps[c[0]]):
+            if cursor >= mid_end or caps[c[0]] < 1:
+                break
+            take = min(caps[c[0]], mid_end - cursor)
+            fill.append((c[0], cursor, cursor + take))
+            cursor += take
+        if cursor < mid_end:
+            missing.append((g_start, g_end))
+            continue
+        if left:
+            ranges[left][1] += room_l
+        if right:
+            ranges[right][0] -= room_r
+        used.update(n for n, _, _ in fill)
+        new.extend(fill)
+
+    if missing:
+        return None, missing
+    result = [(n, r[0], r[1]) for n, r in ranges.items()] + new
+    return sorted(result, key=lambda st: st[1]), []
+
+
+def choose_coordinator(peers: Sequence[tuple[str, float]]) -> str:
+    """The coordinator among (node_id, started_at): the oldest, ties broken by node id."""
+    if not peers:
+        raise ValueError("no peers to choose a coordinator from")
+    return min(peers, key=lambda p: (p[1], p[0]))[0]
