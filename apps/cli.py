@@ -78,6 +78,22 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_join(a: argparse.Namespace) -> int:
+    import asyncio
+
+    from apps.join import run_join
+
+    return asyncio.run(run_join(a))
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    import asyncio
+
+    from apps.join import run_status
+
+    return asyncio.run(run_status(a))
+
+
 def cmd_fetch(a: argparse.Namespace) -> int:
     from backends.models import resolve_model
 
@@ -99,6 +115,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--raw", action="store_true", help="no chat template: continue the prompt as is")
     _add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
+
+    j = sub.add_parser("join", help="join (or start) a mesh and serve some of the model's layers")
+    _add_model_args(j)
+    j.add_argument("--backend", choices=["auto", "mlx", "torch"], default="auto")
+    j.add_argument("--host", default="127.0.0.1", help="address for the gRPC server and mDNS")
+    j.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
+    j.add_argument("--api-port", type=int, default=None, help="serve the OpenAI API on this port")
+    j.add_argument("--api-host", default="127.0.0.1")
+    j.add_argument("--api-key", default=None, help="require this bearer token on the API")
+    j.add_argument("--mesh", default="default", help="mesh name: peers of other meshes are ignored")
+    j.add_argument("--mesh-key", default=None, help="shared secret every peer of the mesh must hold")
+    j.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
+                   help="a peer to contact directly (where multicast is blocked)")
+    j.add_argument("--no-mdns", action="store_true", help="do not use mDNS (use --peer)")
+    j.add_argument("--name", default="", help="display name of this peer")
+    j.add_argument("--max-memory", default=None, help="memory this peer offers, e.g. 2GB")
+    j.add_argument("--layers", default=None, metavar="START-END", help="claim exactly these layers")
+    j.add_argument("--wire-dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    j.add_argument("--settle", type=float, default=2.0, help="seconds to look for peers first")
+    j.set_defaults(func=cmd_join)
+
+    st = sub.add_parser("status", help="show a mesh's peers, layers and coordinator")
+    st.add_argument("--peer", required=True, metavar="HOST:PORT")
+    st.add_argument("--mesh-key", default=None)
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
 
     f = sub.add_parser("fetch", help="fetch a model into the cache and print its path")
     f.add_argument("--model", default="smollm2-135m")

@@ -185,6 +185,26 @@ def default_dtype(backend: str, checkpoint: Checkpoint, device: str | None = Non
     return "bfloat16" if (device or "cpu").startswith("cuda") else "float32"
 
 
+def estimate_layer_bytes(ck: Checkpoint, backend: str, dtype: str = "auto", head: bool = False) -> int:
+    """Bytes one decoder layer (or, with head=True, the embedding/head) takes on a backend:
+    MLX keeps affine-quantized tensors packed, torch dequantizes everything to its dtype."""
+    if dtype == "auto":
+        dtype = default_dtype(backend, ck)
+    size = DTYPES[dtype]
+    names = [n for n in ck.tensors if n.startswith("model.layers.0.")] if not head else \
+        [n for n in ("model.embed_tokens.weight", "lm_head.weight") if ck.has(n)]
+    total = 0
+    for n in names:
+        t = ck.get(n)
+        elems = int(np.prod(t.shape))
+        if backend == "mlx" and t.quantized:
+            a = t.affine()
+            total += a.packed.nbytes + (a.scales.size + a.biases.size) * size
+        else:
+            total += elems * size
+    return total
+
+
 def available_backends() -> list[str]:
     out = []
     for b in BACKENDS:

@@ -109,7 +109,7 @@ class Ack(_message.Message):
     def __init__(self) -> None: ...
 
 class PeerInfo(_message.Message):
-    __slots__ = ("node_id", "name", "address", "backend", "free_memory", "layer_ms", "started_at", "api", "version", "model", "start", "end", "standby", "tp_group")
+    __slots__ = ("node_id", "name", "address", "backend", "free_memory", "layer_ms", "started_at", "api", "version", "model", "start", "end", "standby", "tp_group", "ready", "layer_bytes", "adapters")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +124,9 @@ class PeerInfo(_message.Message):
     END_FIELD_NUMBER: _ClassVar[int]
     STANDBY_FIELD_NUMBER: _ClassVar[int]
     TP_GROUP_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    LAYER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     address: str
@@ -138,7 +141,10 @@ class PeerInfo(_message.Message):
     end: int
     standby: bool
     tp_group: str
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., backend: _Optional[str] = ..., free_memory: _Optional[int] = ..., layer_ms: _Optional[float] = ..., started_at: _Optional[float] = ..., api: _Optional[str] = ..., version: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., standby: _Optional[bool] = ..., tp_group: _Optional[str] = ...) -> None: ...
+    ready: bool
+    layer_bytes: int
+    adapters: str
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., backend: _Optional[str] = ..., free_memory: _Optional[int] = ..., layer_ms: _Optional[float] = ..., started_at: _Optional[float] = ..., api: _Optional[str] = ..., version: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., standby: _Optional[bool] = ..., tp_group: _Optional[str] = ..., ready: _Optional[bool] = ..., layer_bytes: _Optional[int] = ..., adapters: _Optional[str] = ...) -> None: ...
 
 class Assignment(_message.Message):
     __slots__ = ("node_id", "start", "end")

@@ -1,0 +1,124 @@
+"""`together join` and `together status`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+
+from aiohttp import web
+
+from backends.errors import TogetherError
+from protos import together_pb2 as pb
+
+log = logging.getLogger("together.join")
+
+
+def render_plan(plan: pb.Plan, me: str = "") -> str:
+    """The live table: peers, their layers, the coordinator and the ring's state."""
+    stages = {s.node_id: s for s in plan.stages}
+    rows = [("", "peer", "backend", "layers", "memory", "address", "state")]
+    for p in sorted(plan.peers, key=lambda p: (stages[p.node_id].start if p.node_id in stages else 1 << 30,
+                                                p.name)):
+        st = stages.get(p.node_id)
+        layers = f"[{st.start}, {st.end})" if st else "standby"
+        state = "ready" if p.ready and st else ("loading" if st else "standby")
+        mark = ("C" if p.node_id == plan.coordinator else " ") + ("*" if p.node_id == me else " ")
+        rows.append((mark, p.name, p.backend, layers, f"{p.free_memory / 2**30:.2f} GiB", p.address, state))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    ring = "complete" if plan.complete else f"incomplete ({plan.missing})"
+    return (f"mesh plan epoch {plan.epoch}, {plan.num_layers} layers, ring {ring}\n"
+            + "\n".join(lines) + "\n(C = coordinator, * = this peer)")
+
+
+async def run_join(a: argparse.Namespace) -> int:
+    from apps.api import make_app
+    from backends.models import model_label, resolve_model
+    from backends.shard import available_backends
+    from backends.tokenizer import Tokenizer
+    from backends.weights import open_checkpoint
+    from mesh.node import Node, NodeConfig
+    from mesh.placement import parse_size
+    from mesh.scheduler import Scheduler
+
+    backend = a.backend
+    if backend == "auto":
+        have = available_backends()
+        if not have:
+            raise TogetherError("neither mlx nor torch is installed; pip install 'mlx[cpu]' or torch")
+        backend = "mlx" if sys.platform == "darwin" and "mlx" in have else have[-1]
+    layers = None
+    if a.layers:
+        try:
+            lo, hi = (int(x) for x in a.layers.split("-"))
+        except ValueError:
+            raise TogetherError(f"--layers {a.layers!r}: expected START-END, e.g. 0-12") from None
+        layers = (lo, hi)
+    try:
+        max_memory = parse_size(a.max_memory) if a.max_memory else None
+    except ValueError as e:
+        raise TogetherError(f"--max-memory: {e}") from None
+    path = resolve_model(a.model)
+    ck = open_checkpoint(path)
+    tok = Tokenizer.from_checkpoint(ck)
+    cfg = NodeConfig(model=model_label(a.model), model_path=str(path), backend=backend, host=a.host,
+                     port=a.port, mesh=a.mesh, mesh_key=a.mesh_key, peers=list(a.peer), name=a.name,
+                     max_memory=max_memory, layers=layers, dtype=a.dtype, wire_dtype=a.wire_dtype,
+                     threads=a.threads, mdns=not a.no_mdns, settle_s=a.settle,
+                     interfaces=[a.host] if a.host not in ("0.0.0.0", "") else None)
+    node = Node(cfg, ck, tok)
+    node.on_plan.append(lambda plan: print(render_plan(plan, node.node_id), file=sys.stderr, flush=True))
+    runner = None
+    if a.api_port is not None:
+        app = make_app(node, Scheduler(node, tok), api_key=a.api_key)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, a.api_host, a.api_port)
+        try:
+            await site.start()
+        except OSError as e:
+            await runner.cleanup()
+            raise TogetherError(f"cannot serve the API on {a.api_host}:{a.api_port}: {e.strerror}; "
+                                f"pick another --api-port") from None
+        node.api_address = f"{a.api_host}:{a.api_port}"
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await node.start()
+        print(f"{node.name} joined mesh {a.mesh!r} at {node.address} ({backend}): {node.claim_reason}"
+              + (f"; API on http://{node.api_address}" if runner else ""), file=sys.stderr, flush=True)
+        await stop.wait()
+        print(f"{node.name} leaving the mesh", file=sys.stderr, flush=True)
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await node.stop()
+    return 0
+
+
+async def run_status(a: argparse.Namespace) -> int:
+    import grpc
+
+    from mesh.auth import make_channel
+    from protos import together_pb2_grpc as pbg
+
+    ch = make_channel(a.peer, a.mesh_key, "status-cli")
+    try:
+        st = await pbg.TogetherStub(ch).Status(pb.StatusRequest(), timeout=5)
+    except grpc.aio.AioRpcError as e:
+        raise TogetherError(f"{a.peer}: {e.details() or e.code().name}") from None
+    finally:
+        await ch.close()
+    if a.json:
+        from google.protobuf.json_format import MessageToDict
+
+        print(json.dumps(MessageToDict(st), indent=2))
+    else:
+        print(render_plan(st.plan, st.peer.node_id))
+    return 0

@@ -1,0 +1,583 @@
+"""A peer: gRPC server, discovery, claims from the coordinator, one stage of the ring."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import socket
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import grpc
+import numpy as np
+
+from backends.errors import RequestError, TogetherError
+from backends.sampling import SamplingParams
+from backends.shard import LayerShard, SeqChunk, estimate_layer_bytes, load_shard
+from backends.tokenizer import Tokenizer
+from backends.weights import Checkpoint
+from backends.wire import Hidden, WireError
+from mesh import placement
+from mesh.auth import make_server
+from mesh.coordinator import LayerMap
+from mesh.discovery import Discovery, Peer
+from mesh.links import Peers
+from protos import together_pb2 as pb
+from protos import together_pb2_grpc as pbg
+
+log = logging.getLogger(__name__)
+VERSION = "0.1.0"
+HEARTBEAT_S = 1.0
+PEER_TIMEOUT_S = 4.0
+KV_RESERVE_TOKENS = 4096
+
+
+@dataclass
+class NodeConfig:
+    model: str
+    model_path: str
+    backend: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    mesh: str = "default"
+    mesh_key: str | None = None
+    peers: list[str] = field(default_factory=list)
+    name: str = ""
+    max_memory: int | None = None
+    layers: tuple[int, int] | None = None
+    dtype: str = "auto"
+    wire_dtype: str | None = None
+    threads: int | None = None
+    mdns: bool = True
+    interfaces: list[str] | None = None
+    settle_s: float = 2.0
+    claim_window_s: float = 1.0
+
+
+def params_to_pb(p: SamplingParams) -> pb.SamplingParams:
+    return pb.SamplingParams(
+        temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
+        repetition_penalty=p.repetition_penalty, presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty, penalty_context=p.penalty_context,
+        has_seed=p.seed is not None, seed=p.seed or 0, logprobs=p.logprobs)
+
+
+def params_from_pb(m: pb.SamplingParams) -> SamplingParams:
+    return SamplingParams(
+        temperature=m.temperature, top_p=m.top_p or 1.0, top_k=m.top_k, min_p=m.min_p,
+        repetition_penalty=m.repetition_penalty or 1.0, presence_penalty=m.presence_penalty,
+        frequency_penalty=m.frequency_penalty, penalty_context=m.penalty_context or 64,
+        seed=m.seed if m.has_seed else None, logprobs=m.logprobs)
+
+
+class FrameError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str, seqs: list[str] | None = None):
+        super().__init__(message)
+        self.code, self.seqs = code, seqs or []
+
+
+class Node(pbg.TogetherServicer):
+    """One `together join` process."""
+
+    def __init__(self, cfg: NodeConfig, checkpoint: Checkpoint, tokenizer: Tokenizer | None = None):
+        self.cfg, self.ck, self.tok = cfg, checkpoint, tokenizer
+        self.node_id = uuid.uuid4().hex
+        self.started_at = time.time()
+        self.name = cfg.name or f"{socket.gethostname().split('.')[0]}-{self.node_id[:4]}"
+        self.num_layers = checkpoint.config.num_hidden_layers
+        self.shard: LayerShard | None = None
+        self.plan = pb.Plan(epoch=0, num_layers=self.num_layers)
+        self.layer_map: LayerMap | None = None  # only on the coordinator
+        self.known: dict[str, pb.PeerInfo] = {}  # node id -> latest info, from any source
+        self.claim_reason = ""
+        self.peers = Peers(cfg.mesh_key, self.node_id)
+        self.pending: dict[int, asyncio.Future[pb.Result]] = {}
+        self.on_plan: list = []  # callbacks(plan) for the live table and the API
+        self._frame_ids = itertools.count(int.from_bytes(os.urandom(4), "little") << 20)
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix="compute")  # one worker per backend
+        self._server: grpc.aio.Server | None = None
+        self._discovery: Discovery | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._claim_batch: list[tuple[pb.PeerInfo, asyncio.Future]] = []
+        self._claim_timer: asyncio.TimerHandle | None = None
+        self._stopping = False
+        self.dtype = cfg.dtype
+        self.layer_bytes = estimate_layer_bytes(checkpoint, cfg.backend, cfg.dtype)
+        self.head_bytes = estimate_layer_bytes(checkpoint, cfg.backend, cfg.dtype, head=True)
+        self.kv_reserve = checkpoint.config.kv_bytes_per_token(4) * KV_RESERVE_TOKENS
+        self.layer_ms = _measure_layer_ms(checkpoint)
+        self.hop_ms: list[float] = []  # recent compute time of frames at this stage
+        self.tokens_out = 0
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @property
+    def address(self) -> str:
+        return f"{self.cfg.host}:{self.port}"
+
+    def info(self) -> pb.PeerInfo:
+        lo, hi = (self.shard.start, self.shard.end) if self.shard else (-1, -1)
+        free = self.cfg.max_memory if self.cfg.max_memory is not None else _free_memory()
+        return pb.PeerInfo(
+            node_id=self.node_id, name=self.name, address=self.address, backend=self.cfg.backend,
+            free_memory=max(0, free - self.head_bytes), layer_ms=self.layer_ms,
+            started_at=self.started_at, api=getattr(self, "api_address", ""), version=VERSION,
+            model=self.cfg.model, start=lo, end=hi, ready=self.shard is not None,
+            layer_bytes=self.layer_bytes, standby=self.shard is None and bool(self.claim_reason))
+
+    async def start(self) -> None:
+        self._server = make_server(self.cfg.mesh_key)
+        pbg.add_TogetherServicer_to_server(self, self._server)
+        self.port = self._server.add_insecure_port(f"{self.cfg.host}:{self.cfg.port}")
+        if not self.port:
+            raise TogetherError(f"cannot listen on {self.cfg.host}:{self.cfg.port}; pick another --port")
+        await self._server.start()
+        self.known[self.node_id] = self.info()
+        if self.cfg.mdns:
+            self._discovery = Discovery(
+                self.node_id, self.cfg.mesh, self.cfg.host, self.port, self._txt(),
+                interfaces=self.cfg.interfaces, on_change=self._on_discovery, name=self.name)
+            await self._discovery.start()
+        for addr in self.cfg.peers:
+            await self._probe(addr)
+        await asyncio.sleep(self.cfg.settle_s)
+        await self._enter_mesh()
+        self._spawn(self._heartbeat_loop())
+
+    def _txt(self) -> dict[str, str]:
+        return {"backend": self.cfg.backend, "free_memory": str(self.info().free_memory),
+                "version": VERSION, "model": self.cfg.model, "api": getattr(self, "api_address", ""),
+                "started_at": repr(self.started_at)}
+
+    async def stop(self) -> None:
+        """Leave cleanly: release the layers, unregister, close streams."""
+        self._stopping = True
+        coord = self._coordinator_address()
+        if coord and coord != self.address:
+            try:
+                await self.peers.stub(coord).Leave(pb.LeaveRequest(node_id=self.node_id), timeout=2)
+            except grpc.aio.AioRpcError:
+                pass
+        for t in list(self._tasks):
+            t.cancel()
+        if self._discovery:
+            await self._discovery.stop()
+        await self.peers.close()
+        if self._server:
+            await self._server.stop(grace=0.5)
+        self._compute.shutdown(wait=False, cancel_futures=True)
+
+    def _spawn(self, coro) -> asyncio.Task:
+        t = asyncio.ensure_future(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t
+
+    # ---------------------------------------------------------------- membership
+
+    async def _on_discovery(self, peers: dict[str, Peer]) -> None:
+        for p in peers.values():
+            if p.node_id not in self.known:
+                self._spawn(self._probe(p.address))
+
+    async def _probe(self, address: str) -> None:
+        try:
+            st = await self.peers.stub(address).Status(pb.StatusRequest(), timeout=3)
+        except grpc.aio.AioRpcError as e:
+            log.warning("peer %s did not answer: %s", address, e.details())
+            return
+        if st.peer.model != self.cfg.model:
+            log.warning("ignoring peer %s: it serves %s, not %s", address, st.peer.model, self.cfg.model)
+            return
+        self.known[st.peer.node_id] = st.peer
+        if st.plan.epoch > self.plan.epoch and st.plan.coordinator:
+            self._set_plan(st.plan)
+
+    def _coordinator_address(self) -> str | None:
+        c = self.plan.coordinator
+        if not c:
+            return None
+        if c == self.node_id:
+            return self.address
+        p = self.known.get(c) or next((x for x in self.plan.peers if x.node_id == c), None)
+        return p.address if p else None
+
+    async def _enter_mesh(self) -> None:
+        """Find or become the coordinator, then claim layers."""
+        if not self.plan.coordinator:
+            oldest = placement.choose_coordinator([(i.node_id, i.started_at) for i in self.known.values()])
+            if oldest == self.node_id:
+                self._become_coordinator(epoch=0)
+            else:
+                info = self.known[oldest]
+                try:
+                    plan = await self.peers.stub(info.address).GetPlan(pb.PlanRequest(), timeout=3)
+                    if plan.coordinator:
+                        self._set_plan(plan)
+                except grpc.aio.AioRpcError:
+                    pass
+                if not self.plan.coordinator:  # the oldest has not set up yet: it will; ask it
+                    self.plan.coordinator = oldest
+        await self._claim()
+
+    def _become_coordinator(self, epoch: int) -> None:
+        self.layer_map = LayerMap.rebuild(self.cfg.model, self.num_layers, self.node_id,
+                                          self.kv_reserve, list(self.known.values()), epoch)
+        log.info("%s coordinates the mesh", self.name)
+        self._set_plan(self.layer_map.plan())
+
+    async def _claim(self) -> None:
+        want = self.cfg.layers
+        req = pb.JoinRequest(peer=self.info(), want_start=want[0] if want else -1,
+                             want_end=want[1] if want else -1)
+        for attempt in range(10):
+            addr = self._coordinator_address()
+            try:
+                if addr == self.address:
+                    reply = await self.Join(req, None)
+                else:
+                    reply = await self.peers.stub(addr).Join(req, timeout=10)
+                break
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    raise TogetherError(f"the coordinator refused this peer: {e.details()}") from None
+                log.info("join via %s failed (%s); retrying", addr, e.details())
+                await asyncio.sleep(0.5)
+        else:
+            raise TogetherError("could not reach the mesh's coordinator")
+        self.claim_reason = reply.reason
+        if reply.plan.epoch >= self.plan.epoch:
+            self._set_plan(reply.plan)
+        if reply.ok and reply.start >= 0:
+            await self._load(reply.start, reply.end)
+        elif want is not None and not reply.ok:
+            raise TogetherError(f"--layers {want[0]}-{want[1]} refused: {reply.reason}")
+        else:
+            log.warning("%s holds no layers: %s", self.name, reply.reason)
+        await self._report()
+
+    async def _load(self, start: int, end: int) -> None:
+        if self.shard and (self.shard.start, self.shard.end) == (start, end):
+            return
+        log.info("%s loading layers [%d, %d) on %s", self.name, start, end, self.cfg.backend)
+        loop = asyncio.get_running_loop()
+        old, self.shard = self.shard, None
+        del old
+        self.shard = await loop.run_in_executor(self._compute, lambda: load_shard(
+            self.cfg.backend, self.ck, start, end, dtype=self.cfg.dtype,
+            wire_dtype=self.cfg.wire_dtype, threads=self.cfg.threads))
+
+    async def _report(self) -> None:
+        """Tell the coordinator what this peer holds (heartbeat)."""
+        self.known[self.node_id] = info = self.info()
+        addr = self._coordinator_address()
+        if addr is None:
+            return
+        if addr == self.address:
+            reply = await self.Heartbeat(pb.HeartbeatRequest(peer=info, epoch=self.plan.epoch), None)
+        else:
+            reply = await self.peers.stub(addr).Heartbeat(
+                pb.HeartbeatRequest(peer=info, epoch=self.plan.epoch), timeout=2)
+        if reply.plan.epoch >= self.plan.epoch:
+            self._set_plan(reply.plan)
+
+    async def _heartbeat_loop(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(HEARTBEAT_S)
+            try:
+                await self._report()
+            except grpc.aio.AioRpcError as e:
+                log.debug("heartbeat failed: %s", e.details())
+            if self.layer_map is not None:
+                await self._expire_peers()
+
+    async def _expire_peers(self) -> None:
+        assert self.layer_map is not None
+        changed = False
+        for node_id in self.layer_map.stale(PEER_TIMEOUT_S):
+            log.warning("peer %s stopped answering; dropping it",
+                        self.layer_map.members[node_id].info.name)
+            self.layer_map.remove(node_id)
+            self.known.pop(node_id, None)
+            changed = True
+        if changed:
+            await self._publish()
+
+    def _set_plan(self, plan: pb.Plan) -> None:
+        changed = (plan.epoch, plan.complete) != (self.plan.epoch, self.plan.complete) or \
+            len(plan.peers) != len(self.plan.peers)
+        self.plan = plan
+        for p in plan.peers:
+            if p.node_id != self.node_id:
+                self.known[p.node_id] = p
+        if changed:
+            for cb in self.on_plan:
+                cb(plan)
+
+    async def _publish(self) -> None:
+        """Coordinator: push the current plan to every member."""
+        assert self.layer_map is not None
+        plan = self.layer_map.plan()
+        self._set_plan(plan)
+        for m in list(self.layer_map.members.values()):
+            if m.info.node_id != self.node_id:
+                self._spawn(self._push(m.info.address, plan))
+
+    async def _push(self, address: str, plan: pb.Plan) -> None:
+        try:
+            await self.peers.stub(address).PushPlan(plan, timeout=2)
+        except grpc.aio.AioRpcError:
+            pass
+
+    # ---------------------------------------------------------------- membership RPCs
+
+    async def Join(self, request: pb.JoinRequest, context) -> pb.JoinReply:
+        if self.layer_map is None:
+            if context is not None:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"{self.name} is not the coordinator; ask {self.plan.coordinator}")
+            raise RequestError("not the coordinator")
+        info = request.peer
+        if info.model != self.cfg.model:
+            return pb.JoinReply(ok=False, reason=f"this mesh serves {self.cfg.model}, not {info.model}",
+                                start=-1, end=-1, plan=self.layer_map.plan())
+        self.known[info.node_id] = info
+        if request.want_start >= 0:
+            rng, reason = self.layer_map.claim(info, (request.want_start, request.want_end))
+        else:
+            fut: asyncio.Future = asyncio.get_running_loop().create_future()
+            self._claim_batch.append((info, fut))
+            if self._claim_timer is None:
+                self._claim_timer = asyncio.get_running_loop().call_later(
+                    self.cfg.claim_window_s, self._settle_claims)
+            rng, reason = await fut
+        log.info("claim by %s: %s", info.name, reason)
+        await self._publish()
+        return pb.JoinReply(ok=rng is not None, reason=reason, start=rng[0] if rng else -1,
+                            end=rng[1] if rng else -1, plan=self.layer_map.plan())
+
+    def _settle_claims(self) -> None:
+        assert self.layer_map is not None
+        batch, self._claim_batch, self._claim_timer = self._claim_batch, [], None
+        batch.sort(key=lambda b: (b[0].started_at, b[0].node_id))
+        out = self.layer_map.claim_together([b[0] for b in batch])
+        for info, fut in batch:
+            if not fut.done():
+                fut.set_result(out[info.node_id])
+
+    async def Leave(self, request: pb.LeaveRequest, context) -> pb.Plan:
+        if self.layer_map is not None:
+            self.layer_map.remove(request.node_id)
+            self.known.pop(request.node_id, None)
+            await self._publish()
+        return self.plan
+
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
+        if self.layer_map is None:
+            return pb.HeartbeatReply(plan=self.plan)
+        before = self.layer_map.complete()
+        was_ready = self.layer_map.ready(request.peer.node_id)
+        self.layer_map.upsert(request.peer)
+        self.known[request.peer.node_id] = request.peer
+        if self.layer_map.complete() != before or self.layer_map.ready(request.peer.node_id) != was_ready:
+            self.layer_map.epoch += 1
+            await self._publish()
+        return pb.HeartbeatReply(plan=self.layer_map.plan())
+
+    async def GetPlan(self, request: pb.PlanRequest, context) -> pb.Plan:
+        return self.plan
+
+    async def PushPlan(self, request: pb.Plan, context) -> pb.Ack:
+        if request.epoch >= self.plan.epoch or request.coordinator != self.plan.coordinator:
+            self._set_plan(request)
+        return pb.Ack()
+
+    async def Status(self, request: pb.StatusRequest, context) -> pb.StatusReply:
+        sh = self.shard
+        return pb.StatusReply(peer=self.info(), plan=self.plan, sequences=sh.num_sequences if sh else 0,
+                              cache_bytes=sh.cache_nbytes() if sh else 0,
+                              tokens_per_s=self.stage_tokens_per_s())
+
+    def stage_tokens_per_s(self) -> float:
+        recent = self.hop_ms[-32:]
+        return 1000.0 / (sum(recent) / len(recent)) if recent else 0.0
+
+    # ---------------------------------------------------------------- the ring
+
+    def stage_of(self, index: int) -> tuple[str, pb.Assignment]:
+        """Address and assignment of the plan's stage `index`."""
+        st = self.plan.stages[index]
+        if st.node_id == self.node_id:
+            return self.address, st
+        p = self.known.get(st.node_id)
+        if p is None:
+            raise FrameError(grpc.StatusCode.UNAVAILABLE, f"stage {index} ({st.node_id[:8]}) is unknown")
+        return p.address, st
+
+    async def Release(self, request: pb.ReleaseRequest, context) -> pb.ReleaseReply:
+        freed = 0
+        if self.shard is not None:
+            sh = self.shard
+            freed = await asyncio.get_running_loop().run_in_executor(
+                self._compute, lambda: sum(sh.free_sequence(s) for s in request.seq_ids))
+        return pb.ReleaseReply(freed=freed)
+
+    async def Forward(self, request_iterator: AsyncIterator[pb.Frame], context) -> AsyncIterator[pb.Ack]:
+        async for frame in request_iterator:
+            try:
+                await self.handle_frame(frame)
+            except FrameError as e:
+                if not frame.origin:
+                    await context.abort(e.code, str(e))
+                await self._fail(frame, e)
+        if False:  # an async generator that yields nothing: acks are not needed
+            yield pb.Ack()
+
+    async def Deliver(self, request_iterator: AsyncIterator[pb.Result], context) -> AsyncIterator[pb.Ack]:
+        async for result in request_iterator:
+            self.deliver(result)
+        if False:
+            yield pb.Ack()
+
+    def deliver(self, result: pb.Result) -> None:
+        fut = self.pending.pop(result.frame_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(result)
+
+    async def _fail(self, frame: pb.Frame, e: FrameError) -> None:
+        res = pb.Result(frame_id=frame.frame_id, epoch=self.plan.epoch, error=str(e),
+                        error_code=e.code.value[0], failed_seqs=e.seqs or [s.seq_id for s in frame.seqs])
+        await self._send_result(frame.origin, res)
+
+    async def _send_result(self, origin: str, res: pb.Result) -> None:
+        if origin == self.address:
+            self.deliver(res)
+        else:
+            try:
+                await self.peers.stream(origin, "Deliver").send(res)
+            except ConnectionError as e:
+                log.warning("cannot return results to %s: %s", origin, e)
+
+    async def handle_frame(self, frame: pb.Frame) -> None:
+        """Run one frame through this stage, then pass it on (or return the tokens to its origin)."""
+        if frame.epoch != self.plan.epoch:
+            raise FrameError(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"stale plan epoch {frame.epoch} (this peer is at {self.plan.epoch})")
+        sh = self.shard
+        if sh is None:
+            raise FrameError(grpc.StatusCode.UNAVAILABLE, f"{self.name} holds no layers")
+        index = next((i for i, s in enumerate(self.plan.stages) if s.node_id == self.node_id), None)
+        if index is None:
+            raise FrameError(grpc.StatusCode.FAILED_PRECONDITION, f"{self.name} is not a stage of the plan")
+        chunks = [SeqChunk(e.seq_id, e.offset, e.length) for e in frame.seqs]
+        try:
+            if sh.is_first:
+                x = np.frombuffer(np.asarray(frame.tokens, np.int32).tobytes(), np.int32)
+            else:
+                x = Hidden(frame.data, frame.dtype, tuple(frame.shape))
+        except WireError as e:
+            raise FrameError(grpc.StatusCode.INVALID_ARGUMENT, f"corrupt frame: {e}") from None
+        t0 = time.perf_counter()
+        try:
+            out = await asyncio.get_running_loop().run_in_executor(
+                self._compute, self._run, sh, frame, chunks, x)
+        except (RequestError, WireError) as e:
+            raise FrameError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        self.hop_ms.append((time.perf_counter() - t0) * 1000)
+        del self.hop_ms[:-64]
+        if sh.is_last:
+            self.tokens_out += len(out)
+            res = pb.Result(frame_id=frame.frame_id, epoch=frame.epoch, hop_ms=self.hop_ms[-1:], results=[
+                pb.TokenResult(seq_id=s.seq_id, token=s.token, logprob=s.logprob,
+                               top_tokens=[t for t, _ in s.top_logprobs],
+                               top_logprobs=[lp for _, lp in s.top_logprobs]) for s in out])
+            await self._send_result(frame.origin, res)
+            return
+        addr, _ = self.stage_of(index + 1)
+        nxt = pb.Frame(frame_id=frame.frame_id, epoch=frame.epoch, seqs=frame.seqs, dtype=out.dtype,
+                       shape=list(out.shape), data=bytes(out.data), origin=frame.origin,
+                       sent_at=time.time())
+        await self.send_frame(addr, nxt)
+
+    def _run(self, sh: LayerShard, frame: pb.Frame, chunks: list[SeqChunk], x):
+        for e in frame.seqs:
+            if e.start:
+                sh.add_sequence(e.seq_id, params_from_pb(e.sampling), list(e.history))
+        return sh.forward(chunks, x)
+
+    async def send_frame(self, address: str, frame: pb.Frame) -> None:
+        if address == self.address:
+            try:
+                await self.handle_frame(frame)
+            except FrameError as e:
+                await self._fail(frame, e)
+        else:
+            try:
+                await self.peers.stream(address, "Forward").send(frame)
+            except ConnectionError as e:
+                await self._fail(frame, FrameError(grpc.StatusCode.UNAVAILABLE, str(e)))
+
+    # ---------------------------------------------------------------- API side
+
+    def new_frame_id(self) -> int:
+        return next(self._frame_ids)
+
+    async def run_frame(self, frame: pb.Frame, timeout: float = 120.0) -> pb.Result:
+        """Send a frame into the ring at stage 0 and wait for its tokens."""
+        if not self.plan.complete:
+            raise FrameError(grpc.StatusCode.UNAVAILABLE, f"the ring is incomplete: {self.plan.missing}")
+        frame.epoch, frame.origin = self.plan.epoch, self.address
+        fut: asyncio.Future[pb.Result] = asyncio.get_running_loop().create_future()
+        self.pending[frame.frame_id] = fut
+        try:
+            addr, _ = self.stage_of(0)
+            self._spawn(self.send_frame(addr, frame))
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise FrameError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                             f"the ring did not answer within {timeout:.0f} s") from None
+        finally:
+            self.pending.pop(frame.frame_id, None)
+
+    async def release(self, seq_ids: list[str]) -> int:
+        """Free these sequences' caches on every stage."""
+        calls = []
+        for st in self.plan.stages:
+            if st.node_id == self.node_id:
+                calls.append(self.Release(pb.ReleaseRequest(seq_ids=seq_ids), None))
+            elif (p := self.known.get(st.node_id)) is not None:
+                calls.append(self.peers.stub(p.address).Release(pb.ReleaseRequest(seq_ids=seq_ids),
+                                                                timeout=5))
+        out = await asyncio.gather(*calls, return_exceptions=True)
+        return sum(r.freed for r in out if isinstance(r, pb.ReleaseReply))
+
+
+def _free_memory() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available * 0.8)
+
+
+def _measure_layer_ms(ck: Checkpoint) -> float:
+    """A quick stand-in for a decode step through one layer: one matvec per weight shape."""
+    c = ck.config
+    shapes = [(c.hidden_size, c.num_attention_heads * c.head_dim),
+              (c.hidden_size, 2 * c.num_key_value_heads * c.head_dim),
+              (c.num_attention_heads * c.head_dim, c.hidden_size),
+              (c.hidden_size, 2 * c.intermediate_size), (c.intermediate_size, c.hidden_size)]
+    rng = np.random.default_rng(0)
+    ws = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+    x = rng.standard_normal((1, c.hidden_size), dtype=np.float32)
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        h = x
+        for w in ws:
+            h = (h[:, : w.shape[0]] if h.shape[1] >= w.shape[0] else np.resize(h, (1, w.shape[0]))) @ w
+        best = min(best, time.perf_counter() - t)
+    return best * 1000

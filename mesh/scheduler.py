@@ -1,0 +1,178 @@
+"""The API peer's scheduler: continuous batching of every running sequence into one frame per step."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+
+from backends.errors import RequestError
+from backends.generation import Delta, Generation
+from backends.sampling import SamplingParams
+from backends.shard import Sample
+from backends.tokenizer import Tokenizer
+from mesh.node import FrameError, Node, params_to_pb
+from protos import together_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+class RingUnavailable(Exception):
+    """The ring cannot serve right now (incomplete, or a stage failed)."""
+
+
+@dataclass
+class Request:
+    gen: Generation
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # Delta | Exception | None (end)
+    prefilled: bool = False
+    cancelled: bool = False
+    adapter: str = ""
+    created: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+
+    @property
+    def seq_id(self) -> str:
+        return self.gen.seq_id
+
+
+class Scheduler:
+    """Admits requests into a queue (with a cap) and steps all running sequences together."""
+
+    def __init__(self, node: Node, tok: Tokenizer, max_batch: int = 32, max_queue: int = 256,
+                 max_prefill_tokens: int = 4096):
+        self.node, self.tok = node, tok
+        self.max_batch, self.max_queue, self.max_prefill_tokens = max_batch, max_queue, max_prefill_tokens
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._ids = itertools.count()
+        self.stats = {"requests": 0, "tokens": 0, "steps": 0, "errors": 0}
+        self.hop_ms: list[float] = []
+
+    async def start(self) -> None:
+        self._task = asyncio.ensure_future(self._loop())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        for r in self.waiting + self.running:
+            r.queue.put_nowait(RingUnavailable("the peer is shutting down"))
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    def submit(self, prompt: list[int], params: SamplingParams, adapter: str = "") -> Request:
+        if len(self.waiting) >= self.max_queue:
+            raise RequestError(f"the queue is full ({self.max_queue} requests); retry later")
+        seq_id = f"{self.node.node_id[:8]}-{uuid.uuid4().hex[:12]}"
+        gen = Generation(seq_id, prompt, params, self.tok, self.node.ck.config.max_position_embeddings)
+        req = Request(gen, adapter=adapter)
+        self.waiting.append(req)
+        self.stats["requests"] += 1
+        self._wake.set()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """The client went away: drop the sequence and free its caches everywhere at once."""
+        if req.cancelled or req.gen.finished:
+            return
+        req.cancelled = True
+        if req in self.waiting:
+            self.waiting.remove(req)
+        elif req in self.running:
+            self.running.remove(req)
+            asyncio.ensure_future(self.node.release([req.seq_id]))
+
+    async def _loop(self) -> None:
+        while True:
+            if not self.waiting and not self.running:
+                self._wake.clear()
+                await self._wake.wait()
+            self._admit()
+            batch = [r for r in self.running if not r.cancelled]
+            if not batch:
+                continue
+            frame = self._frame(batch)
+            t0 = time.perf_counter()
+            try:
+                result = await self.node.run_frame(frame)
+            except FrameError as e:
+                self._fail(batch, RingUnavailable(str(e)))
+                continue
+            self.hop_ms.append((time.perf_counter() - t0) * 1000)
+            del self.hop_ms[:-256]
+            self.stats["steps"] += 1
+            if result.error:
+                failed = set(result.failed_seqs) or {r.seq_id for r in batch}
+                err = RingUnavailable(result.error) if result.error_code in (
+                    grpc.StatusCode.UNAVAILABLE.value[0], grpc.StatusCode.FAILED_PRECONDITION.value[0]) \
+                    else RequestError(result.error)
+                self._fail([r for r in batch if r.seq_id in failed], err)
+                continue
+            self._dispatch(batch, result)
+
+    def _admit(self) -> None:
+        budget = self.max_prefill_tokens
+        while self.waiting and len(self.running) < self.max_batch:
+            nxt = self.waiting[0]
+            n = len(nxt.gen.prompt)
+            if budget < n and budget != self.max_prefill_tokens:
+                break  # long prompts join the next step, so decodes keep flowing
+            budget -= n
+            self.running.append(self.waiting.pop(0))
+
+    def _frame(self, batch: list[Request]) -> pb.Frame:
+        seqs, tokens = [], []
+        for r in batch:
+            g = r.gen
+            if not r.prefilled:
+                seqs.append(pb.SeqEntry(seq_id=g.seq_id, offset=0, length=len(g.prompt), start=True,
+                                        sampling=params_to_pb(g.params), history=g.prompt,
+                                        adapter=r.adapter))
+                tokens.extend(g.prompt)
+            else:
+                pos = len(g.prompt) + len(g.tokens) - 1
+                seqs.append(pb.SeqEntry(seq_id=g.seq_id, offset=pos, length=1))
+                tokens.append(g.tokens[-1])
+        return pb.Frame(frame_id=self.node.new_frame_id(), seqs=seqs, tokens=tokens)
+
+    def _dispatch(self, batch: list[Request], result: pb.Result) -> None:
+        by_id = {r.seq_id: r for r in batch}
+        done: list[str] = []
+        for tr in result.results:
+            r = by_id.get(tr.seq_id)
+            if r is None or r.cancelled:
+                continue
+            r.prefilled = True
+            if r.first_token_at is None:
+                r.first_token_at = time.monotonic()
+            d = r.gen.add(Sample(tr.seq_id, tr.token, tr.logprob,
+                                 list(zip(tr.top_tokens, tr.top_logprobs))))
+            self.stats["tokens"] += 1
+            r.queue.put_nowait(d)
+            if r.gen.finished:
+                r.queue.put_nowait(None)
+                self.running.remove(r)
+                done.append(r.seq_id)
+        if done:
+            asyncio.ensure_future(self.node.release(done))
+
+    def _fail(self, batch: list[Request], err: Exception) -> None:
+        self.stats["errors"] += len(batch)
+        for r in batch:
+            if r in self.running:
+                self.running.remove(r)
+            r.queue.put_nowait(err)
+        asyncio.ensure_future(self.node.release([r.seq_id for r in batch]))
