@@ -1,0 +1,94 @@
+"""TorchShard: a [start, end) slice of a Llama-family model on torch (CPU or CUDA)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from backends.shard import LayerShard, Sample, SeqChunk, SeqState
+from backends.torch.model import DTYPES, KVCache, load_slice
+from backends.torch.sampling import make_generator, make_sampler
+from backends.weights import Checkpoint
+from backends.wire import Hidden
+
+
+class TorchShard(LayerShard):
+    backend = "torch"
+
+    def __init__(self, checkpoint: Checkpoint, start: int, end: int, dtype: str,
+                 wire_dtype: str | None = None, device: str | None = None,
+                 threads: int | None = None):
+        super().__init__(checkpoint, start, end, dtype, wire_dtype)
+        if threads:
+            torch.set_num_threads(int(threads))  # peers sharing a host split its cores on purpose
+        self.device = torch.device(device or "cpu")
+        self.model = load_slice(checkpoint, start, end, dtype, self.device)
+        self.caches: dict[str, list[KVCache]] = {}
+        self.samplers: dict[str, object] = {}
+
+    # ---- caches
+
+    def _new_cache(self, seq_id: str, st: SeqState) -> None:
+        self.caches[seq_id] = self.model.new_cache()
+        if self.is_last:
+            st.rng = make_generator(st.params, self.device if self.device.type == "cuda" else "cpu")
+            self.samplers[seq_id] = make_sampler(st.params)
+
+    def _free_cache(self, seq_id: str) -> None:
+        self.caches.pop(seq_id, None)
+        self.samplers.pop(seq_id, None)
+
+    def cache_nbytes(self) -> int:
+        return sum(c.nbytes for cs in self.caches.values() for c in cs)
+
+    def weight_nbytes(self) -> int:
+        seen: dict[int, int] = {}
+        for p in self.model.parameters():
+            seen[p.data_ptr()] = p.nbytes
+        return sum(seen.values())
+
+    # ---- compute
+
+    def _input(self, x: np.ndarray | Hidden) -> torch.Tensor:
+        if self.is_first:
+            return torch.from_numpy(np.ascontiguousarray(x)).to(self.device, torch.long)
+        with warnings.catch_warnings():  # read-only wire buffers are fine: we never write to them
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.frombuffer(x.data, dtype=DTYPES[x.dtype])
+        return t.view(x.shape).to(self.device, DTYPES[self.dtype])
+
+    def _forward(self, chunks: list[SeqChunk], x: np.ndarray | Hidden, want_logits: bool):
+        with torch.inference_mode():
+            return self._run(chunks, self._input(x), want_logits)
+
+    def _run(self, chunks: list[SeqChunk], x: torch.Tensor, want_logits: bool):
+        starts = np.cumsum([0] + [c.length for c in chunks])
+        outs: list[torch.Tensor | None] = [None] * len(chunks)
+        single = [i for i, c in enumerate(chunks) if c.length == 1]
+        if len(single) > 1:  # the common decode step: one forward over every sequence's token
+            idx = torch.tensor(starts[single], device=self.device)
+            pos = torch.tensor([[chunks[i].offset] for i in single], device=self.device)
+            h = self.model(x[idx][:, None], pos, [self.caches[chunks[i].seq_id] for i in single])
+            for j, i in enumerate(single):
+                outs[i] = h[j]
+        for i, c in enumerate(chunks):
+            if outs[i] is None:  # prefill chunks: one sequence at a time
+                pos = torch.arange(c.offset, c.offset + c.length, device=self.device)[None]
+                outs[i] = self.model(x[starts[i]:starts[i + 1]][None], pos, [self.caches[c.seq_id]])[0]
+        if not self.is_last:
+            h = torch.cat(outs) if len(outs) > 1 else outs[0]  # (T, C)
+            h = h.to(DTYPES[self.wire_dtype]).contiguous().cpu()
+            return Hidden(memoryview(h.view(torch.uint8).numpy()).cast("B"), self.wire_dtype,
+                          tuple(h.shape))
+        if want_logits:
+            h = torch.cat(outs) if len(outs) > 1 else outs[0]
+            return self.model.head(h).float().cpu().numpy()
+        last = torch.stack([o[-1] for o in outs])  # (n_chunks, C)
+        logits = self.model.head(last).float()  # (n_chunks, vocab)
+        samples = []
+        for c, row in zip(chunks, logits):
+            tok, lp, top = self.samplers[c.seq_id](row, self.seqs[c.seq_id])
+            samples.append(Sample(c.seq_id, tok, lp, top))
+        return samples
