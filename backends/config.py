@@ -49,6 +49,11 @@ class ModelConfig:
         qkv_bias, o_bias = SUPPORTED[mt]
         if mt == "llama" and d.get("attention_bias"):
             qkv_bias = o_bias = True
+        # transformers >= 5 writes rope_theta and the scaling under one "rope_parameters" dict
+        rope = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
+        scaling = d.get("rope_scaling")
+        if scaling is None and rope.get("rope_type", "default") != "default":
+            scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
         try:
             heads = int(d["num_attention_heads"])
             hidden = int(d["hidden_size"])
@@ -64,8 +69,8 @@ class ModelConfig:
                 num_key_value_heads=int(d.get("num_key_value_heads") or heads),
                 head_dim=int(d.get("head_dim") or hidden // heads),
                 rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
-                rope_theta=float(d.get("rope_theta", 10000.0)),
-                rope_scaling=d.get("rope_scaling"),
+                rope_theta=float(d.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+                rope_scaling=scaling,
                 max_position_embeddings=int(d.get("max_position_embeddings") or 4096),
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
                 qkv_bias=qkv_bias,
