@@ -125,6 +125,9 @@ def model_label(name: str | None) -> str:
     if name in EMBEDDED:
         return name
     p = Path(name)
+    for short, spec in EMBEDDED.items():  # the embedded model by its path is still itself
+        if p.name == spec["file"]:
+            return short
     return p.stem if p.suffix == ".gguf" else p.name or name
 
 

@@ -95,6 +95,7 @@ class Node(pbg.TogetherServicer):
         self.layer_map: LayerMap | None = None  # only on the coordinator
         self.known: dict[str, pb.PeerInfo] = {}  # node id -> latest info, from any source
         self.claim_reason = ""
+        self.refused: set[str] = set()  # addresses that refused our mesh key
         self.peers = Peers(cfg.mesh_key, self.node_id)
         self.pending: dict[int, asyncio.Future[pb.Result]] = {}
         self.on_plan: list = []  # callbacks(plan) for the live table and the API
@@ -144,10 +145,10 @@ class Node(pbg.TogetherServicer):
                 interfaces=self.cfg.interfaces, on_change=self._on_discovery, name=self.name)
             await self._discovery.start()
         for addr in self.cfg.peers:
-            await self._probe(addr)
+            await self._probe_manual(addr)
         await asyncio.sleep(self.cfg.settle_s)
+        self._spawn(self._heartbeat_loop())  # before loading, or the coordinator thinks we died
         await self._enter_mesh()
-        self._spawn(self._heartbeat_loop())
 
     def _txt(self) -> dict[str, str]:
         return {"backend": self.cfg.backend, "free_memory": str(self.info().free_memory),
@@ -185,18 +186,40 @@ class Node(pbg.TogetherServicer):
             if p.node_id not in self.known:
                 self._spawn(self._probe(p.address))
 
-    async def _probe(self, address: str) -> None:
-        try:
-            st = await self.peers.stub(address).Status(pb.StatusRequest(), timeout=3)
-        except grpc.aio.AioRpcError as e:
-            log.warning("peer %s did not answer: %s", address, e.details())
-            return
+    async def _probe_manual(self, address: str, wait_s: float = 30.0) -> None:
+        """A --peer may still be starting: keep asking for a while before going on without it."""
+        deadline = time.monotonic() + wait_s
+        while not await self._probe(address, attempts=1):
+            if address in self.refused:
+                raise TogetherError(f"peer {address} refused this peer's mesh key: start every peer "
+                                    f"with the same --mesh-key")
+            if time.monotonic() > deadline:
+                log.warning("--peer %s did not answer for %.0f s; going on without it", address, wait_s)
+                return
+            await asyncio.sleep(0.5)
+
+    async def _probe(self, address: str, attempts: int = 3) -> bool:
+        """Ask a peer who it is; True if it belongs to this mesh."""
+        for attempt in range(attempts):
+            try:
+                st = await self.peers.stub(address).Status(pb.StatusRequest(), timeout=3)
+                break
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    self.refused.add(address)
+                    log.warning("ignoring peer %s: it refused our mesh key (%s)", address, e.details())
+                    return False
+                if attempt == attempts - 1:
+                    log.info("peer %s did not answer: %s", address, e.details())
+                    return False
+                await asyncio.sleep(0.5)
         if st.peer.model != self.cfg.model:
             log.warning("ignoring peer %s: it serves %s, not %s", address, st.peer.model, self.cfg.model)
-            return
+            return False
         self.known[st.peer.node_id] = st.peer
         if st.plan.epoch > self.plan.epoch and st.plan.coordinator:
             self._set_plan(st.plan)
+        return True
 
     def _coordinator_address(self) -> str | None:
         c = self.plan.coordinator
@@ -231,11 +254,13 @@ class Node(pbg.TogetherServicer):
         log.info("%s coordinates the mesh", self.name)
         self._set_plan(self.layer_map.plan())
 
-    async def _claim(self) -> None:
+    async def _claim(self, rejoin: bool = False) -> None:
         want = self.cfg.layers
+        if rejoin and self.shard is not None:
+            want = (self.shard.start, self.shard.end)  # keep what is loaded, if still free
         req = pb.JoinRequest(peer=self.info(), want_start=want[0] if want else -1,
                              want_end=want[1] if want else -1)
-        for attempt in range(10):
+        for attempt in range(60):  # the coordinator may still be starting
             addr = self._coordinator_address()
             try:
                 if addr == self.address:
@@ -256,6 +281,9 @@ class Node(pbg.TogetherServicer):
         if reply.ok and reply.start >= 0:
             await self._load(reply.start, reply.end)
         elif want is not None and not reply.ok:
+            if rejoin and self.cfg.layers is None:
+                self.shard = None  # what it held is taken now: claim afresh
+                return await self._claim()
             raise TogetherError(f"--layers {want[0]}-{want[1]} refused: {reply.reason}")
         else:
             log.warning("%s holds no layers: %s", self.name, reply.reason)
@@ -393,6 +421,22 @@ class Node(pbg.TogetherServicer):
         return self.plan
 
     async def PushPlan(self, request: pb.Plan, context) -> pb.Ack:
+        if self.layer_map is not None and request.coordinator != self.node_id:
+            # two coordinators met (peers started apart and found each other late): the older wins
+            theirs = next((p for p in request.peers if p.node_id == request.coordinator), None)
+            if theirs is None:
+                return pb.Ack()
+            if (theirs.started_at, theirs.node_id) < (self.started_at, self.node_id):
+                log.warning("%s steps down: %s coordinates this mesh", self.name, theirs.name)
+                self.layer_map = None
+                self.known[theirs.node_id] = theirs
+                self._set_plan(request)
+                self._spawn(self._claim(rejoin=True))
+            else:
+                self.known[theirs.node_id] = theirs
+                self.layer_map.upsert(theirs)
+                self._spawn(self._push(theirs.address, self.layer_map.plan()))
+            return pb.Ack()
         if request.epoch >= self.plan.epoch or request.coordinator != self.plan.coordinator:
             self._set_plan(request)
         return pb.Ack()
@@ -505,10 +549,16 @@ class Node(pbg.TogetherServicer):
         await self.send_frame(addr, nxt)
 
     def _run(self, sh: LayerShard, frame: pb.Frame, chunks: list[SeqChunk], x):
+        started = [e.seq_id for e in frame.seqs if e.start]
         for e in frame.seqs:
             if e.start:
                 sh.add_sequence(e.seq_id, params_from_pb(e.sampling), list(e.history))
-        return sh.forward(chunks, x)
+        try:
+            return sh.forward(chunks, x)
+        except Exception:
+            for s in started:  # a refused frame must not leave caches behind
+                sh.free_sequence(s)
+            raise
 
     async def send_frame(self, address: str, frame: pb.Frame) -> None:
         if address == self.address:
