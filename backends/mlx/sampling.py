@@ -1,0 +1,87 @@
+"""Per-sequence samplers for the MLX backend, built from mlx_lm.sample_utils.
+
+Unlike mlx_lm's samplers, the random stream is a key kept in the sequence's `SeqState.rng` and
+split every step, so seeded sampling is reproducible per sequence whatever else shares the batch.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Callable, NamedTuple
+
+import mlx.core as mx
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
+
+from backends.sampling import SamplingParams
+from backends.shard import SeqState
+
+
+class Drawn(NamedTuple):
+    """Lazy results of one sampling step; evaluate them together, then read them out."""
+
+    token: mx.array  # (1,) uint32
+    logprob: mx.array  # (1,) float32: log-softmax of the raw logits at `token`
+    top_ids: mx.array | None  # (1, k) candidate ids, best first
+    top_logprobs: mx.array | None  # (1, k)
+
+
+Sampler = Callable[[mx.array, SeqState], Drawn]
+
+
+def new_key(seed: int | None) -> mx.array:
+    """A PRNG key for one sequence: from its seed, else from the OS."""
+    return mx.random.key(seed if seed is not None else secrets.randbits(63))
+
+
+def make_sampler(params: SamplingParams) -> Sampler:
+    """A callable (logits (1, vocab), state) -> Drawn; logits may be float16 as the model gives them."""
+    processors = make_logits_processors(
+        repetition_penalty=params.repetition_penalty if params.repetition_penalty != 1.0 else None,
+        repetition_context_size=params.penalty_context,
+        presence_penalty=params.presence_penalty or None,
+        presence_context_size=params.penalty_context,
+        frequency_penalty=params.frequency_penalty or None,
+        frequency_context_size=params.penalty_context,
+    )
+    filters = []
+    if 0 < params.top_p < 1.0:
+        filters.append(lambda lp: apply_top_p(lp, params.top_p))
+    if params.min_p > 0.0:
+        filters.append(lambda lp: apply_min_p(lp, params.min_p))
+    if params.top_k > 0:
+        filters.append(lambda lp: apply_top_k(lp, params.top_k))
+    temp, k = params.temperature, params.logprobs
+
+    def sample(logits: mx.array, st: SeqState) -> Drawn:
+        raw = logits
+        if processors and st.history:
+            logits = mx.array(logits)  # mlx_lm's penalties assign in place; keep `raw` raw
+            tokens = mx.array(st.history[-params.penalty_context:], dtype=mx.int32)
+            for proc in processors:
+                logits = proc(tokens, logits)
+        # the same arithmetic as mlx_lm.generate_step, so greedy picks are bit-identical
+        logprobs = logits - mx.logsumexp(logits, keepdims=True)
+        if temp == 0:
+            token = mx.argmax(logprobs, axis=-1)
+        else:
+            if st.rng is None:
+                st.rng = new_key(params.seed)
+            keys = mx.random.split(st.rng)
+            st.rng, sub = keys[0], keys[1]
+            for f in filters:
+                logprobs = f(logprobs)
+            token = mx.random.categorical(logprobs * (1.0 / temp), key=sub)
+        raw = raw.astype(mx.float32)
+        raw = raw - mx.logsumexp(raw, axis=-1, keepdims=True)
+        lp = mx.take_along_axis(raw, token[:, None].astype(mx.int32), axis=-1)[:, 0]
+        top_ids = top_lp = None
+        if k > 0:
+            kk = min(k, raw.shape[-1])
+            top_ids = mx.argpartition(-raw, kth=kk - 1, axis=-1)[:, :kk]
+            top_lp = mx.take_along_axis(raw, top_ids, axis=-1)
+            order = mx.argsort(-top_lp, axis=-1)
+            top_ids = mx.take_along_axis(top_ids, order, axis=-1)
+            top_lp = mx.take_along_axis(top_lp, order, axis=-1)
+        return Drawn(token, lp, top_ids, top_lp)
+
+    return sample

@@ -1,0 +1,252 @@
+"""MLX LayerShard: a [start, end) slice of an mlx-lm model, with one KVCache list per sequence.
+
+The blocks are mlx-lm's own TransformerBlocks (the module picked by model_type, as mlx_lm.load
+does); only the slice's tensors are read, and quantized ones stay packed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
+from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.utils import MODEL_REMAPPING
+
+from backends.errors import ModelError
+from backends.mlx.sampling import make_sampler, new_key
+from backends.shard import LayerShard, Sample, SeqChunk, SeqState
+from backends.weights import Checkpoint, expected_shapes, validate_slice
+from backends.wire import Hidden
+
+MX_DTYPES = {"float16": mx.float16, "float32": mx.float32, "bfloat16": mx.bfloat16}
+_NP_WIRE = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
+# model types whose attention is q/k/v proj -> rope -> cache -> SDPA -> o_proj, as _decode_block assumes
+_BATCHED_DECODE = {"llama", "qwen2"}
+
+
+def arch_module(model_type: str):
+    """The mlx_lm.models module for a model_type (respecting mlx_lm's remapping)."""
+    name = MODEL_REMAPPING.get(model_type, model_type)
+    try:
+        return importlib.import_module(f"mlx_lm.models.{name}")
+    except ImportError:
+        raise ModelError(f"mlx-lm has no model for {model_type!r}") from None
+
+
+class SliceModel(nn.Module):
+    """Blocks [start, end) plus the embedding (first slice) and norm + head (last slice)."""
+
+    def __init__(self, arch, args, start: int, end: int, first: bool, last: bool, tied: bool):
+        super().__init__()
+        types = getattr(args, "layer_types", None) or ["full_attention"] * args.num_hidden_layers
+        sliding = "use_sliding" in inspect.signature(arch.TransformerBlock.__init__).parameters
+        self.layers = [
+            arch.TransformerBlock(args, use_sliding=types[i] == "sliding_attention") if sliding
+            else arch.TransformerBlock(args)
+            for i in range(start, end)
+        ]
+        self.window = getattr(args, "sliding_window", None)
+        if first or (last and tied):
+            self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        if last:
+            self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+            if not tied:
+                self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.tied = tied
+
+    def make_cache(self) -> list:
+        return [RotatingKVCache(max_size=self.window) if getattr(l, "use_sliding", False)
+                else KVCache() for l in self.layers]
+
+    def blocks(self, h: mx.array, cache: list) -> mx.array:
+        """One sequence, h (1, L, H): exactly mlx-lm's model loop (mask from the cache)."""
+        masks = {}
+        for layer, c in zip(self.layers, cache):
+            swa = getattr(layer, "use_sliding", False)
+            if swa not in masks:
+                masks[swa] = create_attention_mask(h, c, window_size=self.window if swa else None)
+            h = layer(h, masks[swa], c)
+        return h
+
+    def head(self, h: mx.array) -> mx.array:
+        h = self.norm(h)
+        return self.embed_tokens.as_linear(h) if self.tied else self.lm_head(h)
+
+
+def _decode_block(layer, x: mx.array, caches: list, masks: list) -> mx.array:
+    """A TransformerBlock over B sequences of one token each, x (B, 1, H): the projections and the
+    MLP run batched; rope, cache and attention run per sequence with the same shapes as alone."""
+    attn = layer.self_attn
+    B, L, _ = x.shape
+    h = layer.input_layernorm(x)
+    q = attn.q_proj(h).reshape(B, L, attn.n_heads, -1).transpose(0, 2, 1, 3)  # (B, Hq, 1, D)
+    k = attn.k_proj(h).reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    v = attn.v_proj(h).reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    outs = []
+    for i, (c, m) in enumerate(zip(caches, masks)):
+        qi = attn.rope(q[i:i + 1], offset=c.offset)
+        ki = attn.rope(k[i:i + 1], offset=c.offset)
+        ki, vi = c.update_and_fetch(ki, v[i:i + 1])
+        outs.append(scaled_dot_product_attention(qi, ki, vi, cache=c, scale=attn.scale, mask=m))
+    o = mx.concatenate(outs, axis=0).transpose(0, 2, 1, 3).reshape(B, L, -1)
+    h = x + attn.o_proj(o)
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+class MLXShard(LayerShard):
+    backend = "mlx"
+
+    def __init__(self, checkpoint: Checkpoint, start: int, end: int, dtype: str,
+                 wire_dtype: str | None = None, threads: int | None = None):
+        super().__init__(checkpoint, start, end, dtype, wire_dtype)
+        self.threads = threads  # MLX has no CPU thread-count setting; kept for the interface
+        self.dt = MX_DTYPES[dtype]
+        cfg = self.config
+        arch = arch_module(cfg.model_type)
+        hf = cfg.to_hf_dict()
+        tied = checkpoint.tied_head
+        hf["tie_word_embeddings"] = tied
+        args = arch.ModelArgs.from_dict(hf)
+        self.model = SliceModel(arch, args, start, end, self.is_first, self.is_last, tied)
+        self._batched_decode = MODEL_REMAPPING.get(cfg.model_type, cfg.model_type) in _BATCHED_DECODE
+        self._load(checkpoint)
+        self.caches: dict[str, list] = {}
+        self.samplers: dict[str, object] = {}
+
+    # ---- loading
+
+    def _load(self, ck: Checkpoint) -> None:
+        validate_slice(ck, self.start, self.end,
+                       expected_shapes(self.config, self.start, self.end, ck.tied_head))
+        weights: dict[str, mx.array] = {}
+        quant: dict[str, dict] = {}
+        for name in ck.slice_names(self.start, self.end):
+            ref = ck.get(name)
+            local = self._local_name(name)
+            if local is None:
+                continue
+            try:
+                a = ref.affine()
+                if a is not None:
+                    base = local[: -len(".weight")]
+                    quant[base] = {"group_size": a.group_size, "bits": a.bits}
+                    weights[local] = mx.array(a.packed)
+                    weights[base + ".scales"] = mx.array(a.scales).astype(self.dt)
+                    weights[base + ".biases"] = mx.array(a.biases).astype(self.dt)
+                else:
+                    arr = ref.numpy()
+                    if tuple(arr.shape) != tuple(ref.shape):
+                        raise ModelError(f"{ref.source}: tensor {name!r} has shape {arr.shape}, "
+                                         f"expected {ref.shape}")
+                    weights[local] = mx.array(arr).astype(self.dt)
+            except ModelError:
+                raise
+            except Exception as e:
+                raise ModelError(f"{ref.source}: cannot read tensor {name!r} ({e})") from None
+        if quant:
+            nn.quantize(self.model, class_predicate=lambda p, m: quant.get(p, False))
+        try:
+            self.model.load_weights(list(weights.items()), strict=True)
+        except ValueError as e:
+            raise ModelError(f"{ck.path}: weights do not fit layers [{self.start}, {self.end}) "
+                             f"of {self.config.model_type}: {e}") from None
+        self.model.eval()
+        mx.eval(self.model.parameters())
+
+    def _local_name(self, name: str) -> str | None:
+        if name.startswith("model.layers."):
+            rest = name[len("model.layers."):]
+            idx, tail = rest.split(".", 1)
+            return f"layers.{int(idx) - self.start}.{tail}"
+        if name.startswith("model.embed_tokens."):
+            return name[len("model."):]
+        if name.startswith("model.norm."):
+            return name[len("model."):]
+        if name.startswith("lm_head."):
+            return name
+        return None
+
+    # ---- caches
+
+    def _new_cache(self, seq_id: str, st: SeqState) -> None:
+        self.caches[seq_id] = self.model.make_cache()
+        if self.is_last:
+            st.params.validate()
+            self.samplers[seq_id] = make_sampler(st.params)
+            if not st.params.greedy:
+                st.rng = new_key(st.params.seed)
+
+    def _free_cache(self, seq_id: str) -> None:
+        self.caches.pop(seq_id, None)
+        self.samplers.pop(seq_id, None)
+
+    def cache_nbytes(self) -> int:
+        return sum(c.nbytes for cache in self.caches.values() for c in cache)
+
+    def weight_nbytes(self) -> int:
+        return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+
+    # ---- compute
+
+    def _input(self, x: np.ndarray | Hidden) -> mx.array:
+        if self.is_first:
+            return self.model.embed_tokens(mx.array(np.asarray(x, dtype=np.int32)))  # (T, H)
+        buf = np.frombuffer(x.data, dtype=_NP_WIRE[x.dtype]).reshape(x.shape)
+        h = mx.array(buf)
+        if x.dtype == "bfloat16":
+            h = h.view(mx.bfloat16)
+        return h.astype(self.dt)
+
+    def _forward(self, chunks: list[SeqChunk], x: np.ndarray | Hidden, want_logits: bool):
+        h = self._input(x)
+        starts = np.cumsum([0] + [c.length for c in chunks]).tolist()
+        outs: list[mx.array | None] = [None] * len(chunks)  # each (n, L, H)
+        single = [i for i, c in enumerate(chunks) if c.length == 1]
+        if len(single) > 1 and self._batched_decode:
+            idx = mx.array([starts[i] for i in single])
+            hb = h[idx][:, None, :]  # (B, 1, H)
+            caches = [self.caches[chunks[i].seq_id] for i in single]
+            masks = [create_attention_mask(hb[j:j + 1], caches[j][0]) for j in range(len(single))]
+            for li, layer in enumerate(self.model.layers):
+                hb = _decode_block(layer, hb, [c[li] for c in caches], masks)
+            for j, i in enumerate(single):
+                outs[i] = hb[j:j + 1]
+        for i, c in enumerate(chunks):
+            if outs[i] is None:
+                outs[i] = self.model.blocks(h[starts[i]:starts[i + 1]][None], self.caches[c.seq_id])
+        if not self.is_last:
+            y = mx.concatenate([o[0] for o in outs], axis=0) if len(outs) > 1 else outs[0][0]
+            y = y.astype(MX_DTYPES[self.wire_dtype])
+            mx.eval(y)
+            return Hidden(memoryview(y), self.wire_dtype, tuple(y.shape))
+        if want_logits:
+            logits = [self.model.head(o)[0] for o in outs]
+            y = mx.concatenate(logits, axis=0) if len(logits) > 1 else logits[0]
+            return np.array(y.astype(mx.float32))
+        return self._sample(chunks, outs)
+
+    def _sample(self, chunks: list[SeqChunk], outs: list[mx.array]) -> list[Sample]:
+        # the head runs on the chunks' last positions only, kept as (n, 1, H) rows like a decode step
+        last = mx.concatenate([o[:, -1:, :] for o in outs], axis=0) if len(outs) > 1 else outs[0][:, -1:, :]
+        logits = self.model.head(last)[:, 0, :]  # (n, vocab)
+        drawn, pending = [], []
+        for i, c in enumerate(chunks):
+            st = self.seqs[c.seq_id]
+            d = self.samplers[c.seq_id](logits[i:i + 1], st)
+            drawn.append(d)
+            pending.extend(a for a in (d.token, d.logprob, d.top_ids, d.top_logprobs) if a is not None)
+            if st.rng is not None:
+                pending.append(st.rng)
+        mx.eval(pending)
+        out = []
+        for c, d in zip(chunks, drawn):
+            s = Sample(c.seq_id, int(d.token.item()), float(d.logprob.item()))
+            if d.top_ids is not None:
+                s.top_logprobs = list(zip(d.top_ids[0].tolist(), d.top_logprobs[0].tolist()))
+            out.append(s)
+        return out

@@ -1,0 +1,306 @@
+"""MLX backend: reference equivalence with mlx_lm, caches, batching, splits, sampling, memory.
+
+On a Linux CPU, MLX's float16/bfloat16 quantized kernels are ~50x slower than float32, so the
+fast tests compare float32 runs (ours vs mlx_lm on a float32 conversion); the float16
+comparison is marked slow (and short on CPU).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+pytest.importorskip("mlx_lm")
+
+from backends.errors import ModelError  # noqa: E402
+from backends.sampling import SamplingParams  # noqa: E402
+from backends.shard import Sample, SeqChunk  # noqa: E402
+from backends.wire import Hidden  # noqa: E402
+
+N = 64  # greedy tokens compared against mlx_lm
+CHATS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Count from 1 to 20.",
+    "Explain in two sentences why the sky is blue.",
+]
+SHORT = ["The capital of France is", "Hello", "def fibonacci(n):"]
+S0, S1, S2 = 4, 5, 6  # their indices in `prompts`
+
+
+@pytest.fixture(scope="session")
+def mlx_dir(embedded_path, tmp_path_factory):
+    from backends.convert import gguf_to_mlx
+
+    return gguf_to_mlx(embedded_path, tmp_path_factory.mktemp("mlx") / "smollm2-f32", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def reference(mlx_dir):
+    import mlx_lm
+
+    model, tok = mlx_lm.load(str(mlx_dir))
+    return model, tok
+
+
+@pytest.fixture(scope="session")
+def prompts(reference):
+    _, tok = reference
+    ids = [tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True)
+           for c in CHATS]
+    # short raw prompts (MLX prefill on a CPU costs about as much per token as decoding)
+    return ids + [tok.encode(t) for t in SHORT]
+
+
+def mlx_lm_greedy(model, ids, n):
+    from mlx_lm.generate import generate_step
+
+    return [t for t, _ in zip((y for y, _ in generate_step(mx.array(ids), model, max_tokens=n)), range(n))]
+
+
+@pytest.fixture(scope="session")
+def ref_tokens(reference, prompts):
+    model, _ = reference
+    out = {0: mlx_lm_greedy(model, prompts[0], N)}
+    out.update({i: mlx_lm_greedy(model, prompts[i], 16) for i in (S0, S1, S2)})
+    return out
+
+
+@pytest.fixture(scope="session")
+def full(embedded):
+    from backends.mlx.shard import MLXShard
+
+    return MLXShard(embedded, 0, 30, "float32")
+
+
+def generate(stages, ids, n, seq="s", params=None):
+    """Greedy (or `params`) decoding through a chain of shards: prompt chunk, then a token per step."""
+    for s in stages:
+        s.add_sequence(seq, params, prompt=ids)
+    out, x, pos = [], np.array(ids, np.int32), 0
+    try:
+        for _ in range(n):
+            chunk = [SeqChunk(seq, pos, len(x))]
+            h = x
+            for s in stages:
+                h = s.forward(chunk, h)
+            pos += len(x)
+            out.append(h[0].token)
+            x = np.array([h[0].token], np.int32)
+    finally:
+        for s in stages:
+            s.free_sequence(seq)
+    return out
+
+
+# ---------------------------------------------------------------- reference equivalence
+
+
+@pytest.mark.parametrize("i", [0, S0])
+def test_matches_mlx_lm_greedy(full, prompts, ref_tokens, i):
+    n = len(ref_tokens[i])
+    assert generate([full], prompts[i], n) == ref_tokens[i]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("i", [1, 2, 3])
+def test_matches_mlx_lm_greedy_more_prompts(full, reference, prompts, i):
+    assert generate([full], prompts[i], N) == mlx_lm_greedy(reference[0], prompts[i], N)
+
+
+@pytest.mark.slow
+def test_matches_mlx_lm_float16(embedded, embedded_path, prompts, tmp_path_factory):
+    """Same float16 arithmetic as mlx_lm (fast on Metal; MLX's CPU float16 kernels crawl)."""
+    from mlx_lm.utils import load_model
+
+    from backends.convert import gguf_to_mlx
+    from backends.mlx.shard import MLXShard
+
+    d = gguf_to_mlx(embedded_path, tmp_path_factory.mktemp("mlx16") / "f16", "float16", tokenizer=False)
+    model, _ = load_model(d)
+    gpu = mx.metal.is_available()
+    ids, n = (prompts[0], N) if gpu else (prompts[S0], 4)
+    shard = MLXShard(embedded, 0, 30, "float16")
+    assert generate([shard], ids, n) == mlx_lm_greedy(model, ids, n)
+
+
+def test_converted_dir_loads_in_our_reader(mlx_dir, prompts, ref_tokens):
+    from backends.mlx.shard import MLXShard
+    from backends.weights import open_checkpoint
+
+    ck = open_checkpoint(mlx_dir)
+    assert ck.kind == "mlx"
+    emb, q = ck.get("model.embed_tokens.weight").affine(), ck.get("model.layers.0.self_attn.q_proj.weight").affine()
+    assert (emb.bits, emb.group_size, q.bits, q.group_size) == (8, 32, 4, 32)
+    shard = MLXShard(ck, 0, 30, "float32")
+    assert generate([shard], prompts[S0], 16) == ref_tokens[S0]
+
+
+# ---------------------------------------------------------------- cache, batching, splits
+
+
+def test_incremental_equals_full_pass(full, prompts):
+    ids = prompts[S0]
+    gen = generate([full], ids, 6)
+    seq = ids + gen
+    full.add_sequence("whole")
+    whole = full.logits([SeqChunk("whole", 0, len(seq))], np.array(seq, np.int32))
+    full.free_sequence("whole")
+    full.add_sequence("inc")
+    parts = [full.logits([SeqChunk("inc", 0, len(ids))], np.array(ids, np.int32))]
+    for j, t in enumerate(gen):
+        parts.append(full.logits([SeqChunk("inc", len(ids) + j, 1)], np.array([t], np.int32)))
+    full.free_sequence("inc")
+    inc = np.concatenate(parts)
+    assert whole.dtype == np.float32 and whole.shape == (len(seq), full.config.vocab_size)
+    np.testing.assert_allclose(inc, whole, atol=2e-3, rtol=1e-3)
+    assert (inc.argmax(-1) == whole.argmax(-1)).all()
+    assert whole[len(ids) - 1:-1].argmax(-1).tolist() == gen
+
+
+def test_batch_of_different_lengths(full, prompts, ref_tokens):
+    """Prefill three prompts in one call, decode them together, and add a fourth mid-way."""
+    steps = 10
+    seqs = {"a": prompts[S0], "b": prompts[S1], "c": prompts[S2]}
+    alone = {"a": ref_tokens[S0], "b": ref_tokens[S1], "c": ref_tokens[S2]}
+    for s, ids in seqs.items():
+        full.add_sequence(s, prompt=ids)
+    got = {s: [] for s in seqs}
+    pos = {s: 0 for s in seqs}
+    nxt = dict(seqs)
+    try:
+        for step in range(steps):
+            if step == 3:  # a late arrival: its prefill shares a call with the others' decode
+                full.add_sequence("d", prompt=prompts[S2])
+                seqs["d"], got["d"], pos["d"], nxt["d"] = prompts[S2], [], 0, prompts[S2]
+                alone["d"] = ref_tokens[S2]
+            chunks = [SeqChunk(s, pos[s], len(nxt[s])) for s in seqs]
+            x = np.concatenate([np.array(nxt[s], np.int32) for s in seqs])
+            out = full.forward(chunks, x)
+            assert [o.seq_id for o in out] == list(seqs)
+            for o in out:
+                pos[o.seq_id] += len(nxt[o.seq_id])
+                got[o.seq_id].append(o.token)
+                nxt[o.seq_id] = [o.token]
+        assert full.cache_nbytes() > 0
+    finally:
+        for s in seqs:
+            full.free_sequence(s)
+    for s in seqs:
+        assert got[s] == alone[s][: len(got[s])], s
+    assert full.num_sequences == 0 and full.cache_nbytes() == 0
+
+
+@pytest.mark.parametrize("bounds", [(0, 1, 29, 30), (0, 10, 20, 30)])
+def test_split_equals_one_slice(embedded, prompts, ref_tokens, bounds):
+    from backends.mlx.shard import MLXShard
+
+    stages = [MLXShard(embedded, a, b, "float32") for a, b in zip(bounds, bounds[1:])]
+    assert [s.is_first for s in stages] == [True, False, False]
+    assert [s.is_last for s in stages] == [False, False, True]
+    assert generate(stages, prompts[S0], 8) == ref_tokens[S0][:8]
+
+
+@pytest.mark.parametrize("wire", ["bfloat16", "float16"])
+def test_half_precision_wire(embedded, full, prompts, wire):
+    from backends.mlx.shard import MLXShard
+
+    a, b = MLXShard(embedded, 0, 15, "float32", wire), MLXShard(embedded, 15, 30, "float32")
+    ids = prompts[S0]
+    a.add_sequence("w")
+    h = a.forward([SeqChunk("w", 0, len(ids))], np.array(ids, np.int32))
+    assert isinstance(h, Hidden) and h.dtype == wire and h.shape == (len(ids), 576)
+    assert h.nbytes == len(ids) * 576 * 2
+    ref = MLXShard(embedded, 0, 15, "float32")
+    ref.add_sequence("w")
+    h32 = ref.forward([SeqChunk("w", 0, len(ids))], np.array(ids, np.int32))
+    np.testing.assert_allclose(h.numpy(), h32.numpy(), rtol=2e-2, atol=2e-2 * np.abs(h32.numpy()).max())
+    b.add_sequence("w")
+    s = b.forward([SeqChunk("w", 0, len(ids))], h)
+    assert isinstance(s[0], Sample) and 0 <= s[0].token < full.config.vocab_size
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def test_seeded_sampling_reproducible_and_independent(full, prompts):
+    p = SamplingParams(temperature=1.0, top_p=0.95, seed=1234)
+    ids = prompts[S2]
+    alone = generate([full], ids, 6, params=p)
+    assert generate([full], ids, 6, params=p) == alone
+    # the same seed inside a batch with another seeded sequence: the same draws
+    full.add_sequence("x", p, prompt=ids)
+    full.add_sequence("y", SamplingParams(temperature=1.0, seed=99), prompt=prompts[S1])
+    got, nx, ny, px, py = [], ids, prompts[S1], 0, 0
+    try:
+        for _ in range(6):
+            out = full.forward([SeqChunk("x", px, len(nx)), SeqChunk("y", py, len(ny))],
+                               np.array(nx + ny, np.int32))
+            px, py = px + len(nx), py + len(ny)
+            got.append(out[0].token)
+            nx, ny = [out[0].token], [out[1].token]
+    finally:
+        full.free_sequence("x"), full.free_sequence("y")
+    assert got == alone
+    other = generate([full], ids, 6, params=SamplingParams(temperature=1.0, top_p=0.95, seed=4321))
+    assert other != alone
+
+
+def test_top_k_one_is_greedy(full, prompts, ref_tokens):
+    got = generate([full], prompts[S1], 10, params=SamplingParams(temperature=0.9, top_k=1, seed=3))
+    assert got == ref_tokens[S1][:10]
+
+
+def test_logprobs(full, prompts):
+    ids = prompts[S0]
+    full.add_sequence("lp", SamplingParams(logprobs=5), prompt=ids)
+    s = full.forward([SeqChunk("lp", 0, len(ids))], np.array(ids, np.int32))[0]
+    full.free_sequence("lp")
+    full.add_sequence("raw")
+    logits = full.logits([SeqChunk("raw", 0, len(ids))], np.array(ids, np.int32))[-1].astype(np.float64)
+    full.free_sequence("raw")
+    lsm = logits - (np.log(np.exp(logits - logits.max()).sum()) + logits.max())
+    assert s.token == int(logits.argmax())
+    assert s.logprob == pytest.approx(lsm[s.token], abs=1e-3) and s.logprob <= 0
+    assert len(s.top_logprobs) == 5
+    assert s.top_logprobs[0] == (s.token, pytest.approx(s.logprob, abs=1e-6))
+    vals = [v for _, v in s.top_logprobs]
+    assert vals == sorted(vals, reverse=True)
+    assert [t for t, _ in s.top_logprobs] == np.argsort(-lsm)[:5].tolist()
+    # penalties are applied before choosing, but logprobs stay those of the raw distribution
+    full.add_sequence("pen", SamplingParams(repetition_penalty=1.3, presence_penalty=1.0,
+                                            frequency_penalty=0.5), prompt=ids)
+    p = full.forward([SeqChunk("pen", 0, len(ids))], np.array(ids, np.int32))[0]
+    full.free_sequence("pen")
+    assert p.logprob == pytest.approx(lsm[p.token], abs=1e-3)
+
+
+# ---------------------------------------------------------------- loading and memory
+
+
+def test_slice_loads_only_its_tensors_and_less_memory(embedded, full):
+    from backends.mlx.shard import MLXShard
+    from backends.weights import open_checkpoint
+
+    ck = open_checkpoint(embedded.path)
+    read = []
+    real_get = ck.get
+    ck.get = lambda name: read.append(name) or real_get(name)
+    mid = MLXShard(ck, 10, 20, "float32")
+    assert read and all(n.startswith("model.layers.") and 10 <= int(n.split(".")[2]) < 20 for n in read)
+    assert mid.weight_nbytes() < 0.45 * full.weight_nbytes()
+    assert mid.weight_nbytes() < 0.4 * (full.weight_nbytes() - 49152 * 576 * (1 + 8 / 32))
+    # quantized layers stay quantized: ~4.5 bits per weight plus fp32 scales/biases
+    assert mid.weight_nbytes() < 10 * full.config.layer_bytes(1.0)
+
+
+def test_shape_mismatch_is_a_model_error(embedded_path):
+    from backends.mlx.shard import MLXShard
+    from backends.weights import open_checkpoint
+
+    ck = open_checkpoint(embedded_path)
+    ck.tensors["model.layers.5.mlp.up_proj.weight"].shape = (1000, 576)
+    with pytest.raises(ModelError, match=r"model\.layers\.5\.mlp\.up_proj\.weight"):
+        MLXShard(ck, 5, 6, "float32")
+    MLXShard(ck, 6, 7, "float32")  # other slices do not care
