@@ -178,10 +178,17 @@ class LayerShard(abc.ABC):
 
 
 def default_dtype(backend: str, checkpoint: Checkpoint, device: str | None = None) -> str:
-    """MLX computes in float16 (as mlx-lm does for quantized/half checkpoints); torch in float32
-    on CPU (fastest there) and bfloat16 on CUDA."""
+    """MLX computes in float16 on a GPU (as mlx-lm does for quantized/half checkpoints) and in
+    float32 on a CPU, where its half-precision kernels are ~50x slower; torch in float32 on CPU
+    (fastest there) and bfloat16 on CUDA."""
     if backend == "mlx":
-        return "float16"
+        try:
+            import mlx.core as mx
+
+            gpu = mx.default_device().type == mx.gpu
+        except ImportError:
+            gpu = False
+        return "float16" if gpu else "float32"
     return "bfloat16" if (device or "cpu").startswith("cuda") else "float32"
 
 
