@@ -18,8 +18,7 @@ model: setup
 	@$(VENV)/bin/together fetch --model smollm2-135m >/dev/null
 
 demo: model
-	$(VENV)/bin/together generate --model smollm2-135m --max-tokens 96 \
-		--prompt "In two sentences, why can several laptops serve a model none of them could hold alone?"
+	$(VENV)/bin/together demo
 
 test: model
 	$(PY) -m pytest -q -p no:cacheprovider

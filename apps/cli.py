@@ -94,6 +94,12 @@ def cmd_status(a: argparse.Namespace) -> int:
     return asyncio.run(run_status(a))
 
 
+def cmd_demo(a: argparse.Namespace) -> int:
+    from apps.demo import run_demo
+
+    return run_demo(a)
+
+
 def cmd_fetch(a: argparse.Namespace) -> int:
     from backends.models import resolve_model
 
@@ -141,6 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--mesh-key", default=None)
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
+
+    d = sub.add_parser("demo", help="start a local three-peer mesh (MLX + torch) and ask it a question")
+    d.add_argument("--model", default="smollm2-135m")
+    d.add_argument("--prompt", default="In two sentences, why can several laptops serve a model "
+                                        "none of them could hold alone?")
+    d.add_argument("--max-tokens", type=int, default=96)
+    d.add_argument("--api-port", type=int, default=None)
+    d.add_argument("--timeout", type=float, default=180)
+    d.set_defaults(func=cmd_demo)
 
     f = sub.add_parser("fetch", help="fetch a model into the cache and print its path")
     f.add_argument("--model", default="smollm2-135m")
