@@ -68,6 +68,38 @@ def ring_view(node: Node) -> list[dict[str, Any]]:
     return out
 
 
+def _pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    ys = sorted(xs)
+    return ys[min(len(ys) - 1, int(q * len(ys)))]
+
+
+async def mesh_view(request: web.Request) -> web.Response:
+    """Peers, layers, backends, memory and recent speed of the ring, as this peer sees it."""
+    node, sched = request.app[NODE], request.app[SCHED]
+    stages = {s.node_id: s for s in node.plan.stages}
+    peers = []
+    for p in node.plan.peers:
+        st = stages.get(p.node_id)
+        peers.append({"node_id": p.node_id, "name": p.name, "backend": p.backend, "address": p.address,
+                      "api": p.api, "layers": [st.start, st.end] if st else None, "ready": p.ready,
+                      "free_memory": p.free_memory, "coordinator": p.node_id == node.plan.coordinator,
+                      "standby": st is None})
+    hop = sched.hop_overhead_ms
+    return web.json_response({
+        "model": node.cfg.model, "epoch": node.plan.epoch, "complete": node.plan.complete,
+        "missing": node.plan.missing, "num_layers": node.num_layers, "self": node.node_id,
+        "ring": ring_view(node), "peers": peers,
+        "stage_tokens_per_s": node.stage_tokens_per_s(),
+        "scheduler": {"running": len(sched.running), "waiting": len(sched.waiting), **sched.stats,
+                      "step_ms_p50": _pct(sched.step_ms, 0.5),
+                      "hop_overhead_ms_p50": _pct(hop, 0.5), "hop_overhead_ms_p90": _pct(hop, 0.9),
+                      "hop_samples": len(hop)},
+        "bytes_per_token_hop": node.bytes_per_token_hop,
+    })
+
+
 async def models(request: web.Request) -> web.Response:
     node = request.app[NODE]
     return web.json_response({"object": "list", "data": [
@@ -115,6 +147,7 @@ def sampling_from(body: dict) -> SamplingParams:
         seed=_num(body, "seed", int, None, None, None),
         max_tokens=_num({"m": max_tokens}, "m", int, 256, 1, None) if max_tokens is not None else 256,
         stop=[s for s in stop if s],
+        ignore_eos=bool(body.get("ignore_eos", False)),  # vLLM's extension, for benchmarks
     )
 
 
@@ -270,5 +303,6 @@ def make_app(node: Node, sched: Scheduler, api_key: str | None = None) -> web.Ap
     app.cleanup_ctx.append(scheduler_ctx)
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/mesh", mesh_view)
     app.router.add_post("/v1/chat/completions", chat_completions)
     return app

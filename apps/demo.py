@@ -3,36 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
-from pathlib import Path
 
 from backends.errors import TogetherError
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _health(api_port: int) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/health", timeout=2) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
-    except OSError:
-        return 0, {}
+from mesh.local import LocalMesh
 
 
 def run_demo(a: argparse.Namespace) -> int:
@@ -48,46 +24,25 @@ def run_demo(a: argparse.Namespace) -> int:
         n = open_checkpoint(path).config.num_hidden_layers
     cuts = [0, n // 3, 2 * n // 3, n]
     backends = ["mlx", "torch", "mlx"] if {"mlx", "torch"} <= set(have) else [have[0]] * 3
-    mesh = f"demo-{uuid.uuid4().hex[:6]}"
-    logs = Path(tempfile.mkdtemp(prefix="together-demo-"))
-    api_port = a.api_port or _free_port()
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    procs: list[subprocess.Popen] = []
-    print(f"starting 3 peers of mesh {mesh!r} on 127.0.0.1 (logs in {logs})", file=sys.stderr)
+    mesh = LocalMesh(str(path), mesh=f"demo-{uuid.uuid4().hex[:6]}")
+    print(f"starting 3 peers of mesh {mesh.mesh!r} on 127.0.0.1 (logs in {mesh.dir})", file=sys.stderr)
     try:
+        api = None
         for i, backend in enumerate(backends):
-            cmd = [sys.executable, "-m", "apps.cli", "join", "--model", str(path), "--mesh", mesh,
-                   "--backend", backend, "--name", f"{backend}-{i}", "--layers",
-                   f"{cuts[i]}-{cuts[i + 1]}", "--threads", "1"]
-            if i == 0:
-                cmd += ["--api-port", str(api_port)]
-            log = open(logs / f"peer{i}.log", "w")
-            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, env=env))
+            p = mesh.add(f"{backend}-{i}", "--backend", backend, "--layers", f"{cuts[i]}-{cuts[i + 1]}",
+                         *(["--api-port", str(a.api_port)] if i == 0 and a.api_port else []),
+                         api=i == 0 and not a.api_port)
+            api = api or p
             print(f"  peer {i}: {backend}, layers [{cuts[i]}, {cuts[i + 1]})", file=sys.stderr)
-        deadline = time.time() + a.timeout
-        while True:
-            code, body = _health(api_port)
-            if code == 200:
-                break
-            dead = [p for p in procs if p.poll() is not None]
-            if dead or time.time() > deadline:
-                tail = "".join((logs / f"peer{i}.log").read_text()[-1500:] for i in range(3))
-                raise TogetherError(f"the ring did not come up ({body.get('missing') or 'no answer'})"
-                                    f"; peer logs in {logs}:\n{tail}")
-            time.sleep(0.5)
+        try:
+            body = mesh.wait_ready(api, timeout=a.timeout, stages=3)
+        except RuntimeError as e:
+            raise TogetherError(f"the ring did not come up; peer logs in {mesh.dir}:\n{e}") from None
         ring = " -> ".join(f"{s['name']}[{s['start']},{s['end']})" for s in body["ring"])
         print(f"ring ready: {ring}", file=sys.stderr)
-        return _ask(api_port, a.prompt, a.max_tokens)
+        return _ask(api.api_port, a.prompt, a.max_tokens)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        mesh.stop()
         print("all peers stopped", file=sys.stderr)
 
 

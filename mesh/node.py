@@ -114,6 +114,7 @@ class Node(pbg.TogetherServicer):
         self.layer_ms = _measure_layer_ms(checkpoint)
         self.hop_ms: list[float] = []  # recent compute time of frames at this stage
         self.tokens_out = 0
+        self.bytes_per_token_hop = 0  # serialized size of a one-token frame to the next stage
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -532,11 +533,13 @@ class Node(pbg.TogetherServicer):
                 self._compute, self._run, sh, frame, chunks, x)
         except (RequestError, WireError) as e:
             raise FrameError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-        self.hop_ms.append((time.perf_counter() - t0) * 1000)
+        compute_ms = (time.perf_counter() - t0) * 1000
+        self.hop_ms.append(compute_ms)
         del self.hop_ms[:-64]
+        hops = list(frame.hop_ms) + [compute_ms]
         if sh.is_last:
             self.tokens_out += len(out)
-            res = pb.Result(frame_id=frame.frame_id, epoch=frame.epoch, hop_ms=self.hop_ms[-1:], results=[
+            res = pb.Result(frame_id=frame.frame_id, epoch=frame.epoch, hop_ms=hops, results=[
                 pb.TokenResult(seq_id=s.seq_id, token=s.token, logprob=s.logprob,
                                top_tokens=[t for t, _ in s.top_logprobs],
                                top_logprobs=[lp for _, lp in s.top_logprobs]) for s in out])
@@ -545,7 +548,9 @@ class Node(pbg.TogetherServicer):
         addr, _ = self.stage_of(index + 1)
         nxt = pb.Frame(frame_id=frame.frame_id, epoch=frame.epoch, seqs=frame.seqs, dtype=out.dtype,
                        shape=list(out.shape), data=bytes(out.data), origin=frame.origin,
-                       sent_at=time.time())
+                       sent_at=time.time(), hop_ms=hops)
+        if len(frame.seqs) == 1 and frame.seqs[0].length == 1:
+            self.bytes_per_token_hop = nxt.ByteSize()
         await self.send_frame(addr, nxt)
 
     def _run(self, sh: LayerShard, frame: pb.Frame, chunks: list[SeqChunk], x):

@@ -54,7 +54,8 @@ class Scheduler:
         self._task: asyncio.Task | None = None
         self._ids = itertools.count()
         self.stats = {"requests": 0, "tokens": 0, "steps": 0, "errors": 0}
-        self.hop_ms: list[float] = []
+        self.step_ms: list[float] = []  # wall time of each ring step
+        self.hop_overhead_ms: list[float] = []
 
     async def start(self) -> None:
         self._task = asyncio.ensure_future(self._loop())
@@ -111,8 +112,16 @@ class Scheduler:
             except FrameError as e:
                 self._fail(batch, RingUnavailable(str(e)))
                 continue
-            self.hop_ms.append((time.perf_counter() - t0) * 1000)
-            del self.hop_ms[:-256]
+            wall = (time.perf_counter() - t0) * 1000
+            if len(batch) == 1 and batch[0].prefilled and result.hop_ms:
+                # what the ring adds on top of compute, per network hop, for one-token frames
+                hops = len(result.hop_ms) - (1 if self.node.plan.stages[0].node_id == self.node.node_id else 0)
+                hops += 0 if self.node.plan.stages[-1].node_id == self.node.node_id else 1
+                if hops > 0:
+                    self.hop_overhead_ms.append((wall - sum(result.hop_ms)) / hops)
+                    del self.hop_overhead_ms[:-1024]
+            self.step_ms.append(wall)
+            del self.step_ms[:-1024]
             self.stats["steps"] += 1
             if result.error:
                 failed = set(result.failed_seqs) or {r.seq_id for r in batch}

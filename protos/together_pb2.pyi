@@ -51,7 +51,7 @@ class SeqEntry(_message.Message):
     def __init__(self, seq_id: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., start: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., history: _Optional[_Iterable[int]] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("frame_id", "epoch", "seqs", "dtype", "shape", "data", "tokens", "origin", "sent_at")
+    __slots__ = ("frame_id", "epoch", "seqs", "dtype", "shape", "data", "tokens", "origin", "sent_at", "hop_ms")
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SEQS_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class Frame(_message.Message):
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
     SENT_AT_FIELD_NUMBER: _ClassVar[int]
+    HOP_MS_FIELD_NUMBER: _ClassVar[int]
     frame_id: int
     epoch: int
     seqs: _containers.RepeatedCompositeFieldContainer[SeqEntry]
@@ -70,7 +71,8 @@ class Frame(_message.Message):
     tokens: _containers.RepeatedScalarFieldContainer[int]
     origin: str
     sent_at: float
-    def __init__(self, frame_id: _Optional[int] = ..., epoch: _Optional[int] = ..., seqs: _Optional[_Iterable[_Union[SeqEntry, _Mapping]]] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., tokens: _Optional[_Iterable[int]] = ..., origin: _Optional[str] = ..., sent_at: _Optional[float] = ...) -> None: ...
+    hop_ms: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, frame_id: _Optional[int] = ..., epoch: _Optional[int] = ..., seqs: _Optional[_Iterable[_Union[SeqEntry, _Mapping]]] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., tokens: _Optional[_Iterable[int]] = ..., origin: _Optional[str] = ..., sent_at: _Optional[float] = ..., hop_ms: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class TokenResult(_message.Message):
     __slots__ = ("seq_id", "token", "logprob", "top_tokens", "top_logprobs")

@@ -1,0 +1,125 @@
+"""Start `together join` processes on this host and wait for their ring (demo, tests, benchmarks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_json(url: str, timeout: float = 2.0) -> tuple[int, dict]:
+    """(status, body) of a GET; status 0 when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        try:
+            return e.code, json.loads(e.read() or b"{}")
+        except ValueError:
+            return e.code, {}
+    except (OSError, ValueError):
+        return 0, {}
+
+
+class PeerProc:
+    """One `together join` child process, logging to a file."""
+
+    def __init__(self, name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None,
+                 threads: int = 1):
+        self.name = name
+        self.port = free_port()
+        self.api_port = int(args[args.index("--api-port") + 1]) if "--api-port" in args else None
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "w")
+        e = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+        e.update(env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "apps.cli", "join", "--name", name, "--port", str(self.port),
+             "--threads", str(threads), *args],
+            cwd=ROOT, env=e, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 20) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+class LocalMesh:
+    """Peers of one mesh on this host, under a random mesh name unless one is given."""
+
+    def __init__(self, model: str, mesh: str | None = None, mesh_key: str | None = None):
+        self.model = model
+        self.mesh = mesh or f"local-{uuid.uuid4().hex[:8]}"
+        self.mesh_key = mesh_key
+        self.dir = Path(tempfile.mkdtemp(prefix="together-mesh-"))
+        self.peers: dict[str, PeerProc] = {}
+
+    def add(self, name: str, *args: str, api: bool = False, mesh: str | None = None,
+            key: str | None = "same", threads: int = 1) -> PeerProc:
+        a = ["--model", self.model, "--mesh", mesh or self.mesh, *args]
+        k = self.mesh_key if key == "same" else key
+        if k:
+            a += ["--mesh-key", k]
+        if api:
+            a += ["--api-port", str(free_port())]
+        p = PeerProc(name, a, self.dir, threads=threads)
+        self.peers[name] = p
+        return p
+
+    def health(self, peer: PeerProc) -> tuple[int, dict]:
+        return http_json(f"{peer.api}/health")
+
+    def wait_ready(self, peer: PeerProc, timeout: float = 240, stages: int | None = None) -> dict:
+        """Wait until `peer`'s API reports a complete ring (of `stages` stages, if given)."""
+        deadline = time.time() + timeout
+        body: dict = {}
+        while time.time() < deadline:
+            if peer.proc.poll() is not None:
+                raise RuntimeError(f"{peer.name} exited {peer.proc.returncode}:\n{peer.log()[-4000:]}")
+            code, body = self.health(peer)
+            if code == 200 and (stages is None or len(body.get("ring", [])) == stages):
+                return body
+            time.sleep(0.3)
+        logs = "\n".join(f"--- {p.name}\n{p.log()[-3000:]}" for p in self.peers.values())
+        raise RuntimeError(f"ring not ready after {timeout:.0f}s: {body}\n{logs}")
+
+    def stop(self) -> None:
+        for p in self.peers.values():
+            if p.proc.poll() is None:
+                p.proc.send_signal(signal.SIGINT)
+        for p in self.peers.values():
+            p.stop()
