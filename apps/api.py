@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -16,6 +17,7 @@ from backends.sampling import SamplingParams
 from mesh.node import Node
 from mesh.scheduler import Request, RingUnavailable, Scheduler
 
+WEB_DIR = Path(__file__).resolve().parent / "web"
 NODE = web.AppKey("node", Node)
 SCHED = web.AppKey("scheduler", Scheduler)
 
@@ -47,6 +49,11 @@ async def errors_middleware(request: web.Request, handler):
         if e.status >= 400:
             return error_response(e.status, e.reason or "error", "invalid_request_error")
         raise
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    """The web page: chat and live node status, no build step."""
+    return web.FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
 
 async def health(request: web.Request) -> web.Response:
@@ -85,6 +92,7 @@ async def mesh_view(request: web.Request) -> web.Response:
         peers.append({"node_id": p.node_id, "name": p.name, "backend": p.backend, "address": p.address,
                       "api": p.api, "layers": [st.start, st.end] if st else None, "ready": p.ready,
                       "free_memory": p.free_memory, "coordinator": p.node_id == node.plan.coordinator,
+                      "tokens_per_s": round(p.tokens_per_s, 2),
                       "standby": st is None})
     hop = sched.hop_overhead_ms
     return web.json_response({
@@ -301,6 +309,8 @@ def make_app(node: Node, sched: Scheduler, api_key: str | None = None) -> web.Ap
         await sched.stop()
 
     app.cleanup_ctx.append(scheduler_ctx)
+    app.router.add_get("/", index)
+    app.router.add_static("/static/", WEB_DIR, show_index=False, follow_symlinks=False)
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/mesh", mesh_view)

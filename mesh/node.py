@@ -130,7 +130,8 @@ class Node(pbg.TogetherServicer):
             free_memory=max(0, free - self.head_bytes), layer_ms=self.layer_ms,
             started_at=self.started_at, api=getattr(self, "api_address", ""), version=VERSION,
             model=self.cfg.model, start=lo, end=hi, ready=self.shard is not None,
-            layer_bytes=self.layer_bytes, standby=self.shard is None and bool(self.claim_reason))
+            layer_bytes=self.layer_bytes, standby=self.shard is None and bool(self.claim_reason),
+            tokens_per_s=self.stage_tokens_per_s())
 
     async def start(self) -> None:
         self._server = make_server(self.cfg.mesh_key)
