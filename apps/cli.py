@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--api-port", type=int, default=None, help="serve the OpenAI API on this port")
     j.add_argument("--api-host", default="127.0.0.1")
     j.add_argument("--api-key", default=None, help="require this bearer token on the API")
+    j.add_argument("--cors-origin", default=None, help="allow browser calls from this origin (off by default)")
+    j.add_argument("--max-kv-tokens", type=int, default=1 << 20,
+                   help="cap on KV-cache tokens admitted at once (also bounded by the ring's memory)")
     j.add_argument("--mesh", default="default", help="mesh name: peers of other meshes are ignored")
     j.add_argument("--mesh-key", default=None, help="shared secret every peer of the mesh must hold")
     j.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",

@@ -26,6 +26,14 @@ class RingUnavailable(Exception):
     """The ring cannot serve right now (incomplete, or a stage failed)."""
 
 
+class QueueFull(RequestError):
+    """Too many requests are waiting."""
+
+
+class TooLarge(RequestError):
+    """A request that can never fit in the ring's KV memory."""
+
+
 @dataclass
 class Request:
     gen: Generation
@@ -35,6 +43,7 @@ class Request:
     adapter: str = ""
     created: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    deltas: list[Delta] = field(default_factory=list)  # kept for logprobs of non-streamed answers
 
     @property
     def seq_id(self) -> str:
@@ -45,8 +54,9 @@ class Scheduler:
     """Admits requests into a queue (with a cap) and steps all running sequences together."""
 
     def __init__(self, node: Node, tok: Tokenizer, max_batch: int = 32, max_queue: int = 256,
-                 max_prefill_tokens: int = 4096):
+                 max_prefill_tokens: int = 4096, max_kv_tokens: int = 1 << 20):
         self.node, self.tok = node, tok
+        self.max_kv_tokens = max_kv_tokens
         self.max_batch, self.max_queue, self.max_prefill_tokens = max_batch, max_queue, max_prefill_tokens
         self.waiting: list[Request] = []
         self.running: list[Request] = []
@@ -74,11 +84,33 @@ class Scheduler:
     def queue_depth(self) -> int:
         return len(self.waiting)
 
+    def kv_budget(self) -> int:
+        """Tokens of KV cache the ring can hold at once: the tightest stage's free memory after its
+        weights, over what one token costs there (capped by max_kv_tokens)."""
+        stages = {s.node_id: s for s in self.node.plan.stages}
+        per_token_layer = self.node.ck.config.kv_bytes_per_token(4)
+        budget = self.max_kv_tokens
+        for p in self.node.plan.peers:
+            st = stages.get(p.node_id)
+            if st is None or not p.free_memory:
+                continue
+            n = st.end - st.start
+            room = int(p.free_memory) - n * int(p.layer_bytes)
+            budget = min(budget, max(0, room) // max(1, n * per_token_layer))
+        return budget
+
+    def kv_in_use(self) -> int:
+        return sum(len(r.gen.prompt) + r.gen.max_new for r in self.running)
+
     def submit(self, prompt: list[int], params: SamplingParams, adapter: str = "") -> Request:
         if len(self.waiting) >= self.max_queue:
-            raise RequestError(f"the queue is full ({self.max_queue} requests); retry later")
+            raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
         seq_id = f"{self.node.node_id[:8]}-{uuid.uuid4().hex[:12]}"
         gen = Generation(seq_id, prompt, params, self.tok, self.node.ck.config.max_position_embeddings)
+        need, budget = len(prompt) + gen.max_new, self.kv_budget()
+        if need > budget:
+            raise TooLarge(f"this request needs room for {need} tokens of KV cache but the ring holds "
+                           f"at most {budget}; lower max_tokens or shorten the prompt")
         req = Request(gen, adapter=adapter)
         self.waiting.append(req)
         self.stats["requests"] += 1
@@ -133,13 +165,20 @@ class Scheduler:
             self._dispatch(batch, result)
 
     def _admit(self) -> None:
+        """First come, first served, while the batch, the step's prefill budget and the ring's KV
+        memory allow; every running sequence then advances one token per step (round robin)."""
         budget = self.max_prefill_tokens
+        kv_free = self.kv_budget() - self.kv_in_use()
         while self.waiting and len(self.running) < self.max_batch:
             nxt = self.waiting[0]
             n = len(nxt.gen.prompt)
             if budget < n and budget != self.max_prefill_tokens:
                 break  # long prompts join the next step, so decodes keep flowing
+            need = n + nxt.gen.max_new
+            if need > kv_free and self.running:
+                break  # waits until finished sequences give their KV memory back
             budget -= n
+            kv_free -= need
             self.running.append(self.waiting.pop(0))
 
     def _frame(self, batch: list[Request]) -> pb.Frame:
@@ -170,6 +209,8 @@ class Scheduler:
             d = r.gen.add(Sample(tr.seq_id, tr.token, tr.logprob,
                                  list(zip(tr.top_tokens, tr.top_logprobs))))
             self.stats["tokens"] += 1
+            if r.gen.params.logprobs >= 0:
+                r.deltas.append(d)
             r.queue.put_nowait(d)
             if r.gen.finished:
                 r.queue.put_nowait(None)

@@ -111,7 +111,14 @@ def test_matches_mlx_lm_greedy_more_prompts(full, reference, prompts, i):
     assert generate([full], prompts[i], N) == mlx_lm_greedy(reference[0], prompts[i], N)
 
 
+def _metal() -> bool:
+    import mlx.core as mx
+
+    return mx.metal.is_available()
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(not _metal(), reason="float16 needs Metal: MLX's CPU half kernels take ~10 s a token")
 def test_matches_mlx_lm_float16(embedded, embedded_path, prompts, tmp_path_factory):
     """Same float16 arithmetic as mlx_lm (fast on Metal; MLX's CPU float16 kernels crawl)."""
     from mlx_lm.utils import load_model

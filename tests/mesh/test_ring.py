@@ -112,14 +112,25 @@ def test_wrong_or_missing_key_cannot_join(ring):
     assert not names & {"intruder", "nokey"}
 
 
+class _Status:
+    def __init__(self, code, details):
+        self._code, self._details = code, details
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+
 def _forward(address: str, key: str | None, frames) -> grpc.aio.AioRpcError | None:
     from mesh.auth import make_channel
     from protos import together_pb2_grpc as pbg
 
     async def go():
         ch = make_channel(address, key, "fuzzer")
+        call = pbg.TogetherStub(ch).Forward()
         try:
-            call = pbg.TogetherStub(ch).Forward()
             for f in frames:
                 await call.write(f)
             await call.done_writing()
@@ -128,6 +139,8 @@ def _forward(address: str, key: str | None, frames) -> grpc.aio.AioRpcError | No
             return None
         except grpc.aio.AioRpcError as e:
             return e
+        except asyncio.InvalidStateError:  # the server ended the stream while we were writing
+            return _Status(await call.code(), await call.details())
         finally:
             await ch.close()
 
