@@ -32,8 +32,8 @@ from protos import together_pb2_grpc as pbg
 
 log = logging.getLogger(__name__)
 VERSION = "0.1.0"
-HEARTBEAT_S = 1.0
-PEER_TIMEOUT_S = 4.0
+HEARTBEAT_S = 0.5
+PEER_TIMEOUT_S = 3.0  # a peer silent this long is gone: its layers are reassigned
 KV_RESERVE_TOKENS = 4096
 
 
@@ -96,6 +96,9 @@ class Node(pbg.TogetherServicer):
         self.known: dict[str, pb.PeerInfo] = {}  # node id -> latest info, from any source
         self.claim_reason = ""
         self.refused: set[str] = set()  # addresses that refused our mesh key
+        self._loading: tuple[int, int] | None = None
+        self._load_lock = asyncio.Lock()
+        self._coord_ok = time.monotonic()
         self.peers = Peers(cfg.mesh_key, self.node_id)
         self.pending: dict[int, asyncio.Future[pb.Result]] = {}
         self.on_plan: list = []  # callbacks(plan) for the live table and the API
@@ -292,8 +295,12 @@ class Node(pbg.TogetherServicer):
         await self._report()
 
     async def _load(self, start: int, end: int) -> None:
-        if self.shard and (self.shard.start, self.shard.end) == (start, end):
-            return
+        async with self._load_lock:  # a claim and a plan push may ask for the same layers at once
+            if self.shard and (self.shard.start, self.shard.end) == (start, end):
+                return
+            await self._load_now(start, end)
+
+    async def _load_now(self, start: int, end: int) -> None:
         log.info("%s loading layers [%d, %d) on %s", self.name, start, end, self.cfg.backend)
         loop = asyncio.get_running_loop()
         old, self.shard = self.shard, None
@@ -317,37 +324,119 @@ class Node(pbg.TogetherServicer):
             self._set_plan(reply.plan)
 
     async def _heartbeat_loop(self) -> None:
+        self._coord_ok = time.monotonic()
         while not self._stopping:
             await asyncio.sleep(HEARTBEAT_S)
             try:
                 await self._report()
+                self._coord_ok = time.monotonic()
             except grpc.aio.AioRpcError as e:
                 log.debug("heartbeat failed: %s", e.details())
+                if time.monotonic() - self._coord_ok > PEER_TIMEOUT_S:
+                    await self._coordinator_lost()
             if self.layer_map is not None:
                 await self._expire_peers()
 
+    async def _coordinator_lost(self) -> None:
+        """The coordinator stopped answering: the oldest surviving peer takes over and rebuilds the
+        layer map from the peers' own reports."""
+        dead = self.plan.coordinator
+        alive = [p for p in self.plan.peers if p.node_id != dead]
+        if not alive or self.layer_map is not None:
+            return
+        heir = placement.choose_coordinator([(p.node_id, p.started_at) for p in alive])
+        if heir != self.node_id:
+            return  # the heir will push its plan; until then our heartbeats keep failing
+        log.warning("%s takes over as coordinator (the old one stopped answering)", self.name)
+        reports = [self.info()]
+        for p in alive:
+            if p.node_id == self.node_id:
+                continue
+            try:
+                st = await self.peers.stub(p.address).Status(pb.StatusRequest(), timeout=2)
+                reports.append(st.peer)
+            except grpc.aio.AioRpcError:
+                pass  # also gone: its layers are reassigned below
+        self.known = {r.node_id: r for r in reports}
+        self.layer_map = LayerMap.rebuild(self.cfg.model, self.num_layers, self.node_id, self.kv_reserve,
+                                          reports, self.plan.epoch + 1)
+        self._coord_ok = time.monotonic()
+        self._reassign(set())
+        await self._publish()
+
     async def _expire_peers(self) -> None:
         assert self.layer_map is not None
-        changed = False
+        lost = set()
         for node_id in self.layer_map.stale(PEER_TIMEOUT_S):
-            log.warning("peer %s stopped answering; dropping it",
-                        self.layer_map.members[node_id].info.name)
-            self.layer_map.remove(node_id)
-            self.known.pop(node_id, None)
-            changed = True
-        if changed:
+            log.warning("peer %s stopped answering; dropping it", self.layer_map.members[node_id].info.name)
+            lost.add(node_id)
+        if lost:
+            self._drop(lost)
             await self._publish()
 
+    def _drop(self, lost: set[str]) -> None:
+        assert self.layer_map is not None
+        for node_id in lost:
+            self.layer_map.remove(node_id)
+            self.known.pop(node_id, None)
+        self._reassign(lost)
+
+    def _reassign(self, lost: set[str]) -> None:
+        """Cover the layers nobody holds: a standby first, else survivors with room."""
+        lm = self.layer_map
+        assert lm is not None
+        if not lm.missing():
+            return
+        stages = {s[0]: (s[1], s[2]) for s in lm.stages}
+        members = [m.info for m in lm.members.values()]
+        cands = [(i.node_id, int(i.free_memory), i.layer_ms or 1.0, stages.get(i.node_id)) for i in members]
+        layer_bytes = max([int(i.layer_bytes) for i in members] or [1])
+        new, missing = placement.reassign(self.num_layers, lm.stages, lost, cands,
+                                          layer_bytes=layer_bytes, kv_reserve=self.kv_reserve)
+        if new is not None:
+            log.warning("reassigned layers: %s", ", ".join(
+                f"{lm.members[n].info.name if n in lm.members else n}[{a},{b})" for n, a, b in new))
+            lm.stages = sorted(new, key=lambda st: st[1])
+            lm.epoch += 1
+        else:
+            log.warning("no peer has room for layers %s: the ring waits for a peer to join",
+                        ", ".join(f"[{a}, {b})" for a, b in missing))
+
     def _set_plan(self, plan: pb.Plan) -> None:
-        changed = (plan.epoch, plan.complete) != (self.plan.epoch, self.plan.complete) or \
-            len(plan.peers) != len(self.plan.peers)
+        old = self.plan
+        changed = (plan.epoch, plan.complete) != (old.epoch, old.complete) or \
+            len(plan.peers) != len(old.peers)
         self.plan = plan
         for p in plan.peers:
             if p.node_id != self.node_id:
                 self.known[p.node_id] = p
+        if _stage_list(plan) != _stage_list(old):
+            # frames on the old path may never come back: their sequences are replayed
+            for fid, fut in list(self.pending.items()):
+                if not fut.done():
+                    fut.set_result(pb.Result(frame_id=fid, error="the ring changed (a peer left or joined)",
+                                             error_code=grpc.StatusCode.UNAVAILABLE.value[0]))
+            self._follow_plan()
         if changed:
             for cb in self.on_plan:
                 cb(plan)
+
+    def _follow_plan(self) -> None:
+        """Load the layers the plan now gives this peer (after a reassignment)."""
+        mine = next((s for s in self.plan.stages if s.node_id == self.node_id), None)
+        have = (self.shard.start, self.shard.end) if self.shard else None
+        want = (mine.start, mine.end) if mine else None
+        if want is not None and want != have and want != self._loading:
+            self._loading = want
+
+            async def load() -> None:
+                try:
+                    await self._load(*want)
+                    await self._report()
+                finally:
+                    self._loading = None
+
+            self._spawn(load())
 
     async def _publish(self) -> None:
         """Coordinator: push the current plan to every member."""
@@ -402,8 +491,8 @@ class Node(pbg.TogetherServicer):
 
     async def Leave(self, request: pb.LeaveRequest, context) -> pb.Plan:
         if self.layer_map is not None:
-            self.layer_map.remove(request.node_id)
-            self.known.pop(request.node_id, None)
+            log.info("peer %s leaves; handing its layers over", request.node_id[:8])
+            self._drop({request.node_id})
             await self._publish()
         return self.plan
 
@@ -611,6 +700,10 @@ class Node(pbg.TogetherServicer):
                                                                 timeout=5))
         out = await asyncio.gather(*calls, return_exceptions=True)
         return sum(r.freed for r in out if isinstance(r, pb.ReleaseReply))
+
+
+def _stage_list(plan: pb.Plan) -> list[tuple[str, int, int]]:
+    return [(s.node_id, s.start, s.end) for s in plan.stages]
 
 
 def _free_memory() -> int:

@@ -20,6 +20,9 @@ from mesh.node import FrameError, Node, params_to_pb
 from protos import together_pb2 as pb
 
 log = logging.getLogger(__name__)
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE.value[0], grpc.StatusCode.FAILED_PRECONDITION.value[0],
+             grpc.StatusCode.DEADLINE_EXCEEDED.value[0]}
+FAIL_FAST_S = 4.0  # how long stalled sequences wait for a reassignment before a plan without capacity fails them
 
 
 class RingUnavailable(Exception):
@@ -43,6 +46,10 @@ class Request:
     adapter: str = ""
     created: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    stalled_since: float | None = None  # when a failure paused it (for replay and its deadline)
+    stalled_at: float = 0.0
+    stalled_epoch: int = -1
+    stall_reason: str = ""
     deltas: list[Delta] = field(default_factory=list)  # kept for logprobs of non-streamed answers
 
     @property
@@ -54,7 +61,8 @@ class Scheduler:
     """Admits requests into a queue (with a cap) and steps all running sequences together."""
 
     def __init__(self, node: Node, tok: Tokenizer, max_batch: int = 32, max_queue: int = 256,
-                 max_prefill_tokens: int = 4096, max_kv_tokens: int = 1 << 20):
+                 max_prefill_tokens: int = 4096, max_kv_tokens: int = 1 << 20,
+                 recovery_timeout: float = 30.0):
         self.node, self.tok = node, tok
         self.max_kv_tokens = max_kv_tokens
         self.max_batch, self.max_queue, self.max_prefill_tokens = max_batch, max_queue, max_prefill_tokens
@@ -64,6 +72,8 @@ class Scheduler:
         self._task: asyncio.Task | None = None
         self._ids = itertools.count()
         self.stats = {"requests": 0, "tokens": 0, "steps": 0, "errors": 0}
+        self.recovery_timeout = recovery_timeout
+        self.recoveries_s: list[float] = []
         self.step_ms: list[float] = []  # wall time of each ring step
         self.hop_overhead_ms: list[float] = []
 
@@ -133,6 +143,9 @@ class Scheduler:
             if not self.waiting and not self.running:
                 self._wake.clear()
                 await self._wake.wait()
+            if not self._ready_to_step():
+                await asyncio.sleep(0.05)
+                continue
             self._admit()
             batch = [r for r in self.running if not r.cancelled]
             if not batch:
@@ -142,27 +155,61 @@ class Scheduler:
             try:
                 result = await self.node.run_frame(frame)
             except FrameError as e:
-                self._fail(batch, RingUnavailable(str(e)))
-                continue
-            wall = (time.perf_counter() - t0) * 1000
-            if len(batch) == 1 and batch[0].prefilled and result.hop_ms:
-                # what the ring adds on top of compute, per network hop, for one-token frames
-                hops = len(result.hop_ms) - (1 if self.node.plan.stages[0].node_id == self.node.node_id else 0)
-                hops += 0 if self.node.plan.stages[-1].node_id == self.node.node_id else 1
-                if hops > 0:
-                    self.hop_overhead_ms.append((wall - sum(result.hop_ms)) / hops)
-                    del self.hop_overhead_ms[:-1024]
-            self.step_ms.append(wall)
-            del self.step_ms[:-1024]
-            self.stats["steps"] += 1
+                result = pb.Result(error=str(e), error_code=e.code.value[0])
             if result.error:
                 failed = set(result.failed_seqs) or {r.seq_id for r in batch}
-                err = RingUnavailable(result.error) if result.error_code in (
-                    grpc.StatusCode.UNAVAILABLE.value[0], grpc.StatusCode.FAILED_PRECONDITION.value[0]) \
-                    else RequestError(result.error)
-                self._fail([r for r in batch if r.seq_id in failed], err)
+                hit = [r for r in batch if r.seq_id in failed]
+                if result.error_code in RETRYABLE:
+                    self._stall(hit, result.error)
+                else:
+                    self._fail(hit, RequestError(result.error))
                 continue
+            self._measure(batch, result, (time.perf_counter() - t0) * 1000)
             self._dispatch(batch, result)
+
+    def _measure(self, batch: list[Request], result: pb.Result, wall: float) -> None:
+        if len(batch) == 1 and batch[0].prefilled and result.hop_ms:
+            # what the ring adds on top of compute, per network hop, for one-token frames
+            stages = self.node.plan.stages
+            hops = len(result.hop_ms) - (1 if stages and stages[0].node_id == self.node.node_id else 0)
+            hops += 0 if stages and stages[-1].node_id == self.node.node_id else 1
+            if hops > 0:
+                self.hop_overhead_ms.append((wall - sum(result.hop_ms)) / hops)
+                del self.hop_overhead_ms[:-1024]
+        self.step_ms.append(wall)
+        del self.step_ms[:-1024]
+        self.stats["steps"] += 1
+
+    def _stall(self, reqs: list[Request], why: str) -> None:
+        """A stage failed or the ring changed: keep the sequences and replay them on the new path."""
+        now = time.monotonic()
+        for r in reqs:
+            if r.stalled_since is None:
+                r.stalled_since = now
+                log.warning("sequence %s stalled (%s); it resumes when the ring is whole again", r.seq_id, why)
+            r.stalled_epoch = self.node.plan.epoch
+            r.stalled_at = now
+            r.stall_reason = why
+            r.prefilled = False  # the next frame carries its whole history and rebuilds the caches
+
+    def _ready_to_step(self) -> bool:
+        """False while stalled sequences wait for a new plan; fails them when no recovery comes."""
+        stalled = [r for r in self.running if r.stalled_since is not None]
+        if not stalled:
+            return True
+        plan, now = self.node.plan, time.monotonic()
+        lost_for_good = not plan.complete and "no peer holds" in plan.missing and "loading" not in plan.missing
+        for r in stalled:
+            waited = now - r.stalled_since
+            if waited > self.recovery_timeout or (lost_for_good and waited > FAIL_FAST_S):
+                why = (f"the ring lost layers and no peer can take them ({plan.missing}); retry when a "
+                       f"peer joins") if lost_for_good else f"the ring did not recover within {waited:.0f} s"
+                self._fail([r], RingUnavailable(why))
+        stalled = [r for r in self.running if r.stalled_since is not None]
+        if not stalled:
+            return True
+        # retry once the plan moved on (or after a pause, if the failure was a passing one)
+        return plan.complete and all(r.stalled_epoch != plan.epoch or now - r.stalled_at > 1.0 for r in stalled)
 
     def _admit(self) -> None:
         """First come, first served, while the batch, the step's prefill budget and the ring's KV
@@ -185,11 +232,12 @@ class Scheduler:
         seqs, tokens = [], []
         for r in batch:
             g = r.gen
-            if not r.prefilled:
-                seqs.append(pb.SeqEntry(seq_id=g.seq_id, offset=0, length=len(g.prompt), start=True,
-                                        sampling=params_to_pb(g.params), history=g.prompt,
+            if not r.prefilled:  # first frame, or a replay: the whole history rebuilds the caches
+                todo = g.all_tokens
+                seqs.append(pb.SeqEntry(seq_id=g.seq_id, offset=0, length=len(todo), start=True,
+                                        sampling=params_to_pb(g.params), history=todo,
                                         adapter=r.adapter))
-                tokens.extend(g.prompt)
+                tokens.extend(todo)
             else:
                 pos = len(g.prompt) + len(g.tokens) - 1
                 seqs.append(pb.SeqEntry(seq_id=g.seq_id, offset=pos, length=1))
@@ -204,6 +252,12 @@ class Scheduler:
             if r is None or r.cancelled:
                 continue
             r.prefilled = True
+            if r.stalled_since is not None:
+                took = time.monotonic() - r.stalled_since
+                log.warning("sequence %s resumed after %.2f s (replayed %d tokens)", r.seq_id, took,
+                            len(r.gen.all_tokens))
+                self.recoveries_s.append(took)
+                r.stalled_since = None
             if r.first_token_at is None:
                 r.first_token_at = time.monotonic()
             d = r.gen.add(Sample(tr.seq_id, tr.token, tr.logprob,

@@ -1,0 +1,161 @@
+"""A ring that survives: SIGKILL a stage or the coordinator mid-answer, with and without spare
+capacity. Real processes, real gRPC; greedy output must equal an undisturbed run."""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+import time
+
+import pytest
+
+from tests.mesh.cluster import Cluster
+
+pytestmark = pytest.mark.slow
+MODEL = "smollm2-135m"
+QUESTION = [{"role": "user", "content": "Tell me a long story about a dragon who learns to bake bread."}]
+
+
+def client(peer):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{peer.api}/v1", api_key="x", max_retries=0, timeout=300)
+
+
+def stream_text(peer, n: int, on_token=None) -> tuple[str, str | None]:
+    s = client(peer).chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=n,
+                                             stream=True, extra_body={"ignore_eos": True})
+    parts, finish, i = [], None, 0
+    for ch in s:
+        if not ch.choices:
+            continue
+        if ch.choices[0].delta.content:
+            parts.append(ch.choices[0].delta.content)
+            i += 1
+            if on_token:
+                on_token(i)
+        finish = ch.choices[0].finish_reason or finish
+    return "".join(parts), finish
+
+
+def kill_at(peer, at: int):
+    """on_token callback that SIGKILLs `peer` when the `at`-th piece of text arrives."""
+    state = {}
+
+    def cb(i: int) -> None:
+        if i == at and "t" not in state:
+            state["t"] = time.monotonic()
+            peer.proc.send_signal(signal.SIGKILL)
+
+    return cb, state
+
+
+def wait_log(peer, pattern: str, timeout: float = 60) -> re.Match:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        m = re.search(pattern, peer.log())
+        if m:
+            return m
+        time.sleep(0.3)
+    raise AssertionError(f"{peer.name}: no {pattern!r} in log:\n{peer.log()[-3000:]}")
+
+
+def torch_peer(c, name, *args, api=False):
+    return c.add(name, "--backend", "torch", "--dtype", "float32", *args, api=api)
+
+
+def test_kill_the_middle_stage_a_standby_takes_over_and_the_text_is_unchanged(embedded_path):
+    c = Cluster(str(embedded_path))
+    try:
+        a = torch_peer(c, "a", "--layers", "0-10", api=True)
+        torch_peer(c, "b", "--layers", "10-20")
+        torch_peer(c, "c", "--layers", "20-30")
+        c.wait_ready(a, stages=3)
+        spare = torch_peer(c, "spare")
+        wait_log(spare, "standing by")
+        want, _ = stream_text(a, 120)
+        cb, st = kill_at(c.peers["b"], 40)
+        got, finish = stream_text(a, 120, cb)
+        assert "t" in st and got == want and finish == "length"
+        m = wait_log(a, r"resumed after ([0-9.]+) s")
+        assert float(m.group(1)) < 20
+        body = c.wait_ready(a, stages=3)
+        assert "spare" in [s["name"] for s in body["ring"]]
+    finally:
+        c.stop()
+
+
+def test_no_standby_survivors_take_the_layers(embedded_path):
+    c = Cluster(str(embedded_path))
+    try:
+        a = torch_peer(c, "a", "--layers", "0-10", api=True)
+        torch_peer(c, "b", "--layers", "10-20")
+        torch_peer(c, "c", "--layers", "20-30")
+        c.wait_ready(a, stages=3)
+        want, _ = stream_text(a, 80)
+        cb, st = kill_at(c.peers["b"], 30)
+        got, _ = stream_text(a, 80, cb)
+        assert got == want
+        body = c.wait_ready(a, stages=2)
+        assert sorted(s["name"] for s in body["ring"]) == ["a", "c"]
+    finally:
+        c.stop()
+
+
+def test_no_room_anywhere_fails_fast_with_503_and_heals_when_a_peer_joins(embedded_path):
+    from openai import APIStatusError
+
+    c = Cluster(str(embedded_path))
+    mem = ["--max-memory", "330MB"]  # room for exactly 10 float32 layers (plus the head) each
+    try:
+        a = torch_peer(c, "a", *mem, api=True)
+        torch_peer(c, "b", *mem)
+        torch_peer(c, "c", *mem)
+        c.wait_ready(a, stages=3)
+        victim = next(p for p in c.peers.values() if p is not a)
+        result = {}
+
+        def run():
+            try:
+                result["text"] = stream_text(a, 200, kill_at(victim, 20)[0])
+            except Exception as e:  # noqa: BLE001 - the stream must end, one way or the other
+                result["error"] = e
+
+        t0 = time.monotonic()
+        th = threading.Thread(target=run)
+        th.start()
+        th.join(60)
+        assert not th.is_alive(), "the stream hung"
+        assert time.monotonic() - t0 < 45
+        assert "error" in result or result["text"][1] is None  # ended by an error event, not "length"
+        with pytest.raises(APIStatusError) as e:
+            client(a).chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4)
+        assert e.value.status_code == 503 and "incomplete" in str(e.value)
+        torch_peer(c, "d", *mem)  # a peer comes back: the ring heals by itself
+        c.wait_ready(a, stages=3)
+        r = client(a).chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4, temperature=0)
+        assert r.choices[0].message.content
+    finally:
+        c.stop()
+
+
+def test_kill_the_coordinator_mid_request(embedded_path):
+    c = Cluster(str(embedded_path))
+    try:
+        boss = torch_peer(c, "boss", "--layers", "20-30")
+        wait_log(boss, "joined mesh")  # the oldest peer coordinates
+        a = torch_peer(c, "a", "--layers", "0-10", "--peer", boss.address, api=True)
+        torch_peer(c, "b", "--layers", "10-20", "--peer", boss.address)
+        c.wait_ready(a, stages=3)
+        torch_peer(c, "spare", "--peer", boss.address)
+        wait_log(c.peers["spare"], "standing by")
+        want, _ = stream_text(a, 80)
+        cb, st = kill_at(boss, 25)
+        got, _ = stream_text(a, 80, cb)
+        assert got == want
+        body = c.wait_ready(a, stages=3)
+        assert "boss" not in [s["name"] for s in body["ring"]]
+        assert any("takes over as coordinator" in p.log() for p in c.peers.values() if p is not boss)
+    finally:
+        c.stop()
