@@ -74,8 +74,8 @@ async def run_join(a: argparse.Namespace) -> int:
     node.on_plan.append(lambda plan: print(render_plan(plan, node.node_id), file=sys.stderr, flush=True))
     runner = None
     if a.api_port is not None:
-        app = make_app(node, Scheduler(node, tok, max_kv_tokens=a.max_kv_tokens), api_key=a.api_key,
-                       cors_origin=a.cors_origin)
+        node.scheduler = Scheduler(node, tok, max_kv_tokens=a.max_kv_tokens)
+        app = make_app(node, node.scheduler, api_key=a.api_key, cors_origin=a.cors_origin)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, a.api_host, a.api_port)

@@ -98,6 +98,7 @@ class Node(pbg.TogetherServicer):
         self.refused: set[str] = set()  # addresses that refused our mesh key
         self._loading: tuple[int, int] | None = None
         self._load_lock = asyncio.Lock()
+        self.scheduler = None  # set when this peer serves the API
         self._coord_ok = time.monotonic()
         self.peers = Peers(cfg.mesh_key, self.node_id)
         self.pending: dict[int, asyncio.Future[pb.Result]] = {}
@@ -534,9 +535,13 @@ class Node(pbg.TogetherServicer):
 
     async def Status(self, request: pb.StatusRequest, context) -> pb.StatusReply:
         sh = self.shard
+        sched = self.scheduler
         return pb.StatusReply(peer=self.info(), plan=self.plan, sequences=sh.num_sequences if sh else 0,
                               cache_bytes=sh.cache_nbytes() if sh else 0,
-                              tokens_per_s=self.stage_tokens_per_s())
+                              tokens_per_s=self.stage_tokens_per_s(), tasks=len(asyncio.all_tasks()),
+                              open_fds=_open_fds(), pending_frames=len(self.pending),
+                              running=len(sched.running) if sched else 0,
+                              waiting=len(sched.waiting) if sched else 0)
 
     def stage_tokens_per_s(self) -> float:
         recent = self.hop_ms[-32:]
@@ -700,6 +705,15 @@ class Node(pbg.TogetherServicer):
                                                                 timeout=5))
         out = await asyncio.gather(*calls, return_exceptions=True)
         return sum(r.freed for r in out if isinstance(r, pb.ReleaseReply))
+
+
+def _open_fds() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        import psutil
+
+        return psutil.Process().num_fds()
 
 
 def _stage_list(plan: pb.Plan) -> list[tuple[str, int, int]]:

@@ -247,15 +247,25 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("peer", "plan", "sequences", "cache_bytes", "tokens_per_s")
+    __slots__ = ("peer", "plan", "sequences", "cache_bytes", "tokens_per_s", "tasks", "open_fds", "pending_frames", "running", "waiting")
     PEER_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    OPEN_FDS_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
     peer: PeerInfo
     plan: Plan
     sequences: int
     cache_bytes: int
     tokens_per_s: float
-    def __init__(self, peer: _Optional[_Union[PeerInfo, _Mapping]] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., sequences: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., tokens_per_s: _Optional[float] = ...) -> None: ...
+    tasks: int
+    open_fds: int
+    pending_frames: int
+    running: int
+    waiting: int
+    def __init__(self, peer: _Optional[_Union[PeerInfo, _Mapping]] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., sequences: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., tasks: _Optional[int] = ..., open_fds: _Optional[int] = ..., pending_frames: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ...) -> None: ...
