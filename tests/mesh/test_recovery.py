@@ -82,6 +82,21 @@ def test_kill_the_middle_stage_a_standby_takes_over_and_the_text_is_unchanged(em
         assert float(m.group(1)) < 20
         body = c.wait_ready(a, stages=3)
         assert "spare" in [s["name"] for s in body["ring"]]
+
+        # a clean leave (Ctrl-C) mid-answer hands the layers over without failing the request
+        state = {}
+
+        def leave(i: int) -> None:
+            if i == 30 and not state:
+                state["t"] = threading.Thread(target=spare.stop)  # SIGINT, then wait for the exit
+                state["t"].start()
+
+        got, finish = stream_text(a, 120, leave)
+        assert got == want and finish == "length"
+        state["t"].join(30)
+        assert spare.proc.returncode == 0
+        body = c.wait_ready(a, stages=2)
+        assert sorted(s["name"] for s in body["ring"]) == ["a", "c"]
     finally:
         c.stop()
 
