@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup model demo test test-fast bench clean
+.PHONY: setup model browser demo test test-fast bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,10 +17,14 @@ setup: $(STAMP)
 model: setup
 	@$(VENV)/bin/together fetch --model smollm2-135m >/dev/null
 
+# the web page's test drives a real headless Chromium (Debian's package)
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
 demo: model
 	$(VENV)/bin/together demo
 
-test: model
+test: model browser
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-fast: model
