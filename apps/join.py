@@ -64,11 +64,13 @@ async def run_join(a: argparse.Namespace) -> int:
         raise TogetherError(f"--max-memory: {e}") from None
     path = resolve_model(a.model)
     ck = open_checkpoint(path)
-    tok = Tokenizer.from_checkpoint(ck)
+    # only a peer that serves the API tokenizes; the others skip loading transformers
+    tok = Tokenizer.from_checkpoint(ck) if a.api_port is not None else None
     cfg = NodeConfig(model=model_label(a.model), model_path=str(path), backend=backend, host=a.host,
                      port=a.port, mesh=a.mesh, mesh_key=a.mesh_key, peers=list(a.peer), name=a.name,
                      max_memory=max_memory, layers=layers, dtype=a.dtype, wire_dtype=a.wire_dtype,
-                     threads=a.threads, mdns=not a.no_mdns, settle_s=a.settle,
+                     threads=a.threads, mdns=not a.no_mdns,
+                     settle_s=a.settle if not a.no_mdns else 0.0,
                      interfaces=[a.host] if a.host not in ("0.0.0.0", "") else None)
     node = Node(cfg, ck, tok)
     node.on_plan.append(lambda plan: print(render_plan(plan, node.node_id), file=sys.stderr, flush=True))

@@ -8,7 +8,9 @@ anything else is dequantized to float32.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import struct
 from dataclasses import dataclass
@@ -303,47 +305,82 @@ def _gguf_config(fields: dict, path: Path) -> dict:
     return d
 
 
-def _open_gguf(path: Path) -> Checkpoint:
+def _gguf_index(path: Path) -> dict:
+    """Config and tensor layout of a GGUF. The gguf reader parses every field (the whole
+    vocabulary) in seconds, so the result is kept in the cache, keyed by the file's identity."""
     import gguf
 
+    from backends.models import cache_dir
+
+    st = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = cache_dir() / "gguf-index" / f"{key}.json"
+    try:
+        return json.loads(cached.read_text())
+    except (OSError, ValueError):
+        pass
     try:
         reader = gguf.GGUFReader(str(path), "r")
     except Exception as e:  # the gguf package raises bare ValueErrors/asserts on corrupt files
         raise ModelError(f"{path}: not a valid GGUF file ({type(e).__name__}: {e})") from None
     raw = _gguf_config(reader.fields, path)
-    by_name = {t.name: t for t in reader.tensors}
-    raw["tie_word_embeddings"] = "output.weight" not in by_name
-    config = ModelConfig.from_dict(raw, str(path))
+    raw["tie_word_embeddings"] = not any(t.name == "output.weight" for t in reader.tensors)
+    index = {"config": raw, "tensors": [
+        {"name": t.name, "type": t.tensor_type.name, "type_id": int(t.tensor_type),
+         "shape": [int(x) for x in reversed(t.shape.tolist())], "offset": int(t.data_offset),
+         "data_shape": list(t.data.shape), "data_dtype": t.data.dtype.str} for t in reader.tensors]}
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(index))
+        os.replace(tmp, cached)
+    except OSError:
+        pass  # a read-only cache only costs time
+    return index
+
+
+def _open_gguf(path: Path) -> Checkpoint:
+    import gguf
+
+    index = _gguf_index(path)
+    config = ModelConfig.from_dict(index["config"], str(path))
     permute = config.model_type in ("llama", "mistral")
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
     tensors: dict[str, TensorRef] = {}
-    for t in reader.tensors:
-        hf = _gguf_hf_name(t.name)
+    for t in index["tensors"]:
+        hf = _gguf_hf_name(t["name"])
         if hf is None:
             continue  # e.g. rope_freqs: handled through the config
-        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        kind = t.tensor_type.name
+        shape, kind = tuple(t["shape"]), t["type"]
+        dt = np.dtype(t["data_dtype"])
+        n = int(np.prod(t["data_shape"])) * dt.itemsize
+
+        def data(t=t, dt=dt, n=n) -> np.ndarray:
+            if t["offset"] + n > mm.shape[0]:
+                raise ModelError(f"{path}: tensor {t['name']} runs past the end of the file (truncated?)")
+            return mm[t["offset"]: t["offset"] + n].view(dt).reshape(t["data_shape"])
+
         perm = None
         if permute and hf.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
             heads = config.num_attention_heads if ".q_proj." in hf else config.num_key_value_heads
             perm = _unpermute_rows(shape[0], heads)
         if kind in ("Q4_0", "Q4_1", "Q8_0") and len(shape) == 2:
-            ref = TensorRef(hf, shape, str(path), read_affine=lambda t=t, k=kind: _gguf_affine(k, np.asarray(t.data)),
+            ref = TensorRef(hf, shape, str(path), read_affine=lambda d=data, k=kind: _gguf_affine(k, d()),
                             row_perm=perm)
         elif kind in ("F32", "F16"):
-            ref = TensorRef(hf, shape, str(path),
-                            read_dense=lambda t=t, s=shape: np.array(t.data).reshape(s), row_perm=perm)
+            ref = TensorRef(hf, shape, str(path), read_dense=lambda d=data, s=shape: np.array(d()).reshape(s),
+                            row_perm=perm)
         else:
-            def deq(t=t, s=shape):
+            def deq(d=data, t=t, s=shape):
                 try:
-                    return gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32).reshape(s)
+                    qt = gguf.GGMLQuantizationType(t["type_id"])
+                    return gguf.quants.dequantize(d(), qt).astype(np.float32).reshape(s)
                 except NotImplementedError:
-                    raise ModelError(f"{path}: tensor {t.name} uses {t.tensor_type.name}, "
+                    raise ModelError(f"{path}: tensor {t['name']} uses {t['type']}, "
                                      f"which cannot be dequantized here") from None
             ref = TensorRef(hf, shape, str(path), read_dense=deq, row_perm=perm)
         tensors[hf] = ref
-    ck = Checkpoint(path, config, tensors, "gguf")
-    ck.gguf_fields = reader.fields  # for the tokenizer and chat template
-    return ck
+    return Checkpoint(path, config, tensors, "gguf")
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
