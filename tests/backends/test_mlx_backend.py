@@ -106,7 +106,7 @@ def test_matches_mlx_lm_greedy(full, prompts, ref_tokens, i):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("i", [1, 2, 3])
+@pytest.mark.parametrize("i", [1, 3])
 def test_matches_mlx_lm_greedy_more_prompts(full, reference, prompts, i):
     assert generate([full], prompts[i], N) == mlx_lm_greedy(reference[0], prompts[i], N)
 
