@@ -71,7 +71,8 @@ def ring_view(node: Node) -> list[dict[str, Any]]:
         p = peers.get(st.node_id) or node.known.get(st.node_id)
         out.append({"node_id": st.node_id, "name": p.name if p else "?", "backend": p.backend if p else "?",
                     "address": p.address if p else "", "start": st.start, "end": st.end,
-                    "ready": bool(p and p.ready)})
+                    # ready only once it holds exactly the assigned range (not while reloading)
+                    "ready": bool(p and p.ready and (p.start, p.end) == (st.start, st.end))})
     return out
 
 
@@ -82,6 +83,12 @@ def _pct(xs: list[float], q: float) -> float | None:
     return ys[min(len(ys) - 1, int(q * len(ys)))]
 
 
+def _missing_ranges(node: Node) -> list[list[int]]:
+    from mesh.placement import free_ranges
+
+    return [list(r) for r in free_ranges(node.num_layers, [(s.start, s.end) for s in node.plan.stages])]
+
+
 async def mesh_view(request: web.Request) -> web.Response:
     """Peers, layers, backends, memory and recent speed of the ring, as this peer sees it."""
     node, sched = request.app[NODE], request.app[SCHED]
@@ -90,7 +97,9 @@ async def mesh_view(request: web.Request) -> web.Response:
     for p in node.plan.peers:
         st = stages.get(p.node_id)
         peers.append({"node_id": p.node_id, "name": p.name, "backend": p.backend, "address": p.address,
-                      "api": p.api, "layers": [st.start, st.end] if st else None, "ready": p.ready,
+                      "api": p.api, "layers": [st.start, st.end] if st else None,
+                      "held": [p.start, p.end] if p.start >= 0 else None,
+                      "ready": bool(p.ready and st and (p.start, p.end) == (st.start, st.end)),
                       "free_memory": p.free_memory, "coordinator": p.node_id == node.plan.coordinator,
                       "tokens_per_s": round(p.tokens_per_s, 2),
                       "standby": st is None})
@@ -98,6 +107,7 @@ async def mesh_view(request: web.Request) -> web.Response:
     return web.json_response({
         "model": node.cfg.model, "epoch": node.plan.epoch, "complete": node.plan.complete,
         "missing": node.plan.missing, "num_layers": node.num_layers, "self": node.node_id,
+        "missing_ranges": _missing_ranges(node),
         "ring": ring_view(node), "peers": peers,
         "stage_tokens_per_s": node.stage_tokens_per_s(),
         "scheduler": {"running": len(sched.running), "waiting": len(sched.waiting), **sched.stats,

@@ -129,6 +129,15 @@ class LayerMap:
         )
 
     @classmethod
+    def from_plan(cls, plan: pb.Plan, kv_reserve: int) -> "LayerMap":
+        """Take over a plan handed over by a leaving coordinator."""
+        lm = cls(plan.model, plan.num_layers, plan.coordinator, kv_reserve, plan.epoch)
+        for info in plan.peers:
+            lm.upsert(info)
+        lm.stages = [(s.node_id, s.start, s.end) for s in plan.stages]
+        return lm
+
+    @classmethod
     def rebuild(cls, model: str, num_layers: int, coordinator: str, kv_reserve: int,
                 reports: list[pb.PeerInfo], epoch: int) -> "LayerMap":
         """A new coordinator's map, from what the peers say they hold."""

@@ -165,7 +165,9 @@ class Node(pbg.TogetherServicer):
         """Leave cleanly: release the layers, unregister, close streams."""
         self._stopping = True
         coord = self._coordinator_address()
-        if coord and coord != self.address:
+        if self.layer_map is not None:
+            await self._hand_over()
+        elif coord and coord != self.address:
             try:
                 await self.peers.stub(coord).Leave(pb.LeaveRequest(node_id=self.node_id), timeout=2)
             except grpc.aio.AioRpcError:
@@ -178,6 +180,22 @@ class Node(pbg.TogetherServicer):
         if self._server:
             await self._server.stop(grace=0.5)
         self._compute.shutdown(wait=False, cancel_futures=True)
+
+    async def _hand_over(self) -> None:
+        """A leaving coordinator gives its layers and the layer map to the oldest other peer."""
+        lm = self.layer_map
+        assert lm is not None
+        others = [m.info for n, m in lm.members.items() if n != self.node_id]
+        if not others:
+            return
+        heir = placement.choose_coordinator([(i.node_id, i.started_at) for i in others])
+        self._drop({self.node_id})
+        lm.coordinator = heir
+        plan = lm.plan()
+        self.layer_map = None
+        self._set_plan(plan)
+        log.warning("%s hands the mesh to %s", self.name, next(i.name for i in others if i.node_id == heir))
+        await asyncio.gather(*(self._push(i.address, plan) for i in others), return_exceptions=True)
 
     def _spawn(self, coro) -> asyncio.Task:
         t = asyncio.ensure_future(coro)
@@ -310,12 +328,12 @@ class Node(pbg.TogetherServicer):
             self.cfg.backend, self.ck, start, end, dtype=self.cfg.dtype,
             wire_dtype=self.cfg.wire_dtype, threads=self.cfg.threads))
 
-    async def _report(self) -> None:
-        """Tell the coordinator what this peer holds (heartbeat)."""
+    async def _report(self) -> bool:
+        """Tell the coordinator what this peer holds (heartbeat); False if there is nobody to tell."""
         self.known[self.node_id] = info = self.info()
         addr = self._coordinator_address()
         if addr is None:
-            return
+            return False
         if addr == self.address:
             reply = await self.Heartbeat(pb.HeartbeatRequest(peer=info, epoch=self.plan.epoch), None)
         else:
@@ -323,20 +341,26 @@ class Node(pbg.TogetherServicer):
                 pb.HeartbeatRequest(peer=info, epoch=self.plan.epoch), timeout=2)
         if reply.plan.epoch >= self.plan.epoch:
             self._set_plan(reply.plan)
+        return True
 
     async def _heartbeat_loop(self) -> None:
         self._coord_ok = time.monotonic()
         while not self._stopping:
             await asyncio.sleep(HEARTBEAT_S)
             try:
-                await self._report()
-                self._coord_ok = time.monotonic()
+                if await self._report():
+                    self._coord_ok = time.monotonic()
             except grpc.aio.AioRpcError as e:
                 log.debug("heartbeat failed: %s", e.details())
-                if time.monotonic() - self._coord_ok > PEER_TIMEOUT_S:
+            except Exception:  # the loop must outlive any one bad round
+                log.exception("heartbeat round failed")
+            try:
+                if self.layer_map is None and time.monotonic() - self._coord_ok > PEER_TIMEOUT_S:
                     await self._coordinator_lost()
-            if self.layer_map is not None:
-                await self._expire_peers()
+                if self.layer_map is not None:
+                    await self._expire_peers()
+            except Exception:
+                log.exception("membership round failed")
 
     async def _coordinator_lost(self) -> None:
         """The coordinator stopped answering: the oldest surviving peer takes over and rebuilds the
@@ -513,6 +537,14 @@ class Node(pbg.TogetherServicer):
         return self.plan
 
     async def PushPlan(self, request: pb.Plan, context) -> pb.Ack:
+        if request.coordinator == self.node_id and self.layer_map is None and not self._stopping:
+            # the old coordinator left cleanly and named this peer its heir
+            log.warning("%s takes over as coordinator (handed over)", self.name)
+            self.layer_map = LayerMap.from_plan(request, self.kv_reserve)
+            self.layer_map.epoch += 1
+            self._coord_ok = time.monotonic()
+            await self._publish()
+            return pb.Ack()
         if self.layer_map is not None and request.coordinator != self.node_id:
             # two coordinators met (peers started apart and found each other late): the older wins
             theirs = next((p for p in request.peers if p.node_id == request.coordinator), None)

@@ -155,7 +155,8 @@ def test_no_room_anywhere_fails_fast_with_503_and_heals_when_a_peer_joins(embedd
         c.stop()
 
 
-def test_kill_the_coordinator_mid_request(embedded_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill", "ctrl-c"])
+def test_coordinator_lost_or_leaving_mid_request(embedded_path, sig):
     c = Cluster(str(embedded_path))
     try:
         boss = torch_peer(c, "boss", "--layers", "20-30")
@@ -166,11 +167,20 @@ def test_kill_the_coordinator_mid_request(embedded_path):
         torch_peer(c, "spare", "--peer", boss.address)
         wait_log(c.peers["spare"], "standing by")
         want, _ = stream_text(a, 80)
-        cb, st = kill_at(boss, 25)
+        state = {}
+
+        def cb(i: int) -> None:
+            if i == 25 and not state:
+                state["t"] = True
+                boss.proc.send_signal(sig)
+
         got, _ = stream_text(a, 80, cb)
         assert got == want
         body = c.wait_ready(a, stages=3)
         assert "boss" not in [s["name"] for s in body["ring"]]
-        assert any("takes over as coordinator" in p.log() for p in c.peers.values() if p is not boss)
+        heirs = [p for p in c.peers.values() if p is not boss and "takes over as coordinator" in p.log()]
+        assert len(heirs) == 1
+        if sig == signal.SIGINT:
+            assert "hands the mesh to" in boss.log() and "(handed over)" in heirs[0].log()
     finally:
         c.stop()
