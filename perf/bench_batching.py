@@ -64,7 +64,7 @@ def run(model: str, backend: str, stages: int, streams: list[int], tokens: int) 
         for i in range(stages):
             p = mesh.add(f"s{i}", "--backend", backend, "--dtype", "float32", "--no-mdns", "--settle", "0.5",
                          "--layers", f"{cuts[i]}-{cuts[i + 1]}", *(["--peer", api.address] if api else []),
-                         api=i == 0, threads=2 if stages == 1 else 1)
+                         api=i == 0, threads=1)
             api = api or p
         mesh.wait_ready(api, stages=stages)
         measure(api.api, 2, 8)  # warm-up

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 from torch import nn
 
 from backends.config import ModelConfig
@@ -154,13 +155,14 @@ class Attention(nn.Module):
             k, v = caches[0].update_and_fetch(k, v)  # (1, Hkv, S, D)
         else:  # batched decode: per-sequence caches gathered into one padded (B, Hkv, S, D)
             S = mask.shape[-1]
-            kp = k.new_zeros(B, self.n_kv, S, self.hd)
-            vp = torch.zeros_like(kp)
+            ks, vs = [], []
             for i, c in enumerate(caches):
                 ki, vi = c.update_and_fetch(k[i:i + 1], v[i:i + 1])
-                kp[i, :, :ki.shape[2]] = ki[0]
-                vp[i, :, :vi.shape[2]] = vi[0]
-            k, v = kp, vp
+                ks.append(ki[0].transpose(0, 1))  # (S_i, Hkv, D), a view
+                vs.append(vi[0].transpose(0, 1))
+            # one padding copy per tensor instead of one per sequence: (B, S, Hkv, D) -> (B, Hkv, S, D)
+            k = pad_sequence(ks, batch_first=True).transpose(1, 2)[:, :, :S]
+            v = pad_sequence(vs, batch_first=True).transpose(1, 2)[:, :, :S]
         causal = mask is None and L > 1
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=self.n_kv != self.n_heads)  # (B, H, L, D)
