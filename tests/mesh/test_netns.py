@@ -1,0 +1,155 @@
+"""Peers on real interfaces: one network namespace each, joined by a Linux bridge (see netns.py).
+mDNS must cross the bridge, and a cut link (no RST, no FIN: packets just vanish) must be handled
+like a killed peer: the standby takes over and the greedy text is unchanged."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from mesh.local import http_json
+from tests.mesh.netns import NetnsMesh, NetnsUnavailable
+
+pytestmark = pytest.mark.slow
+MODEL = "smollm2-135m"
+QUESTION = [{"role": "user", "content": "Tell me a long story about a dragon who learns to bake bread."}]
+MIDDLE = 1  # namespace index of the peer holding layers [10, 20)
+
+
+def client(peer):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{peer.api}/v1", api_key="x", max_retries=0, timeout=120)
+
+
+def stream_text(peer, n: int, on_piece=None) -> tuple[str, str | None]:
+    s = client(peer).chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=n,
+                                             stream=True, extra_body={"ignore_eos": True})
+    parts, finish = [], None
+    for ch in s:
+        if not ch.choices:
+            continue
+        if ch.choices[0].delta.content:
+            parts.append(ch.choices[0].delta.content)
+            if on_piece:
+                on_piece(len(parts))
+        finish = ch.choices[0].finish_reason or finish
+    return "".join(parts), finish
+
+
+def wait_log(peer, pattern: str, timeout: float = 60) -> re.Match:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        m = re.search(pattern, peer.log())
+        if m:
+            return m
+        time.sleep(0.3)
+    raise AssertionError(f"{peer.name}: no {pattern!r} in log:\n{peer.log()[-3000:]}")
+
+
+def torch_peer(m: NetnsMesh, i: int, name: str, *args: str, api: bool = False):
+    return m.add(i, name, "--backend", "torch", "--dtype", "float32", *args, api=api)
+
+
+@pytest.fixture(scope="module")
+def ring(embedded_path):
+    """Three peers in three namespaces that find each other over mDNS only, plus a standby."""
+    try:
+        m = NetnsMesh(4, str(embedded_path)).__enter__()
+    except NetnsUnavailable as e:
+        pytest.skip(f"network namespaces unavailable: {e}")
+    try:
+        # Started oldest first: c coordinates, and b is its heir among a, b and the spare, so the
+        # cut peer is the one that would take over when it loses sight of the coordinator.
+        c = torch_peer(m, 2, "c", "--layers", "20-30")
+        wait_log(c, "mesh plan epoch")
+        b = torch_peer(m, 1, "b", "--layers", "10-20")
+        wait_log(b, "mesh plan epoch")
+        a = torch_peer(m, 0, "a", "--layers", "0-10", api=True)
+        m.wait_ready(a, stages=3)
+        torch_peer(m, 3, "spare")
+        wait_log(m.peers["spare"], "standing by")
+        yield m
+    finally:
+        m.close()
+
+
+def test_peers_in_separate_namespaces_find_each_other_over_mdns(ring):
+    a = ring.peers["a"]
+    code, body = ring.health(a)
+    assert code == 200, body
+    stages = [(s["name"], s["start"], s["end"], s["address"]) for s in body["ring"]]
+    assert stages == [("a", 0, 10, ring.peers["a"].address), ("b", 10, 20, ring.peers["b"].address),
+                      ("c", 20, 30, ring.peers["c"].address)]
+    assert all(p.address.startswith(f"10.231.{ring.subnet}.") for p in ring.peers.values())
+    r = client(a).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hello."}],
+                                          temperature=0, max_tokens=8)
+    assert r.choices[0].message.content and r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_cut_link_is_handled_like_a_kill(ring):
+    a, b = ring.peers["a"], ring.peers["b"]
+    want, _ = stream_text(a, 120)
+    state: dict[str, float] = {}
+
+    def cut_at_40(i: int) -> None:
+        if i == 40 and "t" not in state:
+            state["t"] = time.monotonic()
+            ring.cut(MIDDLE)
+
+    try:
+        got, finish = stream_text(a, 120, cut_at_40)
+        assert "t" in state and finish == "length"
+        assert got == want
+        m = wait_log(a, r"resumed after ([0-9.]+) s")
+        assert float(m.group(1)) < 20
+        body = ring.wait_ready(a, stages=3, timeout=30)
+        names = [s["name"] for s in body["ring"]]
+        assert "spare" in names and "b" not in names, body
+        assert b.proc.poll() is None  # partitioned, not dead
+    finally:
+        ring.restore(MIDDLE)
+    # b comes back to find itself dropped: it must not take the ring with it
+    time.sleep(6)
+    code, body = ring.health(a)
+    assert code == 200, f"{body}\n{ring.logs()}"
+    assert [s["name"] for s in body["ring"]] == ["a", "spare", "c"], body
+    r = client(a).chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=120,
+                                          extra_body={"ignore_eos": True})
+    assert r.choices[0].message.content == want
+
+
+def coordinator_of(peer) -> str:
+    """The coordinator in `peer`'s own plan (asked over gRPC, from the root namespace)."""
+    import asyncio
+
+    from mesh.auth import make_channel
+    from protos import together_pb2 as pb
+    from protos import together_pb2_grpc as pbg
+
+    async def go():
+        ch = make_channel(peer.address, None, "test")
+        try:
+            return (await pbg.TogetherStub(ch).Status(pb.StatusRequest(), timeout=5)).plan.coordinator
+        finally:
+            await ch.close()
+
+    return asyncio.run(go())
+
+
+@pytest.mark.xfail(reason="split brain after a partition heals: an isolated heir makes itself coordinator "
+                          "of a one-peer mesh and never merges back (see the netns harness report)")
+def test_after_the_partition_heals_the_cut_peer_is_a_standby_of_the_one_mesh(ring):
+    a, b = ring.peers["a"], ring.peers["b"]
+    deadline = time.time() + 15
+    while True:
+        code, mesh = http_json(f"{a.api}/v1/mesh")
+        peers = mesh.get("peers", [])
+        standby = [p["name"] for p in peers if p["standby"]]
+        boss = next((p["node_id"] for p in peers if p["coordinator"]), None)
+        if code == 200 and "b" in standby and coordinator_of(b) == boss:
+            break
+        assert time.time() < deadline, f"b: {b.log()[-2500:]}\nmesh at a: {mesh}"
+        time.sleep(0.5)
