@@ -100,6 +100,7 @@ class Node(pbg.TogetherServicer):
         self._load_lock = asyncio.Lock()
         self.scheduler = None  # set when this peer serves the API
         self._coord_ok = time.monotonic()
+        self._cut_off = False  # this peer reaches nobody: it waits rather than split the mesh
         self.peers = Peers(cfg.mesh_key, self.node_id)
         self.pending: dict[int, asyncio.Future[pb.Result]] = {}
         self.on_plan: list = []  # callbacks(plan) for the live table and the API
@@ -372,16 +373,31 @@ class Node(pbg.TogetherServicer):
         heir = placement.choose_coordinator([(p.node_id, p.started_at) for p in alive])
         if heir != self.node_id:
             return  # the heir will push its plan; until then our heartbeats keep failing
-        log.warning("%s takes over as coordinator (the old one stopped answering)", self.name)
-        reports = [self.info()]
+        reports, newer = [self.info()], None
         for p in alive:
             if p.node_id == self.node_id:
                 continue
             try:
                 st = await self.peers.stub(p.address).Status(pb.StatusRequest(), timeout=2)
                 reports.append(st.peer)
+                if st.plan.coordinator == dead and st.plan.epoch > self.plan.epoch:
+                    newer = st.plan
             except grpc.aio.AioRpcError:
                 pass  # also gone: its layers are reassigned below
+        if len(reports) == 1 and len(alive) > 1:
+            # Nobody answers: this peer is the one cut off, not the coordinator. Taking over would
+            # make a second, one-peer mesh that never merges back; wait for the link instead.
+            if not self._cut_off:
+                log.warning("%s cannot reach any peer; not taking over (waiting for the network)", self.name)
+            self._cut_off = True
+            return
+        self._cut_off = False
+        if newer is not None:
+            # The others still hear the coordinator (it moved on without us): follow it and rejoin.
+            self._set_plan(newer)
+            self._spawn(self._claim(rejoin=True))
+            return
+        log.warning("%s takes over as coordinator (the old one stopped answering)", self.name)
         self.known = {r.node_id: r for r in reports}
         self.layer_map = LayerMap.rebuild(self.cfg.model, self.num_layers, self.node_id, self.kv_reserve,
                                           reports, self.plan.epoch + 1)

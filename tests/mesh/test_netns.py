@@ -139,8 +139,6 @@ def coordinator_of(peer) -> str:
     return asyncio.run(go())
 
 
-@pytest.mark.xfail(reason="split brain after a partition heals: an isolated heir makes itself coordinator "
-                          "of a one-peer mesh and never merges back (see the netns harness report)")
 def test_after_the_partition_heals_the_cut_peer_is_a_standby_of_the_one_mesh(ring):
     a, b = ring.peers["a"], ring.peers["b"]
     deadline = time.time() + 15
