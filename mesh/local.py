@@ -42,26 +42,29 @@ class PeerProc:
     """One `together join` child process, logging to a file."""
 
     def __init__(self, name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None,
-                 threads: int = 1):
-        self.name = name
-        self.port = free_port()
+                 threads: int = 1, host: str = "127.0.0.1", port: int | None = None,
+                 prefix: tuple[str, ...] = ()):
+        # prefix: e.g. ("ip", "netns", "exec", NS) to run the peer inside a network namespace
+        self.name, self.host = name, host
+        self.port = port or free_port()
         self.api_port = int(args[args.index("--api-port") + 1]) if "--api-port" in args else None
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "w")
         e = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
         e.update(env or {})
+        # several peers share this host's cores: one compute thread each unless told otherwise
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "apps.cli", "join", "--name", name, "--port", str(self.port),
+            [*prefix, sys.executable, "-m", "apps.cli", "join", "--name", name, "--port", str(self.port),
              "--threads", str(threads), *args],
             cwd=ROOT, env=e, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def api(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
+        return f"http://{self.host}:{self.api_port}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

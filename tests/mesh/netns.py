@@ -17,13 +17,12 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-from mesh.local import http_json
+from mesh.local import PeerProc, http_json
 
 ROOT = Path(__file__).resolve().parents[2]
 GRPC_PORT = 7420  # every peer has its own address, so fixed ports do not clash
@@ -42,47 +41,18 @@ def _ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.Com
     return r
 
 
-class NsPeer:
-    """One `together join` process inside a namespace, logging to a file; SIGINT stops it."""
+class NsPeer(PeerProc):
+    """One `together join` process inside a namespace (`ip netns exec` execs it, so the child pid
+    is the peer itself), logging to a file; SIGINT stops it."""
 
     def __init__(self, name: str, ns: str, host: str, args: list[str], log_dir: Path, api: bool,
                  threads: int = 1):
-        self.name, self.ns, self.host = name, ns, host
-        self.port = GRPC_PORT
-        self.api_port = API_PORT if api else None
-        self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "w")
-        # several peers share this host's cores: one compute thread each unless told otherwise
-        a = ["--name", name, "--host", host, "--port", str(self.port), "--threads", str(threads), *args]
+        a = ["--host", host, *args]
         if api:
-            a += ["--api-host", host, "--api-port", str(self.api_port)]
-        env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
-        # `ip netns exec` execs the command, so the child pid is the peer itself.
-        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "apps.cli", "join", *a],
-                                     cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    @property
-    def api(self) -> str:
-        return f"http://{self.host}:{self.api_port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGINT, timeout: float = 15) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
+            a += ["--api-host", host, "--api-port", str(API_PORT)]
+        super().__init__(name, a, log_dir, threads=threads, host=host, port=GRPC_PORT,
+                         prefix=("ip", "netns", "exec", ns))
+        self.ns = ns
 
 
 class NetnsMesh:
