@@ -24,7 +24,6 @@ from pathlib import Path
 
 from mesh.local import PeerProc, http_json
 
-ROOT = Path(__file__).resolve().parents[2]
 GRPC_PORT = 7420  # every peer has its own address, so fixed ports do not clash
 API_PORT = 8420
 
