@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -17,6 +18,7 @@ from backends.sampling import SamplingParams
 from mesh.node import Node
 from mesh.scheduler import QueueFull, Request, RingUnavailable, Scheduler, TooLarge
 
+log = logging.getLogger(__name__)
 WEB_DIR = Path(__file__).resolve().parent / "web"
 NODE = web.AppKey("node", Node)
 SCHED = web.AppKey("scheduler", Scheduler)
@@ -49,6 +51,11 @@ async def errors_middleware(request: web.Request, handler):
         if e.status >= 400:
             return error_response(e.status, e.reason or "error", "invalid_request_error")
         raise
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:  # a bug still answers in the OpenAI shape, and is logged
+        log.exception("internal error on %s %s", request.method, request.path)
+        return error_response(500, "internal error (logged on the peer)", "server_error")
 
 
 async def index(request: web.Request) -> web.FileResponse:
@@ -140,6 +147,10 @@ async def _json_body(request: web.Request) -> dict:
         raise ApiError(400, "the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    try:  # JSON may escape lone surrogates (\\ud800); the tokenizer cannot take them
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, "the request body contains a lone UTF-16 surrogate (not valid Unicode)") from None
     return body
 
 
@@ -214,7 +225,7 @@ def sampling_from(body: dict, chat: bool) -> SamplingParams:
     return SamplingParams(
         temperature=_num(body, "temperature", float, 1.0, 0, 2),
         top_p=_num(body, "top_p", float, 1.0, 0, 1) or 1e-9,
-        top_k=_num(body, "top_k", int, 0, 0, None),
+        top_k=_num(body, "top_k", int, 0, 0, 2**31 - 1),  # int32 on the wire
         min_p=_num(body, "min_p", float, 0.0, 0, 0.999),
         repetition_penalty=_num(body, "repetition_penalty", float, 1.0, 0.01, 10),
         presence_penalty=_num(body, "presence_penalty", float, 0.0, -2, 2),
@@ -325,7 +336,7 @@ def _submit(sched: Scheduler, prompts: list[list[int]], params: SamplingParams, 
         for pr in prompts:
             for i in range(n):
                 p = params if params.seed is None or i == 0 else \
-                    SamplingParams.from_dict({**params.to_dict(), "seed": params.seed + i})
+                    SamplingParams.from_dict({**params.to_dict(), "seed": (params.seed + i + 2**63) % 2**64 - 2**63})
                 reqs.append(sched.submit(pr, p))
     except RequestError as e:
         for r in reqs:

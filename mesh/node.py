@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import os
 import socket
 import time
@@ -23,7 +24,7 @@ from backends.tokenizer import Tokenizer
 from backends.weights import Checkpoint
 from backends.wire import Hidden, WireError
 from mesh import placement
-from mesh.auth import make_server
+from mesh.auth import NODE_KEY, make_server
 from mesh.coordinator import LayerMap
 from mesh.discovery import Discovery, Peer
 from mesh.links import Peers
@@ -347,7 +348,14 @@ class Node(pbg.TogetherServicer):
     async def _heartbeat_loop(self) -> None:
         self._coord_ok = time.monotonic()
         while not self._stopping:
+            t = time.monotonic()
             await asyncio.sleep(HEARTBEAT_S)
+            if time.monotonic() - t > HEARTBEAT_S + 1.0:
+                # this peer's own loop stalled (busy, swapped out): silence is not evidence now
+                self._coord_ok = time.monotonic()
+                if self.layer_map is not None:
+                    for m in self.layer_map.members.values():
+                        m.last_seen = max(m.last_seen, time.monotonic())
             try:
                 if await self._report():
                     self._coord_ok = time.monotonic()
@@ -373,6 +381,14 @@ class Node(pbg.TogetherServicer):
         heir = placement.choose_coordinator([(p.node_id, p.started_at) for p in alive])
         if heir != self.node_id:
             return  # the heir will push its plan; until then our heartbeats keep failing
+        old = next((p for p in self.plan.peers if p.node_id == dead), None)
+        if old is not None:
+            try:  # heartbeats failed, but if it still answers it is not dead: keep following it
+                await self.peers.stub(old.address).Status(pb.StatusRequest(), timeout=2.5)
+                self._coord_ok = time.monotonic()
+                return
+            except grpc.aio.AioRpcError:
+                pass
         reports, newer = [self.info()], None
         for p in alive:
             if p.node_id == self.node_id:
@@ -409,7 +425,14 @@ class Node(pbg.TogetherServicer):
         assert self.layer_map is not None
         lost = set()
         for node_id in self.layer_map.stale(PEER_TIMEOUT_S):
-            log.warning("peer %s stopped answering; dropping it", self.layer_map.members[node_id].info.name)
+            m = self.layer_map.members[node_id]
+            try:  # late heartbeats from a busy peer are not a death: ask it directly first
+                await self.peers.stub(m.info.address).Status(pb.StatusRequest(), timeout=2.0)
+                m.last_seen = time.monotonic()
+                continue
+            except grpc.aio.AioRpcError:
+                pass
+            log.warning("peer %s stopped answering; dropping it", m.info.name)
             lost.add(node_id)
         if lost:
             self._drop(lost)
@@ -496,7 +519,22 @@ class Node(pbg.TogetherServicer):
 
     # ---------------------------------------------------------------- membership RPCs
 
+    async def _refuse_spoof(self, info_id: str, context) -> None:
+        """With a mesh key, a peer may only speak for itself."""
+        who = caller_id(context)
+        if self.cfg.mesh_key and context is not None and who != info_id:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"a peer may only join, report or leave for itself (signed as {who!r})")
+
+    async def _check_info(self, info: pb.PeerInfo, context) -> None:
+        why = check_peer_info(info, self.num_layers)
+        if why is not None and context is not None:
+            log.warning("refused a peer report from %s: %s", context.peer(), why)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad peer info: {why}")
+        await self._refuse_spoof(info.node_id, context)
+
     async def Join(self, request: pb.JoinRequest, context) -> pb.JoinReply:
+        await self._check_info(request.peer, context)
         if self.layer_map is None:
             if context is not None:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -531,13 +569,15 @@ class Node(pbg.TogetherServicer):
                 fut.set_result(out[info.node_id])
 
     async def Leave(self, request: pb.LeaveRequest, context) -> pb.Plan:
-        if self.layer_map is not None:
+        await self._refuse_spoof(request.node_id, context)
+        if self.layer_map is not None and request.node_id in self.layer_map.members:
             log.info("peer %s leaves; handing its layers over", request.node_id[:8])
             self._drop({request.node_id})
             await self._publish()
         return self.plan
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
+        await self._check_info(request.peer, context)
         if self.layer_map is None:
             return pb.HeartbeatReply(plan=self.plan)
         before = self.layer_map.complete()
@@ -553,6 +593,16 @@ class Node(pbg.TogetherServicer):
         return self.plan
 
     async def PushPlan(self, request: pb.Plan, context) -> pb.Ack:
+        # only a coordinator speaks for its plan, and a plan must fit this model
+        if self.cfg.mesh_key and context is not None and caller_id(context) not in (
+                request.coordinator, self.plan.coordinator):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "only a coordinator may push a plan")
+        if request.num_layers != self.num_layers or any(
+                not 0 <= st.start < st.end <= self.num_layers for st in request.stages) or \
+                not any(p.node_id == request.coordinator for p in request.peers):
+            if context is not None:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a plan that does not fit this model")
+            return pb.Ack()
         if request.coordinator == self.node_id and self.layer_map is None and not self._stopping:
             # the old coordinator left cleanly and named this peer its heir
             log.warning("%s takes over as coordinator (handed over)", self.name)
@@ -663,6 +713,9 @@ class Node(pbg.TogetherServicer):
         if index is None:
             raise FrameError(grpc.StatusCode.FAILED_PRECONDITION, f"{self.name} is not a stage of the plan")
         chunks = [SeqChunk(e.seq_id, e.offset, e.length) for e in frame.seqs]
+        if not chunks or len({c.seq_id for c in chunks}) != len(chunks):
+            raise FrameError(grpc.StatusCode.INVALID_ARGUMENT,
+                             "corrupt frame: no sequences, or a sequence twice in one frame")
         try:
             if sh.is_first:
                 x = np.frombuffer(np.asarray(frame.tokens, np.int32).tobytes(), np.int32)
@@ -676,6 +729,9 @@ class Node(pbg.TogetherServicer):
                 self._compute, self._run, sh, frame, chunks, x)
         except (RequestError, WireError) as e:
             raise FrameError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        except Exception as e:  # poisoned numbers or a backend bug fail this frame, not the whole link
+            log.exception("frame %d failed in %s's compute", frame.frame_id, self.name)
+            raise FrameError(grpc.StatusCode.INTERNAL, f"{self.name} failed: {type(e).__name__}: {e}") from None
         compute_ms = (time.perf_counter() - t0) * 1000
         self.hop_ms.append(compute_ms)
         del self.hop_ms[:-64]
@@ -753,6 +809,30 @@ class Node(pbg.TogetherServicer):
                                                                 timeout=5))
         out = await asyncio.gather(*calls, return_exceptions=True)
         return sum(r.freed for r in out if isinstance(r, pb.ReleaseReply))
+
+
+def check_peer_info(info: pb.PeerInfo, num_layers: int) -> str | None:
+    """Why a PeerInfo from the wire cannot be believed, or None."""
+    if not info.node_id or len(info.node_id) > 64:
+        return "missing or oversized node id"
+    if not all(math.isfinite(x) for x in (info.layer_ms, info.started_at, info.tokens_per_s)):
+        return "non-finite numbers"
+    host, _, port = info.address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return f"bad address {info.address!r}"
+    if (info.start, info.end) != (-1, -1) and not 0 <= info.start < info.end <= num_layers:
+        return f"impossible layer range [{info.start}, {info.end})"
+    return None
+
+
+def caller_id(context) -> str | None:
+    """The node id a caller signed into its metadata (trusted only when a mesh key is set)."""
+    if context is None:
+        return None
+    for k, v in context.invocation_metadata() or ():
+        if k == NODE_KEY:
+            return v
+    return None
 
 
 def _open_fds() -> int:

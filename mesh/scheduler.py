@@ -150,7 +150,12 @@ class Scheduler:
             batch = [r for r in self.running if not r.cancelled]
             if not batch:
                 continue
-            frame = self._frame(batch)
+            try:
+                frame = self._frame(batch)
+            except Exception as e:  # one request's parameters must never stop the loop for everyone
+                log.exception("cannot build a step frame")
+                self._fail(batch, RequestError(f"cannot send this request into the ring: {e}"))
+                continue
             t0 = time.perf_counter()
             try:
                 result = await self.node.run_frame(frame)
