@@ -25,7 +25,7 @@ demo: model
 	$(VENV)/bin/together demo
 
 test: model browser
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 test-fast: model
 	$(PY) -m pytest -q -m "not slow"

@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from tests.mesh.cluster import Cluster
+from tests.mesh.cluster import two_peer_ring
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m"
@@ -17,15 +17,8 @@ MODEL = "smollm2-135m"
 
 @pytest.fixture(scope="module")
 def ring(embedded_path):
-    c = Cluster(str(embedded_path))
-    try:
-        api = c.add("m", "--backend", "mlx", "--dtype", "float32", "--no-mdns", "--layers", "0-15", api=True)
-        c.add("t", "--backend", "torch", "--dtype", "float32", "--no-mdns", "--layers", "15-30",
-              "--peer", api.address)
-        c.wait_ready(api, stages=2)
+    with two_peer_ring(str(embedded_path), backends=("mlx", "torch"), names=("m", "t")) as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture(scope="module")

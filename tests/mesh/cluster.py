@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
+import time
 
 from mesh.local import LocalMesh, PeerProc, free_port  # noqa: F401  (re-exported for tests)
 
@@ -26,3 +29,30 @@ class Cluster(LocalMesh):
                 await ch.close()
 
         return asyncio.run(go())
+
+
+@contextlib.contextmanager
+def two_peer_ring(model: str, backends: tuple[str, str] = ("torch", "torch"), mesh_key: str | None = None,
+                  names: tuple[str, str] = ("a", "b")):
+    """The common fixture: layers 0-15 (serving the API) and 15-30, joined by --peer, float32."""
+    c = Cluster(model, mesh_key=mesh_key)
+    try:
+        a = c.add(names[0], "--backend", backends[0], "--dtype", "float32", "--no-mdns", "--layers", "0-15",
+                  api=True)
+        c.add(names[1], "--backend", backends[1], "--dtype", "float32", "--no-mdns", "--layers", "15-30",
+              "--peer", a.address)
+        c.wait_ready(a, stages=2)
+        yield c
+    finally:
+        c.stop()
+
+
+def wait_log(peer: PeerProc, pattern: str, timeout: float = 60) -> re.Match:
+    """Wait until a peer's log matches `pattern`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        m = re.search(pattern, peer.log())
+        if m:
+            return m
+        time.sleep(0.3)
+    raise AssertionError(f"{peer.name}: no {pattern!r} in log:\n{peer.log()[-3000:]}")

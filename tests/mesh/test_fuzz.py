@@ -17,7 +17,7 @@ import urllib.request
 import grpc
 import pytest
 
-from tests.mesh.cluster import Cluster
+from tests.mesh.cluster import two_peer_ring
 
 pytestmark = pytest.mark.slow
 KEY = "fuzz mesh key"
@@ -35,15 +35,8 @@ LAYOUT: dict = {}
 
 @pytest.fixture(scope="module")
 def ring(embedded_path):
-    c = Cluster(str(embedded_path), mesh_key=KEY)
-    try:
-        a = c.add("a", "--backend", "torch", "--dtype", "float32", "--no-mdns", "--layers", "0-15", api=True)
-        c.add("b", "--backend", "torch", "--dtype", "float32", "--no-mdns", "--layers", "15-30",
-              "--peer", a.address)
-        c.wait_ready(a, stages=2)
+    with two_peer_ring(str(embedded_path), mesh_key=KEY) as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.mesh.cluster import Cluster
+from tests.mesh.cluster import Cluster, two_peer_ring
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m"
@@ -147,15 +147,8 @@ def quiet(cluster: Cluster, peers, timeout: float = 10.0) -> list:
 
 @pytest.fixture(scope="module")
 def ring(embedded_path):
-    c = Cluster(str(embedded_path))
-    try:
-        a = c.add("a", "--backend", "torch", "--dtype", "float32", "--no-mdns", "--layers", "0-15", api=True)
-        c.add("b", "--backend", "torch", "--dtype", "float32", "--no-mdns", "--layers", "15-30",
-              "--peer", a.address)
-        c.wait_ready(a, stages=2)
+    with two_peer_ring(str(embedded_path)) as c:
         yield c
-    finally:
-        c.stop()
 
 
 def test_64_streams_for_90_seconds_lose_nothing_mix_nothing_and_leak_nothing(ring):

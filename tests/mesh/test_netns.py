@@ -4,12 +4,12 @@ like a killed peer: the standby takes over and the greedy text is unchanged."""
 
 from __future__ import annotations
 
-import re
 import time
 
 import pytest
 
 from mesh.local import http_json
+from tests.mesh.cluster import wait_log
 from tests.mesh.netns import NetnsMesh, NetnsUnavailable
 
 pytestmark = pytest.mark.slow
@@ -39,14 +39,6 @@ def stream_text(peer, n: int, on_piece=None) -> tuple[str, str | None]:
     return "".join(parts), finish
 
 
-def wait_log(peer, pattern: str, timeout: float = 60) -> re.Match:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        m = re.search(pattern, peer.log())
-        if m:
-            return m
-        time.sleep(0.3)
-    raise AssertionError(f"{peer.name}: no {pattern!r} in log:\n{peer.log()[-3000:]}")
 
 
 def torch_peer(m: NetnsMesh, i: int, name: str, *args: str, api: bool = False):
