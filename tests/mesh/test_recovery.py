@@ -56,7 +56,11 @@ def torch_peer(c, name, *args, api=False):
     return c.add(name, "--backend", "torch", "--dtype", "float32", *args, api=api)
 
 
-def test_kill_the_middle_stage_a_standby_takes_over_and_the_text_is_unchanged(embedded_path):
+def test_kill_the_middle_stage_a_standby_takes_over_then_the_survivors_and_the_text_is_unchanged(
+        embedded_path):
+    """Three stages plus a standby, a greedy 200-token stream, SIGKILL of the middle stage halfway:
+    the standby takes its layers. Then the same with no standby left: the survivors take them.
+    (A clean leave mid-answer is covered by the coordinator's Ctrl-C test below.)"""
     c = Cluster(str(embedded_path))
     try:
         a = torch_peer(c, "a", "--layers", "0-10", api=True)
@@ -65,27 +69,18 @@ def test_kill_the_middle_stage_a_standby_takes_over_and_the_text_is_unchanged(em
         c.wait_ready(a, stages=3)
         spare = torch_peer(c, "spare")
         wait_log(spare, "standing by")
-        want, _ = stream_text(a, 120)
-        cb, st = kill_at(c.peers["b"], 40)
-        got, finish = stream_text(a, 120, cb)
+        want, _ = stream_text(a, 200)
+        cb, st = kill_at(c.peers["b"], 100)
+        got, finish = stream_text(a, 200, cb)
         assert "t" in st and got == want and finish == "length"
         m = wait_log(a, r"resumed after ([0-9.]+) s")
         assert float(m.group(1)) < 20
         body = c.wait_ready(a, stages=3)
         assert "spare" in [s["name"] for s in body["ring"]]
 
-        # a clean leave (Ctrl-C) mid-answer hands the layers over without failing the request
-        state = {}
-
-        def leave(i: int) -> None:
-            if i == 30 and not state:
-                state["t"] = threading.Thread(target=spare.stop)  # SIGINT, then wait for the exit
-                state["t"].start()
-
-        got, finish = stream_text(a, 120, leave)
-        assert got == want and finish == "length"
-        state["t"].join(30)
-        assert spare.proc.returncode == 0
+        cb, st = kill_at(spare, 100)  # no standby now; a and c have room
+        got, finish = stream_text(a, 200, cb)
+        assert "t" in st and got == want and finish == "length"
         body = c.wait_ready(a, stages=2)
         assert sorted(s["name"] for s in body["ring"]) == ["a", "c"]
     finally:
