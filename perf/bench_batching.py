@@ -10,7 +10,6 @@ import argparse
 import concurrent.futures as cf
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path

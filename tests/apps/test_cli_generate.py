@@ -1,8 +1,6 @@
 """`together generate` as a user runs it: text on stdout, statistics on stderr, clear errors."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 

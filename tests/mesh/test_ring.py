@@ -7,7 +7,6 @@ import asyncio
 import time
 
 import grpc
-import numpy as np
 import pytest
 
 from tests.mesh.cluster import Cluster
