@@ -66,3 +66,9 @@ def test_prompt_longer_than_context(embedded_path):
 def test_impossible_sampling_parameter(embedded_path):
     _one_line_error(together("generate", "--model", str(embedded_path), "--prompt", "x",
                              "--top-p", "1.5"), "top_p must be in (0, 1]")
+
+
+def test_hub_id_without_network_is_a_clear_error():
+    r = together("generate", "--model", "HuggingFaceTB/SmolLM2-360M-Instruct", "--prompt", "x",
+                 env={"HF_HUB_OFFLINE": "1"})
+    _one_line_error(r, "could not download 'HuggingFaceTB/SmolLM2-360M-Instruct' from the Hugging Face hub")
