@@ -17,7 +17,7 @@ MODEL = "smollm2-135m"
 
 @pytest.fixture(scope="module")
 def ring(embedded_path):
-    with two_peer_ring(str(embedded_path), backends=("mlx", "torch"), names=("m", "t")) as c:
+    with two_peer_ring(str(embedded_path), backends=("mlx", "torch"), names=("m", "t"), api_both=True) as c:
         yield c
 
 
@@ -144,6 +144,26 @@ def test_sixteen_concurrent_streams_each_get_their_own_text(oa, pipe, tokenizer,
     assert got == want
     st = ring.status(ring.peers["m"])
     assert st.sequences == 0
+
+
+def test_two_api_peers_on_one_ring_serve_at_the_same_time(ring, pipe, tokenizer):
+    from openai import OpenAI
+
+    clients = [OpenAI(base_url=f"{ring.peers[n].api}/v1", api_key="x", max_retries=0, timeout=300)
+               for n in ("m", "t")]
+    jobs = [(clients[i % 2], f"Give me a word that rhymes with {w}.", 10 + i) for i, w in
+            enumerate(["cat", "tree", "moon", "day", "light", "rain"])]
+    want = [alone(pipe, tokenizer, chat_ids(tokenizer, q), n) for _, q, n in jobs]
+
+    def run(job):
+        cl, q, n = job
+        s = cl.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": q}],
+                                       temperature=0, max_tokens=n, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in s if c.choices)
+
+    with cf.ThreadPoolExecutor(6) as ex:
+        assert list(ex.map(run, jobs)) == want
+    assert [ring.status(ring.peers[n]).sequences for n in ("m", "t")] == [0, 0]
 
 
 def post(ring, path, body: bytes | str | None, headers=None, method="POST"):
