@@ -383,12 +383,14 @@ class Node(pbg.TogetherServicer):
             return  # the heir will push its plan; until then our heartbeats keep failing
         old = next((p for p in self.plan.peers if p.node_id == dead), None)
         if old is not None:
-            try:  # heartbeats failed, but if it still answers it is not dead: keep following it
-                await self.peers.stub(old.address).Status(pb.StatusRequest(), timeout=2.5)
-                self._coord_ok = time.monotonic()
-                return
-            except grpc.aio.AioRpcError:
-                pass
+            for _ in range(2):  # heartbeats failed, but if it still answers it is not dead
+                try:
+                    await self.peers.stub(old.address).Status(pb.StatusRequest(), timeout=2.5)
+                    self._coord_ok = time.monotonic()
+                    return
+                except grpc.aio.AioRpcError as e:
+                    if e.code() == grpc.StatusCode.UNAVAILABLE:
+                        break  # refused at once: the process is gone
         reports, newer = [self.info()], None
         for p in alive:
             if p.node_id == self.node_id:
@@ -427,8 +429,11 @@ class Node(pbg.TogetherServicer):
         for node_id in self.layer_map.stale(PEER_TIMEOUT_S):
             m = self.layer_map.members[node_id]
             try:  # late heartbeats from a busy peer are not a death: ask it directly first
-                await self.peers.stub(m.info.address).Status(pb.StatusRequest(), timeout=2.0)
+                st = await self.peers.stub(m.info.address).Status(pb.StatusRequest(), timeout=2.0)
                 m.last_seen = time.monotonic()
+                if st.plan.coordinator != self.node_id:
+                    # it gave up on us and set up on its own: the older coordinator wins when they meet
+                    self._spawn(self._push(m.info.address, self.layer_map.plan()))
                 continue
             except grpc.aio.AioRpcError:
                 pass

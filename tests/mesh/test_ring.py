@@ -136,9 +136,9 @@ def _forward(address: str, key: str | None, frames) -> grpc.aio.AioRpcError | No
             async for _ in call:
                 pass
             return None
-        except grpc.aio.AioRpcError as e:
-            return e
-        except asyncio.InvalidStateError:  # the server ended the stream while we were writing
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            # a write racing the server's abort can surface as INTERNAL: the call's own final
+            # status is what the server said
             return _Status(await call.code(), await call.details())
         finally:
             await ch.close()
