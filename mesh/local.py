@@ -121,8 +121,14 @@ class LocalMesh:
         raise RuntimeError(f"ring not ready after {timeout:.0f}s: {body}\n{logs}")
 
     def stop(self) -> None:
-        for p in self.peers.values():
-            if p.proc.poll() is None:
-                p.proc.send_signal(signal.SIGINT)
-        for p in self.peers.values():
-            p.stop()
+        stop_peers(self.peers.values())
+
+
+def stop_peers(peers) -> None:
+    """SIGINT every peer at once (they leave in parallel), then wait for each."""
+    peers = list(peers)
+    for p in peers:
+        if p.proc.poll() is None:
+            p.proc.send_signal(signal.SIGINT)
+    for p in peers:
+        p.stop()

@@ -22,7 +22,7 @@ import time
 import uuid
 from pathlib import Path
 
-from mesh.local import PeerProc, http_json
+from mesh.local import PeerProc, http_json, stop_peers
 
 GRPC_PORT = 7420  # every peer has its own address, so fixed ports do not clash
 API_PORT = 8420
@@ -143,11 +143,7 @@ class NetnsMesh:
             raise NetnsUnavailable(f"the links of namespaces {down} did not come up on {self.bridge}")
 
     def close(self) -> None:
-        for p in self.peers.values():
-            if p.proc.poll() is None:
-                p.proc.send_signal(signal.SIGINT)
-        for p in self.peers.values():
-            p.stop()
+        stop_peers(self.peers.values())
         for ns in self._made_ns:
             # anything still running in it was started here: end it before the namespace goes
             for pid in _ip("netns", "pids", ns, check=False).stdout.split():
