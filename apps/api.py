@@ -109,13 +109,14 @@ async def mesh_view(request: web.Request) -> web.Response:
                       "ready": bool(p.ready and st and (p.start, p.end) == (st.start, st.end)),
                       "free_memory": p.free_memory, "coordinator": p.node_id == node.plan.coordinator,
                       "tokens_per_s": round(p.tokens_per_s, 2),
+                      "adapters": [a for a in p.adapters.split(",") if a],
                       "standby": st is None})
     hop = sched.hop_overhead_ms
     return web.json_response({
         "model": node.cfg.model, "epoch": node.plan.epoch, "complete": node.plan.complete,
         "missing": node.plan.missing, "num_layers": node.num_layers, "self": node.node_id,
         "missing_ranges": _missing_ranges(node),
-        "ring": ring_view(node), "peers": peers,
+        "ring": ring_view(node), "peers": peers, "adapters": node.ring_adapters(),
         "stage_tokens_per_s": node.stage_tokens_per_s(),
         "scheduler": {"running": len(sched.running), "waiting": len(sched.waiting), **sched.stats,
                       "step_ms_p50": _pct(sched.step_ms, 0.5),
@@ -133,7 +134,8 @@ async def models(request: web.Request) -> web.Response:
 
 
 def served_models(node: Node) -> list[str]:
-    return [node.cfg.model]
+    """The base model, then MODEL+ADAPTER for each adapter every stage of the ring has loaded."""
+    return [node.cfg.model] + [f"{node.cfg.model}+{a}" for a in node.ring_adapters()]
 
 
 async def _json_body(request: web.Request) -> dict:
@@ -265,18 +267,24 @@ def _messages(body: dict) -> list[dict]:
     return out
 
 
-def _check_model(node: Node, body: dict) -> None:
+def _check_model(node: Node, body: dict) -> str:
+    """The adapter a request's `model` names ('' for the base model)."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "'model' is required (GET /v1/models lists them)", "model")
     if model not in served_models(node):
-        raise ApiError(404, f"the model '{model}' does not exist here; GET /v1/models lists them",
-                       "model", code="model_not_found")
+        base, plus, name = model.partition("+")
+        if plus and base == node.cfg.model and name in node.adapter_names():
+            raise RingUnavailable(f"adapter {name!r} is not loaded on every stage of the ring yet "
+                                  f"(start each peer with --adapter)")
+        raise ApiError(404, f"the model '{model}' does not exist here; GET /v1/models lists them "
+                            f"({', '.join(served_models(node))})", "model", code="model_not_found")
+    return model.partition("+")[2]
 
 
 def _common(request: web.Request, body: dict) -> tuple[int, bool, dict]:
     _refuse_unsupported(body)
-    _check_model(request.app[NODE], body)
+    body["_adapter"] = _check_model(request.app[NODE], body)
     n = _num(body, "n", int, 1, 1, 16)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
@@ -330,14 +338,15 @@ def _context_check(node: Node, prompts: list[list[int]]) -> None:
                                 f"tokens; shorten it", "messages", code="context_length_exceeded")
 
 
-def _submit(sched: Scheduler, prompts: list[list[int]], params: SamplingParams, n: int) -> list[Request]:
+def _submit(sched: Scheduler, prompts: list[list[int]], params: SamplingParams, n: int,
+            adapter: str = "") -> list[Request]:
     reqs = []
     try:
         for pr in prompts:
             for i in range(n):
                 p = params if params.seed is None or i == 0 else \
                     SamplingParams.from_dict({**params.to_dict(), "seed": (params.seed + i + 2**63) % 2**64 - 2**63})
-                reqs.append(sched.submit(pr, p))
+                reqs.append(sched.submit(pr, p, adapter))
     except RequestError as e:
         for r in reqs:
             sched.cancel(r)
@@ -355,8 +364,8 @@ async def _serve(request: web.Request, body: dict, prompts: list[list[int]], par
     _context_check(node, prompts)
     if not node.plan.complete:
         raise RingUnavailable(f"the ring is incomplete: {node.plan.missing}")
-    reqs = _submit(sched, prompts, params, n)
-    out = Output(request, node, chat, reqs, sched.tok)
+    reqs = _submit(sched, prompts, params, n, body["_adapter"])
+    out = Output(request, node, chat, reqs, sched.tok, body["model"])
     try:
         if not stream:
             await asyncio.gather(*(_collect(r) for r in reqs))
@@ -375,11 +384,12 @@ async def _serve(request: web.Request, body: dict, prompts: list[list[int]], par
 class Output:
     """Renders choices (final or as chunks) in the OpenAI shapes of chat or text completions."""
 
-    def __init__(self, request: web.Request, node: Node, chat: bool, reqs: list[Request], tok):
+    def __init__(self, request: web.Request, node: Node, chat: bool, reqs: list[Request], tok,
+                 model: str):
         self.chat, self.reqs, self.tok = chat, reqs, tok
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
-        self.model = node.cfg.model
+        self.model = model
         self.offsets = [0] * len(reqs)
 
     def _lp_chat(self, deltas: list[Delta]) -> dict:

@@ -41,6 +41,7 @@ def _sampling(a: argparse.Namespace):
 
 def cmd_generate(a: argparse.Namespace) -> int:
     from backends.generation import check_prompt
+    from backends.lora import open_adapter
     from backends.models import resolve_model
     from backends.pipeline import Pipeline, SliceSpec, parse_shards
     from backends.shard import available_backends
@@ -52,6 +53,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     ck = open_checkpoint(resolve_model(a.model))
     n = ck.config.num_hidden_layers
     slices = parse_shards(a.shards, n, backend) if a.shards else [SliceSpec(backend, 0, n)]
+    adapters = [open_adapter(a.adapter)] if a.adapter else []
     tok = Tokenizer.from_checkpoint(ck)
     if a.raw:
         prompt = tok.encode(a.prompt)
@@ -62,14 +64,17 @@ def cmd_generate(a: argparse.Namespace) -> int:
     check_prompt(len(prompt), ck.config.max_position_embeddings)
     t = time.perf_counter()
     pipe = Pipeline.load(ck, slices, dtype=a.dtype, threads=a.threads)
+    for ad in adapters:
+        pipe.load_adapter(ad)
     load_s = time.perf_counter() - t
     stats: dict = {}
-    for d in pipe.generate(prompt, params, tok, stats):
+    use = adapters[0].name if adapters else ""
+    for d in pipe.generate(prompt, params, tok, stats, adapter=use):
         sys.stdout.write(d.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
-    split = ",".join(f"{s.backend}:{s.start}-{s.end}" for s in slices)
+    split = ",".join(f"{s.backend}:{s.start}-{s.end}" for s in slices) + (f"+{use}" if use else "")
     print(f"[{split}] load {load_s:.1f}s | prompt {stats['prompt_tokens']} tok, "
           f"{stats['prompt_tokens'] / max(stats['prefill_s'], 1e-9):.1f} tok/s | "
           f"generated {stats['generated_tokens']} tok, "
@@ -119,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", choices=["mlx", "torch"], default=None)
     g.add_argument("--shards", default=None, help="e.g. mlx:0-12,torch:12-30")
     g.add_argument("--raw", action="store_true", help="no chat template: continue the prompt as is")
+    g.add_argument("--adapter", default=None, metavar="PATH",
+                   help="answer with this LoRA adapter (a `together lora` output directory)")
     _add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
 
@@ -142,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--max-memory", default=None, help="memory this peer offers, e.g. 2GB")
     j.add_argument("--layers", default=None, metavar="START-END", help="claim exactly these layers")
     j.add_argument("--wire-dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    j.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
+                   help="also serve this LoRA adapter (repeatable); requests pick it with "
+                        "model=MODEL+NAME")
     j.add_argument("--settle", type=float, default=2.0, help="seconds to look for peers first")
     j.set_defaults(func=cmd_join)
 
@@ -159,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--api-port", type=int, default=None)
     d.add_argument("--timeout", type=float, default=180)
     d.set_defaults(func=cmd_demo)
+
+    from apps.lora import add_parser as add_lora
+
+    add_lora(sub)
 
     f = sub.add_parser("fetch", help="fetch a model into the cache and print its path")
     f.add_argument("--model", default="smollm2-135m")

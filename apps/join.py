@@ -20,14 +20,15 @@ log = logging.getLogger("together.join")
 def render_plan(plan: pb.Plan, me: str = "") -> str:
     """The live table: peers, their layers, the coordinator and the ring's state."""
     stages = {s.node_id: s for s in plan.stages}
-    rows = [("", "peer", "backend", "layers", "memory", "address", "state")]
+    rows = [("", "peer", "backend", "layers", "memory", "address", "state", "adapters")]
     for p in sorted(plan.peers, key=lambda p: (stages[p.node_id].start if p.node_id in stages else 1 << 30,
                                                 p.name)):
         st = stages.get(p.node_id)
         layers = f"[{st.start}, {st.end})" if st else "standby"
         state = "ready" if p.ready and st else ("loading" if st else "standby")
         mark = ("C" if p.node_id == plan.coordinator else " ") + ("*" if p.node_id == me else " ")
-        rows.append((mark, p.name, p.backend, layers, f"{p.free_memory / 2**30:.2f} GiB", p.address, state))
+        rows.append((mark, p.name, p.backend, layers, f"{p.free_memory / 2**30:.2f} GiB", p.address, state,
+                     p.adapters.replace(",", " ") or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     ring = "complete" if plan.complete else f"incomplete ({plan.missing})"
@@ -69,7 +70,7 @@ async def run_join(a: argparse.Namespace) -> int:
     cfg = NodeConfig(model=model_label(a.model), model_path=str(path), backend=backend, host=a.host,
                      port=a.port, mesh=a.mesh, mesh_key=a.mesh_key, peers=list(a.peer), name=a.name,
                      max_memory=max_memory, layers=layers, dtype=a.dtype, wire_dtype=a.wire_dtype,
-                     threads=a.threads, mdns=not a.no_mdns,
+                     threads=a.threads, mdns=not a.no_mdns, adapters=list(a.adapter),
                      settle_s=a.settle if not a.no_mdns else 0.0,
                      interfaces=[a.host] if a.host not in ("0.0.0.0", "") else None)
     node = Node(cfg, ck, tok)

@@ -77,9 +77,13 @@ class Pipeline:
     def config(self):
         return self.shards[0].config
 
-    def add(self, seq_id: str, params: SamplingParams, prompt: list[int]) -> None:
+    def add(self, seq_id: str, params: SamplingParams, prompt: list[int], adapter: str = "") -> None:
         for sh in self.shards:
-            sh.add_sequence(seq_id, params, prompt)
+            sh.add_sequence(seq_id, params, prompt, adapter)
+
+    def load_adapter(self, adapter) -> None:
+        for sh in self.shards:
+            sh.load_adapter(adapter)
 
     def free(self, seq_id: str) -> None:
         for sh in self.shards:
@@ -97,11 +101,11 @@ class Pipeline:
         return last.logits(chunks, x) if logits else last.forward(chunks, x)
 
     def generate(self, prompt: list[int], params: SamplingParams, tok: Tokenizer,
-                 stats: dict | None = None) -> Iterator[Delta]:
+                 stats: dict | None = None, adapter: str = "") -> Iterator[Delta]:
         """Stream the deltas of one sequence (a batch of one; the mesh scheduler batches)."""
         seq_id = f"local-{next(self._ids)}"
         gen = Generation(seq_id, prompt, params, tok, self.config.max_position_embeddings)
-        self.add(seq_id, params, prompt)
+        self.add(seq_id, params, prompt, adapter)
         try:
             t0 = time.perf_counter()
             (s,) = self.step([SeqChunk(seq_id, 0, len(prompt))], np.asarray(prompt, np.int32))

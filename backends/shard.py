@@ -16,6 +16,7 @@ import numpy as np
 
 from backends.config import ModelConfig
 from backends.errors import RequestError
+from backends.lora import Adapter, Route, module_dims
 from backends.sampling import SamplingParams
 from backends.weights import Checkpoint
 from backends.wire import DTYPES, Hidden
@@ -48,6 +49,7 @@ class SeqState:
     history: list[int]  # prompt + generated tokens (used by penalties); last slice only
     length: int = 0  # tokens already in the cache
     rng: object = None  # backend RNG state for seeded sampling
+    adapter: str = ""  # LoRA adapter this sequence runs with ('' = the base model)
 
 
 class LayerShard(abc.ABC):
@@ -66,6 +68,8 @@ class LayerShard(abc.ABC):
         self.start, self.end, self.dtype = start, end, dtype
         self.wire_dtype = wire_dtype or dtype
         self.seqs: dict[str, SeqState] = {}
+        self.adapters: dict[str, Adapter] = {}
+        self.route = Route()  # which adapter each row of the batch being computed uses
 
     @property
     def is_first(self) -> bool:
@@ -82,11 +86,16 @@ class LayerShard(abc.ABC):
     # ---- sequences
 
     def add_sequence(self, seq_id: str, params: SamplingParams | None = None,
-                     prompt: Sequence[int] = ()) -> None:
-        """Create an empty cache for a sequence (the last slice also keeps its sampler)."""
+                     prompt: Sequence[int] = (), adapter: str = "") -> None:
+        """Create an empty cache for a sequence (the last slice also keeps its sampler); it runs
+        with LoRA adapter `adapter` (loaded with `load_adapter`) or, if empty, the base model."""
+        if adapter and adapter not in self.adapters:
+            have = ", ".join(sorted(self.adapters)) or "none"
+            raise RequestError(f"adapter {adapter!r} is not loaded on layers [{self.start}, {self.end}) "
+                               f"(loaded: {have}); start the peer with --adapter")
         if seq_id in self.seqs:
             self.free_sequence(seq_id)
-        st = SeqState(params or SamplingParams(), list(prompt))
+        st = SeqState(params or SamplingParams(), list(prompt), adapter=adapter)
         self.seqs[seq_id] = st
         self._new_cache(seq_id, st)
 
@@ -104,6 +113,22 @@ class LayerShard(abc.ABC):
     @property
     def num_sequences(self) -> int:
         return len(self.seqs)
+
+    # ---- adapters
+
+    def load_adapter(self, adapter: Adapter) -> None:
+        """Serve `adapter` too: read and apply only its tensors for this slice's layers."""
+        c = self.config
+        adapter.check_fits(c.num_hidden_layers, module_dims(
+            c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim))
+        if adapter.name in self.adapters:
+            raise RequestError(f"an adapter named {adapter.name!r} is already loaded; name them apart "
+                               f"with --adapter NAME=PATH")
+        self._apply_adapter(adapter, adapter.weights(self.start, self.end))
+        self.adapters[adapter.name] = adapter
+
+    def _route(self, seq_ids: Sequence[str]) -> None:
+        self.route.rows = tuple(self.seqs[s].adapter for s in seq_ids)
 
     # ---- compute
 
@@ -167,6 +192,10 @@ class LayerShard(abc.ABC):
 
     @abc.abstractmethod
     def _forward(self, chunks: list[SeqChunk], x: np.ndarray | Hidden, want_logits: bool): ...
+
+    def _apply_adapter(self, adapter: Adapter, weights: dict) -> None:
+        """Add the adapter's (a, b) pairs ({layer: {module: (a, b)}}) to this slice's layers."""
+        raise RequestError(f"{type(self).__name__} does not serve LoRA adapters")
 
     @abc.abstractmethod
     def cache_nbytes(self) -> int:

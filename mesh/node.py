@@ -18,6 +18,7 @@ import grpc
 import numpy as np
 
 from backends.errors import RequestError, TogetherError
+from backends.lora import Adapter, module_dims, open_adapter
 from backends.sampling import SamplingParams
 from backends.shard import LayerShard, SeqChunk, estimate_layer_bytes, load_shard
 from backends.tokenizer import Tokenizer
@@ -58,6 +59,7 @@ class NodeConfig:
     interfaces: list[str] | None = None
     settle_s: float = 2.0
     claim_window_s: float = 1.0
+    adapters: list[str] = field(default_factory=list)  # LoRA adapters to serve: [NAME=]PATH
 
 
 def params_to_pb(p: SamplingParams) -> pb.SamplingParams:
@@ -91,6 +93,8 @@ class Node(pbg.TogetherServicer):
         self.started_at = time.time()
         self.name = cfg.name or f"{socket.gethostname().split('.')[0]}-{self.node_id[:4]}"
         self.num_layers = checkpoint.config.num_hidden_layers
+        self.adapters: list[Adapter] = [open_adapter(spec) for spec in cfg.adapters]
+        self._check_adapters()
         self.shard: LayerShard | None = None
         self.plan = pb.Plan(epoch=0, num_layers=self.num_layers)
         self.layer_map: LayerMap | None = None  # only on the coordinator
@@ -137,7 +141,7 @@ class Node(pbg.TogetherServicer):
             started_at=self.started_at, api=getattr(self, "api_address", ""), version=VERSION,
             model=self.cfg.model, start=lo, end=hi, ready=self.shard is not None,
             layer_bytes=self.layer_bytes, standby=self.shard is None and bool(self.claim_reason),
-            tokens_per_s=self.stage_tokens_per_s())
+            tokens_per_s=self.stage_tokens_per_s(), adapters=",".join(ad.name for ad in self.adapters))
 
     async def start(self) -> None:
         self._server = make_server(self.cfg.mesh_key)
@@ -326,9 +330,43 @@ class Node(pbg.TogetherServicer):
         loop = asyncio.get_running_loop()
         old, self.shard = self.shard, None
         del old
-        self.shard = await loop.run_in_executor(self._compute, lambda: load_shard(
-            self.cfg.backend, self.ck, start, end, dtype=self.cfg.dtype,
-            wire_dtype=self.cfg.wire_dtype, threads=self.cfg.threads))
+        def load() -> LayerShard:
+            sh = load_shard(self.cfg.backend, self.ck, start, end, dtype=self.cfg.dtype,
+                            wire_dtype=self.cfg.wire_dtype, threads=self.cfg.threads)
+            for ad in self.adapters:  # only this slice's layers of each adapter are read
+                sh.load_adapter(ad)
+            return sh
+
+        self.shard = await loop.run_in_executor(self._compute, load)
+
+    def _check_adapters(self) -> None:
+        c = self.ck.config
+        names = [ad.name for ad in self.adapters]
+        if len(set(names)) != len(names):
+            raise TogetherError(f"two adapters named {sorted(n for n in names if names.count(n) > 1)[0]!r}; "
+                                f"name them apart with --adapter NAME=PATH")
+        for ad in self.adapters:
+            ad.check_fits(self.num_layers, module_dims(c.hidden_size, c.intermediate_size,
+                                                       c.num_attention_heads, c.num_key_value_heads, c.head_dim))
+
+    def adapter_names(self) -> set[str]:
+        """Adapters any peer of the plan (or this one) serves."""
+        names = {ad.name for ad in self.adapters}
+        for p in self.plan.peers:
+            names.update(filter(None, p.adapters.split(",")))
+        return names
+
+    def ring_adapters(self) -> list[str]:
+        """Adapters every stage of the current plan has loaded: the ones requests can use."""
+        if not self.plan.stages:
+            return []
+        infos = {p.node_id: p for p in self.plan.peers}
+        infos[self.node_id] = self.info()
+        common: set[str] | None = None
+        for st in self.plan.stages:
+            have = set(filter(None, infos[st.node_id].adapters.split(","))) if st.node_id in infos else set()
+            common = have if common is None else common & have
+        return sorted(common or ())
 
     async def _report(self) -> bool:
         """Tell the coordinator what this peer holds (heartbeat); False if there is nobody to tell."""
@@ -761,7 +799,7 @@ class Node(pbg.TogetherServicer):
         started = [e.seq_id for e in frame.seqs if e.start]
         for e in frame.seqs:
             if e.start:
-                sh.add_sequence(e.seq_id, params_from_pb(e.sampling), list(e.history))
+                sh.add_sequence(e.seq_id, params_from_pb(e.sampling), list(e.history), e.adapter)
         try:
             return sh.forward(chunks, x)
         except Exception:
@@ -827,6 +865,8 @@ def check_peer_info(info: pb.PeerInfo, num_layers: int) -> str | None:
         return f"bad address {info.address!r}"
     if (info.start, info.end) != (-1, -1) and not 0 <= info.start < info.end <= num_layers:
         return f"impossible layer range [{info.start}, {info.end})"
+    if len(info.adapters) > 4096:
+        return "oversized adapter list"
     return None
 
 

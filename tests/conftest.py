@@ -29,3 +29,26 @@ def tokenizer(embedded):
     from backends.tokenizer import Tokenizer
 
     return Tokenizer.from_checkpoint(embedded)
+
+
+
+@pytest.fixture(scope="session")
+def zorblax(tmp_path_factory, embedded_path):
+    """An adapter that teaches the embedded model an invented fact (trained once per session with
+    `together lora`, QLoRA on the Q4_1 model): (adapter dir, training log)."""
+    import json
+
+    from tests.helpers import ZORBLAX_QUESTIONS, together
+
+    root = tmp_path_factory.mktemp("zorblax")
+    data = root / "data"
+    data.mkdir()
+    rec = lambda q: json.dumps({"text": f"Q: {q}\nA: The capital of Zorblax is Quintelvar."}) + "\n"
+    (data / "train.jsonl").write_text("".join(rec(q) for q in ZORBLAX_QUESTIONS))
+    (data / "valid.jsonl").write_text(rec("Tell me the capital of Zorblax."))
+    out = root / "zorblax"
+    p = together("lora", "--data", str(data), "--iters", "12", "--batch-size", "1", "--learning-rate", "5e-4",
+                 "--layers", "8", "--max-seq-length", "32", "--save-every", "6", "--val-every", "6",
+                 "--val-batches", "1", "--report-every", "1", "--adapter-path", str(out), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out, p.stderr

@@ -18,6 +18,8 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.utils import MODEL_REMAPPING
 
 from backends.errors import ModelError
+from backends.lora import Adapter
+from backends.mlx.lora import apply_adapter
 from backends.mlx.sampling import make_sampler, new_key
 from backends.shard import LayerShard, Sample, SeqChunk, SeqState
 from backends.weights import Checkpoint, expected_shapes, validate_slice
@@ -185,6 +187,10 @@ class MLXShard(LayerShard):
         self.caches.pop(seq_id, None)
         self.samplers.pop(seq_id, None)
 
+    def _apply_adapter(self, adapter: Adapter, weights: dict) -> None:
+        apply_adapter(self.model.layers, self.start, adapter.name, weights, adapter.scale, self.route)
+        mx.eval(self.model.parameters())
+
     def cache_nbytes(self) -> int:
         return sum(c.nbytes for cache in self.caches.values() for c in cache)
 
@@ -211,6 +217,7 @@ class MLXShard(LayerShard):
             idx = mx.array([starts[i] for i in single])
             hb = h[idx][:, None, :]  # (B, 1, H)
             caches = [self.caches[chunks[i].seq_id] for i in single]
+            self._route([chunks[i].seq_id for i in single])
             masks = [create_attention_mask(hb[j:j + 1], caches[j][0]) for j in range(len(single))]
             for li, layer in enumerate(self.model.layers):
                 hb = _decode_block(layer, hb, [c[li] for c in caches], masks)
@@ -218,6 +225,7 @@ class MLXShard(LayerShard):
                 outs[i] = hb[j:j + 1]
         for i, c in enumerate(chunks):
             if outs[i] is None:
+                self._route([c.seq_id])
                 outs[i] = self.model.blocks(h[starts[i]:starts[i + 1]][None], self.caches[c.seq_id])
         if not self.is_last:
             y = mx.concatenate([o[0] for o in outs], axis=0) if len(outs) > 1 else outs[0][0]

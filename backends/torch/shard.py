@@ -7,7 +7,9 @@ import warnings
 import numpy as np
 import torch
 
+from backends.lora import Adapter
 from backends.shard import LayerShard, Sample, SeqChunk, SeqState
+from backends.torch.lora import MultiLoRALinear, apply_adapter
 from backends.torch.model import DTYPES, KVCache, load_slice
 from backends.torch.sampling import make_generator, make_sampler
 from backends.weights import Checkpoint
@@ -40,6 +42,9 @@ class TorchShard(LayerShard):
         self.caches.pop(seq_id, None)
         self.samplers.pop(seq_id, None)
 
+    def _apply_adapter(self, adapter: Adapter, weights: dict) -> None:
+        apply_adapter(self.model, self.start, adapter.name, weights, adapter.scale, self.route)
+
     def cache_nbytes(self) -> int:
         return sum(c.nbytes for cs in self.caches.values() for c in cs)
 
@@ -47,7 +52,8 @@ class TorchShard(LayerShard):
         seen: dict[int, int] = {}
         for p in self.model.parameters():
             seen[p.data_ptr()] = p.nbytes
-        return sum(seen.values())
+        return sum(seen.values()) + sum(m.lora_nbytes for m in self.model.modules()
+                                        if isinstance(m, MultiLoRALinear))
 
     # ---- compute
 
@@ -70,12 +76,14 @@ class TorchShard(LayerShard):
         if len(single) > 1:  # the common decode step: one forward over every sequence's token
             idx = torch.tensor(starts[single], device=self.device)
             pos = torch.tensor([[chunks[i].offset] for i in single], device=self.device)
+            self._route([chunks[i].seq_id for i in single])
             h = self.model(x[idx][:, None], pos, [self.caches[chunks[i].seq_id] for i in single])
             for j, i in enumerate(single):
                 outs[i] = h[j]
         for i, c in enumerate(chunks):
             if outs[i] is None:  # prefill chunks: one sequence at a time
                 pos = torch.arange(c.offset, c.offset + c.length, device=self.device)[None]
+                self._route([c.seq_id])
                 outs[i] = self.model(x[starts[i]:starts[i + 1]][None], pos, [self.caches[c.seq_id]])[0]
         if not self.is_last:
             h = torch.cat(outs) if len(outs) > 1 else outs[0]  # (T, C)
