@@ -74,7 +74,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
-    split = ",".join(f"{s.backend}:{s.start}-{s.end}" for s in slices) + (f"+{use}" if use else "")
+    pipe.close()  # stops tensor-parallel workers (they also exit when this process does)
+    split = ",".join(f"{s.backend}:{s.start}-{s.end}" + (f"*{s.tp}" if s.tp > 1 else "")
+                     for s in slices) + (f"+{use}" if use else "")
     print(f"[{split}] load {load_s:.1f}s | prompt {stats['prompt_tokens']} tok, "
           f"{stats['prompt_tokens'] / max(stats['prefill_s'], 1e-9):.1f} tok/s | "
           f"generated {stats['generated_tokens']} tok, "
@@ -122,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--system", default=None, help="system prompt (chat mode)")
     g.add_argument("--backend", choices=["mlx", "torch"], default=None)
-    g.add_argument("--shards", default=None, help="e.g. mlx:0-12,torch:12-30")
+    g.add_argument("--shards", default=None,
+                   help="e.g. mlx:0-12,torch:12-30; torch:12-30*2 serves a slice with a "
+                        "tensor-parallel group of 2 local processes")
     g.add_argument("--raw", action="store_true", help="no chat template: continue the prompt as is")
     g.add_argument("--adapter", default=None, metavar="PATH",
                    help="answer with this LoRA adapter (a `together lora` output directory)")

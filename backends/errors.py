@@ -15,3 +15,7 @@ class ShardSpecError(TogetherError):
 
 class RequestError(TogetherError):
     """A generation request is impossible (e.g. prompt longer than the context)."""
+
+
+class GroupError(TogetherError):
+    """A tensor-parallel group could not form, or lost a rank (the stage must be re-formed)."""

@@ -19,7 +19,7 @@ from backends.tokenizer import Tokenizer
 from backends.weights import Checkpoint
 from backends.wire import Hidden, decode, encode
 
-_SPEC = re.compile(r"^(?:(?P<backend>[a-z]+):)?(?P<start>\d+)-(?P<end>\d+)$")
+_SPEC = re.compile(r"^(?:(?P<backend>[a-z]+):)?(?P<start>\d+)-(?P<end>\d+)(?:\*(?P<tp>\w*))?$")
 
 
 @dataclass(frozen=True)
@@ -27,15 +27,18 @@ class SliceSpec:
     backend: str
     start: int
     end: int
+    tp: int = 1  # ranks of a tensor-parallel group serving the slice (backends/tp.py)
 
 
 def parse_shards(spec: str, num_layers: int, default_backend: str) -> list[SliceSpec]:
-    """Parse 'mlx:0-12,torch:12-30' into consecutive slices covering [0, num_layers) exactly."""
+    """Parse 'mlx:0-12,torch:12-30' into consecutive slices covering [0, num_layers) exactly;
+    'torch:12-30*2' serves a slice with a tensor-parallel group of 2 processes."""
     out: list[SliceSpec] = []
     for part in [p.strip() for p in spec.split(",")]:
         m = _SPEC.match(part)
         if not m:
-            raise ShardSpecError(f"bad shard {part!r}: expected BACKEND:START-END, e.g. mlx:0-12")
+            raise ShardSpecError(f"bad shard {part!r}: expected BACKEND:START-END, e.g. mlx:0-12 "
+                                 f"(or mlx:0-12*2 for a tensor-parallel group of 2)")
         backend = m.group("backend") or default_backend
         if backend not in BACKENDS:
             raise ShardSpecError(f"bad shard {part!r}: unknown backend {backend!r} "
@@ -43,7 +46,11 @@ def parse_shards(spec: str, num_layers: int, default_backend: str) -> list[Slice
         start, end = int(m.group("start")), int(m.group("end"))
         if start >= end:
             raise ShardSpecError(f"bad shard {part!r}: START must be below END (ranges are half-open)")
-        out.append(SliceSpec(backend, start, end))
+        tp = m.group("tp")
+        if tp is not None and (not tp.isdigit() or int(tp) < 1):
+            raise ShardSpecError(f"bad shard {part!r}: '*{tp}' must be a number of tensor-parallel "
+                                 f"ranks, e.g. {backend}:{start}-{end}*2")
+        out.append(SliceSpec(backend, start, end, int(tp or 1)))
     expect = 0
     for s in out:
         if s.start > expect:
@@ -70,8 +77,28 @@ class Pipeline:
     @classmethod
     def load(cls, ck: Checkpoint, slices: list[SliceSpec], dtype: str = "auto",
              wire_dtype: str | None = None, threads: int | None = None) -> "Pipeline":
-        return cls([load_shard(s.backend, ck, s.start, s.end, dtype=dtype, wire_dtype=wire_dtype,
-                               threads=threads) for s in slices])
+        from backends.tp import load_tp_shard
+
+        shards: list[LayerShard] = []
+        try:
+            for s in slices:
+                if s.tp > 1:
+                    shards.append(load_tp_shard(s.backend, ck, s.start, s.end, s.tp, dtype=dtype,
+                                                wire_dtype=wire_dtype, threads=threads))
+                else:
+                    shards.append(load_shard(s.backend, ck, s.start, s.end, dtype=dtype,
+                                             wire_dtype=wire_dtype, threads=threads))
+        except BaseException:
+            cls(shards).close()
+            raise
+        return cls(shards)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel groups among the slices (plain slices hold no processes)."""
+        for sh in self.shards:
+            close = getattr(sh, "close", None)
+            if close is not None:
+                close()
 
     @property
     def config(self):

@@ -46,6 +46,12 @@ class Affine:
     def rows(self, perm: np.ndarray) -> "Affine":
         return Affine(self.packed[perm], self.scales[perm], self.biases[perm], self.bits, self.group_size)
 
+    def cols(self, start: int, stop: int) -> "Affine":
+        """Input columns [start, stop), both on group boundaries."""
+        w, g = 32 // self.bits, self.group_size
+        return Affine(self.packed[:, start // w: stop // w], self.scales[:, start // g: stop // g],
+                      self.biases[:, start // g: stop // g], self.bits, self.group_size)
+
 
 class TensorRef:
     """One tensor of a checkpoint, read on demand."""
@@ -53,9 +59,14 @@ class TensorRef:
     def __init__(self, name: str, shape: tuple[int, ...], source: str,
                  read_dense: Callable[[], np.ndarray] | None = None,
                  read_affine: Callable[[], Affine] | None = None,
-                 row_perm: np.ndarray | None = None):
+                 row_perm: np.ndarray | None = None,
+                 read_part: Callable[[np.ndarray, tuple[int, int] | None], np.ndarray | Affine] | None = None,
+                 block: int = 1):
         self.name, self.shape, self.source = name, tuple(shape), source
         self._dense, self._affine, self._perm = read_dense, read_affine, row_perm
+        # read_part(stored rows, columns) reads only those (an Affine when quantized, columns then
+        # on `block`-wide group boundaries): what part() builds on
+        self._part, self.block = read_part, block
 
     @property
     def quantized(self) -> bool:
@@ -70,13 +81,53 @@ class TensorRef:
 
     def numpy(self) -> np.ndarray:
         """The tensor as float (float32 unless stored as float16)."""
-        if self._affine is not None:
-            w = self._affine().dequantize()
-        else:
+        if self._dense is not None:
             w = self._dense()
+        else:
+            w = self._affine().dequantize()
         if self._perm is not None:
             w = w[self._perm]
         return np.ascontiguousarray(w)
+
+    def part(self, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None) -> "TensorRef":
+        """Rows [a, b) and/or columns [c, d) of this tensor (HF orientation), read lazily and only as
+        far as its format allows: what a tensor-parallel rank loads. A quantized tensor stays packed;
+        its `affine()` raises ModelError unless the columns fall on its quantization groups."""
+        r0, r1 = rows if rows is not None else (0, self.shape[0])
+        if not 0 <= r0 < r1 <= self.shape[0]:
+            raise ModelError(f"{self.source}: rows [{r0}, {r1}) are outside {self.name} {self.shape}")
+        if cols is not None:
+            if len(self.shape) != 2 or not 0 <= cols[0] < cols[1] <= self.shape[1]:
+                raise ModelError(f"{self.source}: columns [{cols[0]}, {cols[1]}) are outside "
+                                 f"{self.name} {self.shape}")
+            if cols == (0, self.shape[1]):
+                cols = None
+        idx = np.arange(r0, r1) if self._perm is None else np.asarray(self._perm[r0:r1])
+        shape = (r1 - r0, *((cols[1] - cols[0],) if cols else self.shape[1:]))
+        aligned = cols is None or (cols[0] % self.block == 0 and cols[1] % self.block == 0)
+
+        def read_affine() -> Affine:
+            if not aligned:
+                raise ModelError(f"{self.source}: {self.name} cannot be cut at input columns "
+                                 f"{cols[0]}-{cols[1]}: its quantization groups are {self.block} wide")
+            if self._part is not None:
+                return self._part(idx, cols)
+            a = self._affine().rows(idx)
+            return a.cols(*cols) if cols else a
+
+        def read_dense() -> np.ndarray:
+            if self.quantized:
+                if aligned:
+                    return read_affine().dequantize()
+                w = (self._part(idx, None) if self._part is not None else self._affine().rows(idx)).dequantize()
+            elif self._part is not None:
+                return self._part(idx, cols)
+            else:
+                w = self._dense()[idx]
+            return w[:, cols[0]:cols[1]] if cols else w
+
+        return TensorRef(self.name, shape, self.source, read_dense=read_dense,
+                         read_affine=read_affine if self.quantized else None, block=self.block)
 
     def __repr__(self) -> str:
         return f"TensorRef({self.name}, {self.shape}, {'affine' if self.quantized else 'dense'})"
@@ -148,7 +199,7 @@ class _SafetensorsFile:
         self.header.pop("__metadata__", None)
         self._mm: np.memmap | None = None
 
-    def read(self, name: str) -> np.ndarray:
+    def read(self, name: str, rows: np.ndarray | None = None, cols: tuple[int, int] | None = None) -> np.ndarray:
         info = self.header[name]
         if info["dtype"] not in _ST_DTYPES:
             raise ModelError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
@@ -157,6 +208,10 @@ class _SafetensorsFile:
         a, b = info["data_offsets"]
         raw = self._mm[self.base + a: self.base + b]
         arr = raw.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+        if cols is not None:
+            arr = arr[:, cols[0]:cols[1]]
+        if rows is not None:
+            arr = arr[rows]
         if info["dtype"] == "BF16":
             return _bf16_to_f32(arr)
         return np.array(arr)
@@ -199,9 +254,17 @@ def _open_safetensors_dir(path: Path) -> Checkpoint:
                                      f"(only affine MLX quantization is supported)")
                 return Affine(r.read(name), scales, biases, bits, gs)
 
-            tensors[name] = TensorRef(name, shape, str(r.path), read_affine=read_affine)
+            def read_part(rows, cols, name=name, base=base, r=r, bits=bits, gs=gs) -> Affine:
+                w = None if cols is None else (cols[0] * bits // 32, cols[1] * bits // 32)
+                g = None if cols is None else (cols[0] // gs, cols[1] // gs)
+                return Affine(r.read(name, rows, w), where[f"{base}.scales"].read(f"{base}.scales", rows, g),
+                              where[f"{base}.biases"].read(f"{base}.biases", rows, g), bits, gs)
+
+            tensors[name] = TensorRef(name, shape, str(r.path), read_affine=read_affine,
+                                      read_part=read_part if f"{base}.biases" in where else None, block=gs)
         else:
-            tensors[name] = TensorRef(name, shape, str(r.path), read_dense=lambda n=name, r=r: r.read(n))
+            tensors[name] = TensorRef(name, shape, str(r.path), read_dense=lambda n=name, r=r: r.read(n),
+                                      read_part=lambda rows, cols, n=name, r=r: r.read(n, rows, cols))
     kind = "mlx" if quant else "hf"
     return Checkpoint(path, config, tensors, kind)
 
@@ -242,6 +305,9 @@ def _pack(q: np.ndarray, bits: int) -> np.ndarray:
     q = q.astype(np.uint32).reshape(q.shape[0], -1, per)
     shifts = (np.arange(per, dtype=np.uint32) * bits)[None, None, :]
     return np.bitwise_or.reduce(q << shifts, axis=2)
+
+
+_GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}  # bytes per block of 32 weights
 
 
 def _gguf_affine(kind: str, data: np.ndarray) -> Affine:
@@ -365,11 +431,21 @@ def _open_gguf(path: Path) -> Checkpoint:
             heads = config.num_attention_heads if ".q_proj." in hf else config.num_key_value_heads
             perm = _unpermute_rows(shape[0], heads)
         if kind in ("Q4_0", "Q4_1", "Q8_0") and len(shape) == 2:
+            def affine_part(rows, cols, d=data, k=kind) -> Affine:
+                raw, bb = d(), _GGUF_BLOCK_BYTES[k]  # (rows, blocks of 32 weights)
+                if cols is not None:
+                    raw = raw[:, cols[0] // 32 * bb: cols[1] // 32 * bb]
+                return _gguf_affine(k, raw[rows])
+
             ref = TensorRef(hf, shape, str(path), read_affine=lambda d=data, k=kind: _gguf_affine(k, d()),
-                            row_perm=perm)
+                            row_perm=perm, read_part=affine_part, block=32)
         elif kind in ("F32", "F16"):
+            def dense_part(rows, cols, d=data, s=shape) -> np.ndarray:
+                a = d().reshape(s)
+                return np.array((a[:, cols[0]:cols[1]] if cols is not None else a)[rows])
+
             ref = TensorRef(hf, shape, str(path), read_dense=lambda d=data, s=shape: np.array(d()).reshape(s),
-                            row_perm=perm)
+                            row_perm=perm, read_part=dense_part)
         else:
             def deq(d=data, t=t, s=shape):
                 try:

@@ -4,7 +4,8 @@ projections, half-split RoPE (HF layout), SDPA with GQA, a preallocated per-sequ
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,12 @@ class ModelArgs:
     start: int
     end: int
     n_total: int
+    # tensor parallelism (backends/tp.py): heads and MLP columns above are this rank's; `reduce`
+    # sums the partial outputs of wo and w2 over the group, whose biases one rank adds (row_bias);
+    # only the rank with edges holds the embedding and the head
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    row_bias: bool = True
+    edges: bool = True
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, start: int, end: int) -> "ModelArgs":
@@ -45,11 +52,11 @@ class ModelArgs:
 
     @property
     def first(self) -> bool:
-        return self.start == 0
+        return self.edges and self.start == 0
 
     @property
     def last(self) -> bool:
-        return self.end == self.n_total
+        return self.edges and self.end == self.n_total
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
@@ -143,7 +150,8 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.hd = a.n_heads, a.n_kv_heads, a.head_dim
         self.sizes = [a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim]
         self.wqkv = nn.Linear(a.hidden_size, sum(self.sizes), bias=a.qkv_bias)
-        self.wo = nn.Linear(self.sizes[0], a.hidden_size, bias=a.o_bias)
+        self.wo = nn.Linear(self.sizes[0], a.hidden_size, bias=a.o_bias and a.row_bias)
+        self.reduce = a.reduce
 
     def forward(self, x, cos, sin, caches: list[KVCache], mask):
         B, L, _ = x.shape  # (B, L, C)
@@ -166,18 +174,21 @@ class Attention(nn.Module):
         causal = mask is None and L > 1
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=self.n_kv != self.n_heads)  # (B, H, L, D)
-        return self.wo(o.transpose(1, 2).reshape(B, L, -1))
+        o = self.wo(o.transpose(1, 2).reshape(B, L, -1))
+        return o if self.reduce is None else self.reduce(o)
 
 
 class MLP(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
         self.w13 = nn.Linear(a.hidden_size, 2 * a.intermediate_size, bias=a.mlp_bias)  # gate ; up
-        self.w2 = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
+        self.w2 = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias and a.row_bias)
+        self.reduce = a.reduce
 
     def forward(self, x):
         g, u = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(g) * u)
+        o = self.w2(F.silu(g) * u)
+        return o if self.reduce is None else self.reduce(o)
 
 
 class Block(nn.Module):
@@ -212,7 +223,7 @@ class SliceModel(nn.Module):
     def forward(self, x: torch.Tensor, pos: torch.Tensor, caches: list[list[KVCache]]) -> torch.Tensor:
         """x: token ids (B, L) or hidden (B, L, C); pos: (B, L) positions; caches[b] per layer.
         B > 1 only for decode (L == 1). Returns hidden (B, L, C), final-normed on the last slice."""
-        if self.embed is not None:
+        if self.embed is not None and not x.is_floating_point():
             x = self.embed(x)
         dtype = self.layers[0].attention.wqkv.weight.dtype
         x = x.to(dtype)
@@ -238,14 +249,16 @@ class SliceModel(nn.Module):
 
 
 def load_slice(ck: Checkpoint, start: int, end: int, dtype: str = "float32",
-               device: str | torch.device = "cpu") -> SliceModel:
-    """Build layers [start, end) of `ck`, reading (and dequantizing) only the slice's tensors."""
+               device: str | torch.device = "cpu", *, edges: bool = True, row_bias: bool = True,
+               reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SliceModel:
+    """Build layers [start, end) of `ck`, reading (and dequantizing) only the slice's tensors.
+    A tensor-parallel rank passes its part of the checkpoint and the ModelArgs TP fields."""
     cfg = ck.config
     if cfg.model_type not in ("llama", "mistral", "qwen2"):
         raise ModelError(f"{ck.path}: the torch backend does not support {cfg.model_type!r}")
     expect = expected_shapes(cfg, start, end, ck.tied_head)
     validate_slice(ck, start, end, expect)
-    a = ModelArgs.from_config(cfg, start, end)
+    a = replace(ModelArgs.from_config(cfg, start, end), edges=edges, row_bias=row_bias, reduce=reduce)
     tdt, dev = DTYPES[dtype], torch.device(device)
     with torch.device("meta"):
         model = SliceModel(a)
@@ -263,12 +276,13 @@ def load_slice(ck: Checkpoint, start: int, end: int, dtype: str = "float32",
         if a.qkv_bias:
             sd[o + "attention.wqkv.bias"] = torch.cat([t(n + "bias") for n in qkv])
         sd[o + "attention.wo.weight"] = t(p + "self_attn.o_proj.weight")
-        if a.o_bias:
+        if a.o_bias and a.row_bias:
             sd[o + "attention.wo.bias"] = t(p + "self_attn.o_proj.bias")
         sd[o + "feed_forward.w13.weight"] = torch.cat([t(p + "mlp.gate_proj.weight"), t(p + "mlp.up_proj.weight")])
         sd[o + "feed_forward.w2.weight"] = t(p + "mlp.down_proj.weight")
         if a.mlp_bias:
             sd[o + "feed_forward.w13.bias"] = torch.cat([t(p + "mlp.gate_proj.bias"), t(p + "mlp.up_proj.bias")])
+        if a.mlp_bias and a.row_bias:
             sd[o + "feed_forward.w2.bias"] = t(p + "mlp.down_proj.bias")
     emb = t("model.embed_tokens.weight") if (a.first or (a.last and ck.tied_head)) else None
     if a.first:

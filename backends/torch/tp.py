@@ -1,0 +1,93 @@
+"""torch ranks of a tensor-parallel group (see backends/tp.py).
+
+The group is a torch.distributed process group on a TCPStore rendezvous at rank 0 (what
+init_method="tcp://host:port" sets up), gloo on CPU and NCCL on CUDA, built directly rather than
+as the process-global default group, so one process can form a new group after losing one.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from backends.errors import GroupError
+from backends.shard import LayerShard
+from backends.torch.model import DTYPES, load_slice
+from backends.torch.shard import TorchShard
+from backends.tp import RankPart, TPRank, rank_checkpoint
+from backends.weights import Checkpoint
+from backends.wire import Hidden
+
+
+class TorchComm:
+    """One rank's process group: in-place all-reduce (sum) and broadcast from rank 0."""
+
+    def __init__(self, rank: int, world: int, spec: dict, timeout: float, device: str | None = None):
+        td = timedelta(seconds=timeout)
+        self.rank, self.world, self.kind = rank, world, spec["kind"]
+        self.store = dist.TCPStore(spec["host"], spec["port"], world, rank == 0, timeout=td)
+        if self.kind == "nccl":
+            if not dist.is_nccl_available():
+                raise GroupError("this torch has no NCCL: use the gloo collective")
+            torch.cuda.set_device(torch.device(device or "cuda").index or 0)
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = td
+            self.pg = dist.ProcessGroupNCCL(self.store, rank, world, opts)
+        elif self.kind == "gloo":
+            opts = dist.ProcessGroupGloo._Options()
+            opts._timeout = td
+            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=spec["bind"])]
+            self.pg = dist.ProcessGroupGloo(self.store, rank, world, opts)
+        else:
+            raise GroupError(f"unknown torch collective {self.kind!r} (expected gloo or nccl)")
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        self.pg.allreduce([t]).wait()
+        return t
+
+    def broadcast(self, t: torch.Tensor) -> torch.Tensor:
+        self.pg.broadcast([t], dist.BroadcastOptions()).wait()  # root 0
+        return t
+
+    def close(self) -> None:
+        self.pg = self.store = None
+
+
+def connect(rank: int, world: int, spec: dict, timeout: float, device: str | None = None) -> TorchComm:
+    return TorchComm(rank, world, spec, timeout, device)
+
+
+class TPShard(TPRank, TorchShard):
+    """One rank's part of layers [start, end): its heads, MLP columns and KV cache."""
+
+    def __init__(self, checkpoint: Checkpoint, start: int, end: int, dtype: str,
+                 wire_dtype: str | None, device: str | None, threads: int | None,
+                 part: RankPart, comm: TorchComm):
+        self.part, self.comm = part, comm
+        LayerShard.__init__(self, checkpoint, start, end, dtype, wire_dtype)
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.device = torch.device(device or "cpu")
+        self.model = load_slice(rank_checkpoint(checkpoint, start, end, part), start, end, dtype,
+                                self.device, edges=part.edges, row_bias=part.rank == 0,
+                                reduce=comm.all_sum)
+        self.caches = {}
+        self.samplers = {}
+
+    def _input(self, x: np.ndarray | Hidden | None) -> torch.Tensor:
+        dt = DTYPES[self.dtype]
+        if self.part.rank > 0:  # rank 0 broadcasts the hidden states it computes with
+            h = torch.empty(self._incoming, self.config.hidden_size, dtype=dt, device=self.device)
+            return self.comm.broadcast(h)
+        h = super()._input(x)
+        if self.is_first:
+            h = self.model.embed(h).to(dt)  # (T, C); the model skips embedding hidden states
+        return self.comm.broadcast(h.contiguous())
+
+    def stats(self) -> dict:
+        return {"rank": self.part.rank, "weight_nbytes": self.weight_nbytes(),
+                "layer_nbytes": sum(p.nbytes for p in self.model.layers.parameters()),
+                "cache_nbytes": self.cache_nbytes()}
