@@ -24,10 +24,31 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# a wrapper that runs a module as __main__ and prints the MLX allocator's peak when it exits
-PEAK = ("import atexit, runpy, sys; import mlx.core as mx; "
-        "atexit.register(lambda: print(f'MLX_PEAK {mx.get_peak_memory()}', file=sys.stderr, flush=True)); "
-        "mod = sys.argv[1]; sys.argv = [mod] + sys.argv[2:]; runpy.run_module(mod, run_name='__main__')")
+# Both contenders train through mlx_lm.tuner.trainer.train; this wrapper runs one of them as
+# __main__ with a callback spliced into that function, so both report the same numbers (the
+# trainer's own tokens/s and MLX peak memory per report window), plus the peak at exit.
+SPY = """
+import atexit, json, runpy, sys
+import mlx.core as mx
+import mlx_lm.tuner.trainer as T
+from mlx_lm.tuner.callbacks import TrainingCallback
+orig = T.train
+def train(*a, training_callback=None, **k):
+    class Spy(TrainingCallback):
+        def on_train_loss_report(self, info):
+            print("TRAIN_INFO " + json.dumps(info), file=sys.stderr, flush=True)
+            if training_callback is not None:
+                training_callback.on_train_loss_report(info)
+        def on_val_loss_report(self, info):
+            if training_callback is not None:
+                training_callback.on_val_loss_report(info)
+    return orig(*a, training_callback=Spy(), **k)
+T.train = train
+atexit.register(lambda: print(f"MLX_PEAK {mx.get_peak_memory()}", file=sys.stderr, flush=True))
+mod = sys.argv[1]
+sys.argv = [mod] + sys.argv[2:]
+runpy.run_module(mod, run_name="__main__")
+"""
 TOPICS = ["lighthouses", "tides", "bread", "bridges", "owls", "glaciers", "violins", "comets"]
 
 
@@ -59,17 +80,13 @@ def run(cmd: list[str]) -> tuple[str, float, int]:
 
 
 def parse(kind: str, out: str) -> dict:
-    if kind == "ours":
-        rows = [(int(s), float(l), float(t.replace(",", ""))) for s, l, t in
-                re.findall(r"step\s+(\d+)/\d+\s+train loss ([\d.]+)\s+val loss \S+\s+([\d,.]+) tok/s", out)]
-    else:  # mlx_lm's TrainUI rows: iter, train_loss + arrow, tok/s, tokens
-        rows = [(int(s), float(l), float(t.replace(",", ""))) for s, l, t in
-                re.findall(r"^\s*(\d+)\s+([\d.]+) [^\s\d]\s+([\d,.]+)\s+[\d.]+k\s*$", out, re.M)]
+    rows = [json.loads(m) for m in re.findall(r"^TRAIN_INFO (.*)$", out, re.M)]
     if len(rows) < 2:
-        sys.exit(f"could not read the {kind} report lines:\n{out[-3000:]}")
+        sys.exit(f"could not read the {kind} training reports:\n{out[-3000:]}")
     peak = re.search(r"MLX_PEAK (\d+)", out)
-    return {"tok_s": statistics.mean(t for _, _, t in rows[1:]), "final_loss": rows[-1][1],
-            "first_loss": rows[0][1], "mlx_peak": int(peak.group(1)) if peak else 0}
+    return {"tok_s": statistics.mean(r["tokens_per_second"] for r in rows[1:]),
+            "final_loss": rows[-1]["train_loss"], "first_loss": rows[0]["train_loss"],
+            "mlx_peak": int(peak.group(1)) if peak else 0}
 
 
 def main() -> None:
@@ -100,14 +117,14 @@ def main() -> None:
             for kind in ("ours", "mlx_lm") if r % 2 == 0 else ("mlx_lm", "ours"):
                 out_dir = Path(tmp) / f"{kind}-{r}"
                 if kind == "ours":
-                    cmd = [sys.executable, "-c", PEAK, "apps.cli", "lora", "--data", str(data), *common,
+                    cmd = [sys.executable, "-c", SPY, "apps.cli", "lora", "--data", str(data), *common,
                            "--layers", str(a.layers), "--rank", str(a.rank), "--report-every", "2",
                            "--save-every", str(a.iters), "--val-every", str(a.iters * 10),
                            "--adapter-path", str(out_dir)]
                 else:
                     cfg = Path(tmp) / "mlx_lm.yaml"
                     cfg.write_text(f"lora_parameters: {{rank: {a.rank}, scale: 20.0, dropout: 0.0}}\n")
-                    cmd = [sys.executable, "-c", PEAK, "mlx_lm", "lora", "--train", "--model", str(model),
+                    cmd = [sys.executable, "-c", SPY, "mlx_lm", "lora", "--train", "--model", str(model),
                            "--data", str(data), *common, "--num-layers", str(a.layers), "-c", str(cfg),
                            "--steps-per-report", "2", "--steps-per-eval", str(a.iters * 10),
                            "--save-every", str(a.iters), "--adapter-path", str(out_dir)]
