@@ -33,14 +33,14 @@ class Cluster(LocalMesh):
 
 @contextlib.contextmanager
 def two_peer_ring(model: str, backends: tuple[str, str] = ("torch", "torch"), mesh_key: str | None = None,
-                  names: tuple[str, str] = ("a", "b"), api_both: bool = False):
-    """The common fixture: layers 0-15 (serving the API) and 15-30 (also serving one with
+                  names: tuple[str, str] = ("a", "b"), api_both: bool = False, split: int = 15):
+    """The common fixture: layers 0-split (serving the API) and split-30 (also serving one with
     api_both), joined by --peer, float32."""
     c = Cluster(model, mesh_key=mesh_key)
     try:
-        a = c.add(names[0], "--backend", backends[0], "--dtype", "float32", "--no-mdns", "--layers", "0-15",
-                  api=True)
-        c.add(names[1], "--backend", backends[1], "--dtype", "float32", "--no-mdns", "--layers", "15-30",
+        a = c.add(names[0], "--backend", backends[0], "--dtype", "float32", "--no-mdns", "--layers",
+                  f"0-{split}", api=True)
+        c.add(names[1], "--backend", backends[1], "--dtype", "float32", "--no-mdns", "--layers", f"{split}-30",
               "--peer", a.address, api=api_both)
         c.wait_ready(a, stages=2)
         yield c
