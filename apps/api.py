@@ -79,7 +79,10 @@ def ring_view(node: Node) -> list[dict[str, Any]]:
         out.append({"node_id": st.node_id, "name": p.name if p else "?", "backend": p.backend if p else "?",
                     "address": p.address if p else "", "start": st.start, "end": st.end,
                     # ready only once it holds exactly the assigned range (not while reloading)
-                    "ready": bool(p and p.ready and (p.start, p.end) == (st.start, st.end))})
+                    "ready": bool(p and p.ready and (p.start, p.end) == (st.start, st.end)),
+                    # a tensor-parallel stage: its peers in rank order (the leader first)
+                    "tp_members": [getattr(peers.get(n) or node.known.get(n), "name", "?")
+                                   for n in st.tp_members]})
     return out
 
 
@@ -109,7 +112,7 @@ async def mesh_view(request: web.Request) -> web.Response:
                       "ready": bool(p.ready and st and (p.start, p.end) == (st.start, st.end)),
                       "free_memory": p.free_memory, "coordinator": p.node_id == node.plan.coordinator,
                       "tokens_per_s": round(p.tokens_per_s, 2),
-                      "adapters": [a for a in p.adapters.split(",") if a],
+                      "adapters": [a for a in p.adapters.split(",") if a], "tp_group": p.tp_group,
                       "standby": st is None})
     hop = sched.hop_overhead_ms
     return web.json_response({

@@ -157,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also serve this LoRA adapter (repeatable); requests pick it with "
                         "model=MODEL+NAME")
     j.add_argument("--settle", type=float, default=2.0, help="seconds to look for peers first")
+    j.add_argument("--tp-group", default="", metavar="NAME",
+                   help="serve one stage together with the other peers of this tensor-parallel group")
+    j.add_argument("--tp-size", type=int, default=None, metavar="N",
+                   help="peers in the --tp-group, at least 2 (default 2)")
     j.set_defaults(func=cmd_join)
 
     st = sub.add_parser("status", help="show a mesh's peers, layers and coordinator")

@@ -20,12 +20,21 @@ log = logging.getLogger("together.join")
 def render_plan(plan: pb.Plan, me: str = "") -> str:
     """The live table: peers, their layers, the coordinator and the ring's state."""
     stages = {s.node_id: s for s in plan.stages}
+    ranks = {n: (s, r) for s in plan.stages for r, n in enumerate(s.tp_members) if r > 0}
     rows = [("", "peer", "backend", "layers", "memory", "address", "state", "adapters")]
     for p in sorted(plan.peers, key=lambda p: (stages[p.node_id].start if p.node_id in stages else 1 << 30,
                                                 p.name)):
         st = stages.get(p.node_id)
         layers = f"[{st.start}, {st.end})" if st else "standby"
         state = "ready" if p.ready and st else ("loading" if st else "standby")
+        if st is not None and st.tp_members:
+            layers += f" tp {p.tp_group} rank 0/{len(st.tp_members)}"
+        elif p.node_id in ranks:  # a rank > 0 of a tensor-parallel stage: part of that one stage
+            gs, r = ranks[p.node_id]
+            layers = f"[{gs.start}, {gs.end}) tp {p.tp_group} rank {r}/{len(gs.tp_members)}"
+            state = "tp rank"
+        elif p.tp_group and not st:
+            state = f"waiting for tp group {p.tp_group}"
         mark = ("C" if p.node_id == plan.coordinator else " ") + ("*" if p.node_id == me else " ")
         rows.append((mark, p.name, p.backend, layers, f"{p.free_memory / 2**30:.2f} GiB", p.address, state,
                      p.adapters.replace(",", " ") or "-"))
@@ -59,6 +68,15 @@ async def run_join(a: argparse.Namespace) -> int:
         except ValueError:
             raise TogetherError(f"--layers {a.layers!r}: expected START-END, e.g. 0-12") from None
         layers = (lo, hi)
+    if a.tp_size is not None and not a.tp_group:
+        raise TogetherError("--tp-size needs --tp-group NAME")
+    tp_size = 2 if a.tp_size is None else a.tp_size
+    if a.tp_group and tp_size < 2:
+        raise TogetherError(f"--tp-size {tp_size}: a tensor-parallel group needs at least 2 peers "
+                            f"(without --tp-group a peer serves its stage alone)")
+    if a.tp_group and a.adapter:
+        raise TogetherError("LoRA adapters are not supported on a tensor-parallel stage: drop --adapter "
+                            "or --tp-group")
     try:
         max_memory = parse_size(a.max_memory) if a.max_memory else None
     except ValueError as e:
@@ -71,6 +89,7 @@ async def run_join(a: argparse.Namespace) -> int:
                      port=a.port, mesh=a.mesh, mesh_key=a.mesh_key, peers=list(a.peer), name=a.name,
                      max_memory=max_memory, layers=layers, dtype=a.dtype, wire_dtype=a.wire_dtype,
                      threads=a.threads, mdns=not a.no_mdns, adapters=list(a.adapter),
+                     tp_group=a.tp_group, tp_size=tp_size if a.tp_group else 0,
                      settle_s=a.settle if not a.no_mdns else 0.0,
                      interfaces=[a.host] if a.host not in ("0.0.0.0", "") else None)
     node = Node(cfg, ck, tok)

@@ -602,6 +602,8 @@ class TPGroup:
         threading.Thread(target=loop, daemon=True, name="tp-accept").start()
         hellos: dict[int, dict] = {}
         while len(hellos) < self.world - 1:
+            if self._listener is None:  # close() while it formed (e.g. the mesh gave the stage away)
+                raise GroupError(f"the tensor-parallel group of {self.what} was closed before it formed")
             for r, p in self.peers.procs.items():
                 if r not in hellos and p.poll() is not None:
                     raise GroupError(f"tensor-parallel rank {r} of {self.what} exited before joining "
@@ -722,6 +724,17 @@ def _connect(host: str, port: int, key: bytes, timeout: float) -> Connection:
             time.sleep(0.1)
 
 
+def _watch_parent(pid: int, rank: int) -> None:
+    """A worker must not outlive the peer that started it (a SIGKILLed peer cannot stop it)."""
+    def watch():
+        while os.getppid() == pid:
+            time.sleep(0.2)
+        print(f"tensor-parallel rank {rank}: its peer (pid {pid}) is gone", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="tp-parent").start()
+
+
 def worker_main(argv: list[str] | None = None) -> int:
     """Entry point of ranks > 0: `python -m backends.tp --rank R --world N --connect HOST:PORT
     --model PATH --layers A-B --backend B --dtype D`, with the group key in TOGETHER_TP_KEY (hex)."""
@@ -736,7 +749,11 @@ def worker_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--timeout", type=float, default=60.0)
+    ap.add_argument("--parent", type=int, default=None, metavar="PID",
+                    help="exit when this process (e.g. the mesh peer that started the worker) is gone")
     a = ap.parse_args(argv)
+    if a.parent:
+        _watch_parent(a.parent, a.rank)
     try:
         key = bytes.fromhex(os.environ[KEY_ENV])
     except (KeyError, ValueError):

@@ -24,6 +24,9 @@ class LayerMap:
         self.epoch = epoch
         self.members: dict[str, Member] = {}
         self.stages: list[tuple[str, int, int]] = []
+        # tensor-parallel stages: leader -> (group name, member ids in rank order, leader first)
+        self.groups: dict[str, tuple[str, list[str]]] = {}
+        self.broken: set[str] = set()  # groups that lost a rank: their peers serve alone now
 
     # ---- membership
 
@@ -38,6 +41,8 @@ class LayerMap:
     def remove(self, node_id: str) -> bool:
         """Forget a peer; True if it held layers (the plan changed)."""
         self.members.pop(node_id, None)
+        if self.lose_groups({node_id}):
+            return True
         before = len(self.stages)
         self.stages = [s for s in self.stages if s[0] != node_id]
         if len(self.stages) != before:
@@ -94,6 +99,66 @@ class LayerMap:
             out[i.node_id] = self.claim(i, None)
         return out
 
+    # ---- tensor-parallel groups
+
+    def in_tp(self, info: pb.PeerInfo) -> bool:
+        """A peer of a tensor-parallel group that still stands (not broken by a lost rank)."""
+        return bool(info.tp_group) and info.tp_group not in self.broken
+
+    def tp_peers(self, group: str) -> list[pb.PeerInfo]:
+        """The known peers of a group, oldest (its leader) first."""
+        return sorted((m.info for m in self.members.values() if m.info.tp_group == group),
+                      key=lambda i: (i.started_at, i.node_id))
+
+    def claim_tp(self, info: pb.PeerInfo, want: tuple[int, int] | None) -> tuple[tuple[int, int] | None, str]:
+        """A group's claim: its leader (the oldest peer) claims one range for the whole group once
+        all its peers are here; the others serve as its ranks > 0 and hold no range of their own."""
+        self.upsert(info)
+        g = info.tp_group
+        peers = self.tp_peers(g)
+        leader = peers[0]
+        if leader.backend != info.backend:
+            return None, (f"refused: tensor-parallel group {g!r} cannot mix backends: its leader {leader.name} "
+                          f"runs {leader.backend}, this peer {info.backend}")
+        if leader.tp_size != info.tp_size:
+            return None, (f"refused: tensor-parallel group {g!r} has {leader.tp_size} peers (its leader "
+                          f"{leader.name}'s --tp-size), this peer says {info.tp_size}")
+        for lead, (_, ids) in self.groups.items():
+            if info.node_id in ids and lead != info.node_id:
+                return None, f"member of tensor-parallel group {g!r}: rank {ids.index(info.node_id)}"
+        same = [p for p in peers if p.backend == leader.backend and p.tp_size == leader.tp_size]
+        if leader.node_id != info.node_id:
+            if info.node_id not in [p.node_id for p in same[:leader.tp_size]]:
+                return None, f"refused: tensor-parallel group {g!r} already has its {leader.tp_size} peers"
+            return None, f"member of tensor-parallel group {g!r} ({min(len(same), leader.tp_size)}/" \
+                         f"{leader.tp_size} peers): waiting for its leader {leader.name}"
+        if len(same) < info.tp_size:
+            return None, f"waiting for tensor-parallel group {g!r}: {len(same)}/{info.tp_size} peers"
+        rng, reason = self.claim(info, want)
+        if rng is not None:
+            ids = [p.node_id for p in same[:info.tp_size]]
+            self.groups[info.node_id] = (g, ids)
+            reason = f"{reason} (as tensor-parallel group {g!r} of {len(ids)} peers)"
+        return rng, reason
+
+    def left_group(self, info: pb.PeerInfo) -> bool:
+        """A peer of a formed group reports it no longer belongs to it (its rank failed)."""
+        return any(info.node_id in ids and info.tp_group != g for g, ids in self.groups.values())
+
+    def lose_groups(self, node_ids: set[str]) -> bool:
+        """Ranks gone: each of their groups' stage is lost like any stage (its layers are reassigned)
+        and the group's other peers serve as ordinary peers from now on. True if the plan changed."""
+        changed = False
+        for lead, (g, ids) in list(self.groups.items()):
+            if node_ids & set(ids):
+                del self.groups[lead]
+                self.broken.add(g)
+                self.stages = [s for s in self.stages if s[0] != lead]
+                changed = True
+        if changed:
+            self.epoch += 1
+        return changed
+
     def release(self, node_id: str) -> None:
         self.stages = [s for s in self.stages if s[0] != node_id]
         self.epoch += 1
@@ -124,7 +189,8 @@ class LayerMap:
         return pb.Plan(
             epoch=self.epoch, coordinator=self.coordinator, num_layers=self.num_layers,
             model=self.model, complete=not why, missing="; ".join(why),
-            stages=[pb.Assignment(node_id=n, start=a, end=b) for n, a, b in self.stages],
+            stages=[pb.Assignment(node_id=n, start=a, end=b, tp_members=self.groups.get(n, ("", []))[1])
+                    for n, a, b in self.stages],
             peers=[m.info for m in self.members.values()],
         )
 
@@ -135,6 +201,9 @@ class LayerMap:
         for info in plan.peers:
             lm.upsert(info)
         lm.stages = [(s.node_id, s.start, s.end) for s in plan.stages]
+        for s in plan.stages:
+            if s.tp_members and s.node_id in lm.members:
+                lm.groups[s.node_id] = (lm.members[s.node_id].info.tp_group, list(s.tp_members))
         return lm
 
     @classmethod
@@ -149,5 +218,10 @@ class LayerMap:
                     a < info.end and info.start < b for a, b in taken):
                 lm.stages.append((info.node_id, info.start, info.end))
                 taken.append((info.start, info.end))
+                if info.tp_group:  # a group's leader: its peers are the group's oldest
+                    same = [p for p in sorted(reports, key=lambda i: (i.started_at, i.node_id))
+                            if p.tp_group == info.tp_group and p.backend == info.backend]
+                    if len(same) >= info.tp_size and same[0].node_id == info.node_id:
+                        lm.groups[info.node_id] = (info.tp_group, [p.node_id for p in same[:info.tp_size]])
         lm.stages.sort(key=lambda s: s[1])
         return lm

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
 import math
 import os
 import socket
+import subprocess
+import sys
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -17,10 +21,10 @@ from typing import AsyncIterator
 import grpc
 import numpy as np
 
-from backends.errors import RequestError, TogetherError
+from backends.errors import GroupError, RequestError, TogetherError
 from backends.lora import Adapter, module_dims, open_adapter
 from backends.sampling import SamplingParams
-from backends.shard import LayerShard, SeqChunk, estimate_layer_bytes, load_shard
+from backends.shard import LayerShard, SeqChunk, default_dtype, estimate_layer_bytes, load_shard
 from backends.tokenizer import Tokenizer
 from backends.weights import Checkpoint
 from backends.wire import Hidden, WireError
@@ -60,6 +64,8 @@ class NodeConfig:
     settle_s: float = 2.0
     claim_window_s: float = 1.0
     adapters: list[str] = field(default_factory=list)  # LoRA adapters to serve: [NAME=]PATH
+    tp_group: str = ""  # serve one stage with the other peers of this tensor-parallel group
+    tp_size: int = 0    # the group's number of peers (>= 2 with tp_group)
 
 
 def params_to_pb(p: SamplingParams) -> pb.SamplingParams:
@@ -95,6 +101,18 @@ class Node(pbg.TogetherServicer):
         self.num_layers = checkpoint.config.num_hidden_layers
         self.adapters: list[Adapter] = [open_adapter(spec) for spec in cfg.adapters]
         self._check_adapters()
+        if cfg.tp_group:
+            if cfg.tp_size < 2 or self.adapters:
+                raise TogetherError("a tensor-parallel group needs --tp-size of at least 2 and no LoRA adapters")
+            from backends.tp import partition
+
+            partition(checkpoint.config, cfg.tp_size)  # heads that do not split: a clear error at start
+        self.tp_group, self.tp_size = cfg.tp_group, cfg.tp_size if cfg.tp_group else 0
+        self._tp = None  # the TPGroup this peer leads (rank 0), if any
+        self._tp_members: list[str] = []
+        self._tp_address = ""  # its command channel while the group forms
+        self._tp_worker: subprocess.Popen | None = None  # this peer's rank > 0 of another's group
+        self._tp_stage: tuple[str, int, int] | None = None  # (leader, start, end) of that worker
         self.shard: LayerShard | None = None
         self.plan = pb.Plan(epoch=0, num_layers=self.num_layers)
         self.layer_map: LayerMap | None = None  # only on the coordinator
@@ -141,7 +159,8 @@ class Node(pbg.TogetherServicer):
             started_at=self.started_at, api=getattr(self, "api_address", ""), version=VERSION,
             model=self.cfg.model, start=lo, end=hi, ready=self.shard is not None,
             layer_bytes=self.layer_bytes, standby=self.shard is None and bool(self.claim_reason),
-            tokens_per_s=self.stage_tokens_per_s(), adapters=",".join(ad.name for ad in self.adapters))
+            tokens_per_s=self.stage_tokens_per_s(), adapters=",".join(ad.name for ad in self.adapters),
+            tp_group=self.tp_group, tp_size=self.tp_size, tp_address=self._tp_address)
 
     async def start(self) -> None:
         self._server = make_server(self.cfg.mesh_key)
@@ -180,6 +199,9 @@ class Node(pbg.TogetherServicer):
                 pass
         for t in list(self._tasks):
             t.cancel()
+        self._tp_stop_worker()
+        if self._tp is not None:
+            self._tp_dissolve("this peer stops")
         if self._discovery:
             await self._discovery.stop()
         await self.peers.close()
@@ -305,10 +327,23 @@ class Node(pbg.TogetherServicer):
                 await asyncio.sleep(0.5)
         else:
             raise TogetherError("could not reach the mesh's coordinator")
+        while self.tp_group and not reply.ok and reply.reason.startswith("waiting for tensor-parallel"):
+            if self.claim_reason != reply.reason:
+                log.warning("%s: %s", self.name, reply.reason)
+            self.claim_reason = reply.reason
+            await asyncio.sleep(0.5)  # the group's leader claims once all its peers are here
+            req.peer.CopyFrom(self.info())
+            addr = self._coordinator_address()
+            reply = await (self.Join(req, None) if addr == self.address else
+                           self.peers.stub(addr).Join(req, timeout=10))
         self.claim_reason = reply.reason
         if reply.plan.epoch >= self.plan.epoch:
             self._set_plan(reply.plan)
-        if reply.ok and reply.start >= 0:
+        if self.tp_group and not reply.ok:
+            if reply.reason.startswith("refused"):
+                raise TogetherError(reply.reason)
+            log.warning("%s: %s", self.name, reply.reason)  # a rank > 0: it follows the plan
+        elif reply.ok and reply.start >= 0:
             await self._load(reply.start, reply.end)
         elif want is not None and not reply.ok:
             if rejoin and self.cfg.layers is None:
@@ -319,13 +354,25 @@ class Node(pbg.TogetherServicer):
             log.warning("%s holds no layers: %s", self.name, reply.reason)
         await self._report()
 
+    def _plan_members(self, start: int, end: int) -> list[str]:
+        """The tensor-parallel peers the plan gives this peer's stage [start, end), else []."""
+        mine = next((s for s in self.plan.stages if s.node_id == self.node_id), None)
+        return list(mine.tp_members) if mine and (mine.start, mine.end) == (start, end) else []
+
     async def _load(self, start: int, end: int) -> None:
         async with self._load_lock:  # a claim and a plan push may ask for the same layers at once
-            if self.shard and (self.shard.start, self.shard.end) == (start, end):
+            if self.shard and (self.shard.start, self.shard.end) == (start, end) and \
+                    self._tp_members == self._plan_members(start, end):
                 return
             await self._load_now(start, end)
 
     async def _load_now(self, start: int, end: int) -> None:
+        if self._tp is not None:
+            self._tp_dissolve("the plan moved its stage")
+        members = self._plan_members(start, end) if self.tp_group else []
+        if len(members) > 1:
+            self._tp_stop_worker()
+            return await self._load_tp(start, end, members)
         log.info("%s loading layers [%d, %d) on %s", self.name, start, end, self.cfg.backend)
         loop = asyncio.get_running_loop()
         old, self.shard = self.shard, None
@@ -338,6 +385,135 @@ class Node(pbg.TogetherServicer):
             return sh
 
         self.shard = await loop.run_in_executor(self._compute, load)
+
+    # ---------------------------------------------------------------- tensor-parallel stages
+
+    def _tp_key(self, leader: str) -> bytes:
+        """The group's channel key: every peer of the mesh can derive it (with the mesh key, only they)."""
+        return hashlib.sha256(f"together-tp|{self.cfg.mesh_key or ''}|{self.cfg.mesh}|{self.tp_group}|"
+                              f"{leader}".encode()).digest()
+
+    async def _load_tp(self, start: int, end: int, members: list[str]) -> None:
+        """Lead a group: rank 0 here, its other peers start their ranks when they see the plan and
+        this peer's command channel (tp_address); ready once every rank has loaded its part."""
+        from backends.tp import TPGroup
+
+        log.warning("%s leads tensor-parallel group %r: layers [%d, %d) on %d peers", self.name,
+                    self.tp_group, start, end, len(members))
+        loop = asyncio.get_running_loop()
+        old, self.shard = self.shard, None
+        del old
+        try:
+            grp = await loop.run_in_executor(self._compute, lambda: TPGroup(
+                self.ck, start, end, self.cfg.backend, len(members), dtype=self.cfg.dtype,
+                wire_dtype=self.cfg.wire_dtype, threads=self.cfg.threads, host=self.cfg.host,
+                key=self._tp_key(self.node_id)))
+        except TogetherError as e:
+            return self._tp_lost(f"cannot form the group: {e}")
+        self._tp, self._tp_members = grp, members
+        self._tp_address = f"{grp.address[0]}:{grp.address[1]}"
+        self._spawn(self._report_quietly())
+        try:
+            shard = await loop.run_in_executor(self._compute, lambda: grp.start(spawn=False, form_timeout=120))
+        except TogetherError as e:
+            if self._tp is grp:
+                self._tp_lost(f"the group did not form: {e}")
+            return
+        finally:
+            self._tp_address = ""
+        if self._tp is grp:
+            self.shard = shard
+        else:  # dissolved while it formed
+            grp.close()
+
+    async def _report_quietly(self) -> None:
+        try:
+            await self._report()
+        except grpc.aio.AioRpcError as e:
+            log.debug("report failed: %s", e.details())
+
+    def _tp_dissolve(self, why: str) -> None:
+        """Close the group this peer leads; it serves as an ordinary peer from now on (MLX allows one
+        group per process, and the coordinator counts the group as broken)."""
+        grp, self._tp = self._tp, None
+        self._tp_members, self._tp_address = [], ""
+        if grp is not None:
+            if self.shard is not None and self.shard is grp.shard:
+                self.shard = None
+            # off the event loop: a forward under way may hold the group's channels a moment
+            threading.Thread(target=grp.close, daemon=True, name="tp-close").start()
+        if self.tp_group:
+            log.warning("%s leaves tensor-parallel group %r (%s); it serves as an ordinary peer now",
+                        self.name, self.tp_group, why)
+        self.tp_group, self.tp_size = "", 0
+
+    def _tp_lost(self, why: str) -> None:
+        """A rank of this peer's group failed: tell the coordinator, which reassigns the stage."""
+        if not self.tp_group:
+            return
+        self._tp_dissolve(why)
+        self._spawn(self._report_quietly())
+
+    def _tp_stop_worker(self) -> None:
+        w, self._tp_worker, self._tp_stage = self._tp_worker, None, None
+        if w is not None and w.poll() is None:
+            w.kill()
+            w.wait()
+
+    async def _tp_tick(self) -> None:
+        """A group's rank > 0: start this peer's worker once the plan gives the group a stage and its
+        leader's channel is open; when the worker ends, the group is over: serve as an ordinary peer."""
+        if not self.tp_group or self._tp is not None:
+            return
+        w = self._tp_worker
+        if w is not None and w.poll() is not None:
+            self._tp_worker = None
+            self._tp_dissolve(f"its worker exited with code {w.returncode}")
+            self._spawn(self._report_quietly())
+            self._spawn(self._rejoin_alone())
+            return
+        st = next((s for s in self.plan.stages if self.node_id in s.tp_members and s.node_id != self.node_id),
+                  None)
+        if st is None or (w is not None and self._tp_stage != (st.node_id, st.start, st.end)):
+            if w is not None:  # the group's stage is gone or moved
+                self._tp_stop_worker()
+            return
+        if w is not None:
+            return
+        leader = self.known.get(st.node_id)
+        if leader is None:
+            return
+        try:
+            peer = (await self.peers.stub(leader.address).Status(pb.StatusRequest(), timeout=1)).peer
+        except grpc.aio.AioRpcError:
+            return
+        if not peer.tp_address or (peer.start, peer.end) not in ((-1, -1), (st.start, st.end)):
+            return
+        rank = list(st.tp_members).index(self.node_id)
+        host = leader.address.rpartition(":")[0]
+        if peer.tp_address.rpartition(":")[0] not in ("0.0.0.0", "", "::"):
+            host = peer.tp_address.rpartition(":")[0]
+        dtype = self.cfg.dtype if self.cfg.dtype != "auto" else default_dtype(self.cfg.backend, self.ck, None)
+        cmd = [sys.executable, "-m", "backends.tp", "--rank", str(rank), "--world", str(len(st.tp_members)),
+               "--connect", f"{host}:{peer.tp_address.rpartition(':')[2]}", "--model", self.cfg.model_path,
+               "--layers", f"{st.start}-{st.end}", "--backend", self.cfg.backend, "--dtype", dtype,
+               "--parent", str(os.getpid())]
+        if self.cfg.threads:
+            cmd += ["--threads", str(self.cfg.threads)]
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, TOGETHER_TP_KEY=self._tp_key(st.node_id).hex())
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        log.warning("%s serves rank %d of tensor-parallel group %r: layers [%d, %d) with %s", self.name, rank,
+                    self.tp_group, st.start, st.end, peer.name)
+        self._tp_stage = (st.node_id, st.start, st.end)
+        self._tp_worker = subprocess.Popen(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL)
+
+    async def _rejoin_alone(self) -> None:
+        self.cfg.layers = None  # --layers was the group's request: alone, take what is free, or stand by
+        try:
+            await self._claim()
+        except Exception as e:  # a claim that fails leaves this peer a standby
+            log.warning("%s could not claim layers after its group ended: %s", self.name, e)
 
     def _check_adapters(self) -> None:
         c = self.ck.config
@@ -401,6 +577,10 @@ class Node(pbg.TogetherServicer):
                 log.debug("heartbeat failed: %s", e.details())
             except Exception:  # the loop must outlive any one bad round
                 log.exception("heartbeat round failed")
+            try:
+                await self._tp_tick()
+            except Exception:
+                log.exception("tensor-parallel round failed")
             try:
                 if self.layer_map is None and time.monotonic() - self._coord_ok > PEER_TIMEOUT_S:
                     await self._coordinator_lost()
@@ -496,7 +676,10 @@ class Node(pbg.TogetherServicer):
             return
         stages = {s[0]: (s[1], s[2]) for s in lm.stages}
         members = [m.info for m in lm.members.values()]
-        cands = [(i.node_id, int(i.free_memory), i.layer_ms or 1.0, stages.get(i.node_id)) for i in members]
+        # a tensor-parallel group's peers are busy, waiting for their group, or (a broken group's)
+        # maybe dead: candidates only once they report themselves as ordinary peers
+        cands = [(i.node_id, int(i.free_memory), i.layer_ms or 1.0, stages.get(i.node_id)) for i in members
+                 if not i.tp_group]
         layer_bytes = max([int(i.layer_bytes) for i in members] or [1])
         new, missing = placement.reassign(self.num_layers, lm.stages, lost, cands,
                                           layer_bytes=layer_bytes, kv_reserve=self.kv_reserve)
@@ -531,6 +714,8 @@ class Node(pbg.TogetherServicer):
     def _follow_plan(self) -> None:
         """Load the layers the plan now gives this peer (after a reassignment)."""
         mine = next((s for s in self.plan.stages if s.node_id == self.node_id), None)
+        if self._tp is not None and (mine is None or list(mine.tp_members) != self._tp_members):
+            self._tp_lost("the coordinator took the group's stage away")
         have = (self.shard.start, self.shard.end) if self.shard else None
         want = (mine.start, mine.end) if mine else None
         if want is not None and want != have and want != self._loading:
@@ -588,7 +773,12 @@ class Node(pbg.TogetherServicer):
             return pb.JoinReply(ok=False, reason=f"this mesh serves {self.cfg.model}, not {info.model}",
                                 start=-1, end=-1, plan=self.layer_map.plan())
         self.known[info.node_id] = info
-        if request.want_start >= 0:
+        if self.layer_map.in_tp(info):
+            want = (request.want_start, request.want_end) if request.want_start >= 0 else None
+            rng, reason = self.layer_map.claim_tp(info, want)
+            if reason.startswith("waiting for tensor-parallel"):  # the peer asks again: no plan change
+                return pb.JoinReply(ok=False, reason=reason, start=-1, end=-1, plan=self.layer_map.plan())
+        elif request.want_start >= 0:
             rng, reason = self.layer_map.claim(info, (request.want_start, request.want_end))
         else:
             fut: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -627,6 +817,12 @@ class Node(pbg.TogetherServicer):
         was_ready = self.layer_map.ready(request.peer.node_id)
         self.layer_map.upsert(request.peer)
         self.known[request.peer.node_id] = request.peer
+        if self.layer_map.left_group(request.peer):
+            log.warning("peer %s left its tensor-parallel group: the group's stage is lost", request.peer.name)
+            self.layer_map.lose_groups({request.peer.node_id})
+            self._reassign(set())
+            await self._publish()
+            return pb.HeartbeatReply(plan=self.layer_map.plan())
         if self.layer_map.complete() != before or self.layer_map.ready(request.peer.node_id) != was_ready:
             self.layer_map.epoch += 1
             await self._publish()
@@ -770,9 +966,15 @@ class Node(pbg.TogetherServicer):
         try:
             out = await asyncio.get_running_loop().run_in_executor(
                 self._compute, self._run, sh, frame, chunks, x)
+        except GroupError as e:  # a rank of this peer's group is gone: the stage is lost
+            if self._tp is not None and sh is self.shard:
+                self._tp_lost(str(e))
+            raise FrameError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
         except (RequestError, WireError) as e:
             raise FrameError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         except Exception as e:  # poisoned numbers or a backend bug fail this frame, not the whole link
+            if sh is not self.shard:  # its group was dissolved under it: the sequences are replayed
+                raise FrameError(grpc.StatusCode.UNAVAILABLE, f"{self.name}'s stage changed: {e}") from None
             log.exception("frame %d failed in %s's compute", frame.frame_id, self.name)
             raise FrameError(grpc.StatusCode.INTERNAL, f"{self.name} failed: {type(e).__name__}: {e}") from None
         compute_ms = (time.perf_counter() - t0) * 1000
@@ -867,6 +1069,8 @@ def check_peer_info(info: pb.PeerInfo, num_layers: int) -> str | None:
         return f"impossible layer range [{info.start}, {info.end})"
     if len(info.adapters) > 4096:
         return "oversized adapter list"
+    if info.tp_group and (len(info.tp_group) > 64 or not 2 <= info.tp_size <= 64):
+        return "a tensor-parallel group needs a short name and 2 to 64 peers"
     return None
 
 
@@ -889,8 +1093,8 @@ def _open_fds() -> int:
         return psutil.Process().num_fds()
 
 
-def _stage_list(plan: pb.Plan) -> list[tuple[str, int, int]]:
-    return [(s.node_id, s.start, s.end) for s in plan.stages]
+def _stage_list(plan: pb.Plan) -> list[tuple[str, int, int, tuple[str, ...]]]:
+    return [(s.node_id, s.start, s.end, tuple(s.tp_members)) for s in plan.stages]
 
 
 def _free_memory() -> int:

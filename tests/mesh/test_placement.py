@@ -289,3 +289,32 @@ def test_choose_coordinator_oldest_then_node_id() -> None:
     assert choose_coordinator([("z", 1.0)]) == "z"
     with pytest.raises(ValueError):
         choose_coordinator([])
+
+
+def test_layer_map_tensor_parallel_group_is_one_stage_and_lost_with_any_rank() -> None:
+    from mesh.coordinator import LayerMap
+    from protos import together_pb2 as pb
+
+    def peer(n: str, age: float, backend: str = "torch", group: str = "g") -> pb.PeerInfo:
+        return pb.PeerInfo(node_id=n, name=n, backend=backend, started_at=age, free_memory=8 * GiB,
+                           layer_bytes=LAYER, tp_group=group, tp_size=2 if group else 0, start=-1, end=-1)
+
+    lm = LayerMap("m", N, "x", KV)
+    rng, why = lm.claim_tp(peer("lead", 1.0), (0, 15))
+    assert rng is None and why == "waiting for tensor-parallel group 'g': 1/2 peers"
+    rng, why = lm.claim_tp(peer("mlx", 3.0, "mlx"), None)
+    assert rng is None and why.startswith("refused") and "cannot mix backends" in why
+    lm.members.pop("mlx")
+    rng, why = lm.claim_tp(peer("second", 2.0), None)
+    assert rng is None and why.startswith("member of tensor-parallel group 'g'")
+    rng, why = lm.claim_tp(peer("lead", 1.0), (0, 15))
+    assert rng == (0, 15) and "tensor-parallel group 'g' of 2 peers" in why
+    assert lm.claim(peer("b", 4.0, group=""), (15, 30))[0] == (15, 30)
+    assert [(s.node_id, s.start, s.end, list(s.tp_members)) for s in lm.plan().stages] == [
+        ("lead", 0, 15, ["lead", "second"]), ("b", 15, 30, [])]
+    assert lm.claim_tp(peer("second", 2.0), None)[1] == "member of tensor-parallel group 'g': rank 1"
+    assert not lm.left_group(peer("second", 2.0)) and lm.left_group(peer("second", 2.0, group=""))
+    epoch = lm.epoch
+    assert lm.remove("second")  # a rank is gone: the group's whole stage is lost
+    assert lm.epoch > epoch and [s[0] for s in lm.stages] == ["b"] and lm.missing() == [(0, 15)]
+    assert not lm.in_tp(peer("lead", 1.0)) and "g" in lm.broken
