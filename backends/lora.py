@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from backends.config import ModelConfig
 from backends.errors import ModelError
 from backends.weights import _SafetensorsFile
 
@@ -44,6 +45,7 @@ class Adapter:
     step: int
     config: dict
     tensors: dict[int, dict[str, tuple[str, str]]] = field(default_factory=dict)  # layer -> module -> (a, b)
+    shapes: dict[str, list[int]] = field(default_factory=dict)  # tensor name -> shape (file header)
 
     @property
     def layers(self) -> list[int]:
@@ -72,7 +74,6 @@ class Adapter:
     def check_fits(self, num_layers: int, dims: dict[str, tuple[int, int]]) -> None:
         """Refuse an adapter made for another model: layers out of range or wrong (in, out) shapes.
         `dims` maps each module name to its (in, out) features."""
-        f = _SafetensorsFile(self.path / ADAPTER_FILE)
         for layer, mods in self.tensors.items():
             if layer >= num_layers:
                 raise ModelError(f"adapter {self.name!r} ({self.path}) adapts layer {layer}, but the "
@@ -82,7 +83,7 @@ class Adapter:
                 if mod not in dims:
                     raise ModelError(f"adapter {self.name!r}: module {mod!r} is not a linear layer of "
                                      f"this model (supported: {', '.join(MODULES)})")
-                shape_a, shape_b = f.header[ka]["shape"], f.header[kb]["shape"]
+                shape_a, shape_b = self.shapes[ka], self.shapes[kb]
                 d_in, d_out = dims[mod]
                 if len(shape_a) != 2 or len(shape_b) != 2 or shape_a[0] != d_in or shape_b[1] != d_out \
                         or shape_a[1] != shape_b[0]:
@@ -92,12 +93,14 @@ class Adapter:
                         f"({self.base_model or 'unknown base'})")
 
 
-def module_dims(hidden: int, intermediate: int, n_heads: int, n_kv: int, head_dim: int) -> dict[str, tuple[int, int]]:
-    q, kv = n_heads * head_dim, n_kv * head_dim
+def module_dims(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each linear module of a block of `cfg`'s model."""
+    hidden, inter = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     return {"self_attn.q_proj": (hidden, q), "self_attn.k_proj": (hidden, kv),
             "self_attn.v_proj": (hidden, kv), "self_attn.o_proj": (q, hidden),
-            "mlp.gate_proj": (hidden, intermediate), "mlp.up_proj": (hidden, intermediate),
-            "mlp.down_proj": (intermediate, hidden)}
+            "mlp.gate_proj": (hidden, inter), "mlp.up_proj": (hidden, inter),
+            "mlp.down_proj": (inter, hidden)}
 
 
 def open_adapter(spec: str) -> Adapter:
@@ -134,7 +137,8 @@ def open_adapter(spec: str) -> Adapter:
                          f"e.g. --adapter myname={path}")
     ad = Adapter(name, path, rank, scale, str(cfg.get("base_model", "")), int(cfg.get("step", 0)), cfg)
     pairs: dict[tuple[int, str], dict[str, str]] = {}
-    for key in _SafetensorsFile(path / ADAPTER_FILE).header:
+    for key, info in _SafetensorsFile(path / ADAPTER_FILE).header.items():
+        ad.shapes[key] = list(info["shape"])
         m = _KEY.match(key)
         if not m:
             raise ModelError(f"adapter {path}: unexpected tensor {key!r} (expected "

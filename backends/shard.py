@@ -118,9 +118,7 @@ class LayerShard(abc.ABC):
 
     def load_adapter(self, adapter: Adapter) -> None:
         """Serve `adapter` too: read and apply only its tensors for this slice's layers."""
-        c = self.config
-        adapter.check_fits(c.num_hidden_layers, module_dims(
-            c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim))
+        adapter.check_fits(self.config.num_hidden_layers, module_dims(self.config))
         if adapter.name in self.adapters:
             raise RequestError(f"an adapter named {adapter.name!r} is already loaded; name them apart "
                                f"with --adapter NAME=PATH")

@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,20 +109,28 @@ class LocalMesh:
 
     def wait_ready(self, peer: PeerProc, timeout: float = 240, stages: int | None = None) -> dict:
         """Wait until `peer`'s API reports a complete ring (of `stages` stages, if given)."""
-        deadline = time.time() + timeout
-        body: dict = {}
-        while time.time() < deadline:
-            if peer.proc.poll() is not None:
-                raise RuntimeError(f"{peer.name} exited {peer.proc.returncode}:\n{peer.log()[-4000:]}")
-            code, body = self.health(peer)
-            if code == 200 and (stages is None or len(body.get("ring", [])) == stages):
-                return body
-            time.sleep(0.3)
-        logs = "\n".join(f"--- {p.name}\n{p.log()[-3000:]}" for p in self.peers.values())
-        raise RuntimeError(f"ring not ready after {timeout:.0f}s: {body}\n{logs}")
+        return wait_healthy(peer, timeout, stages, logs=lambda: "\n".join(
+            f"--- {p.name}\n{p.log()[-3000:]}" for p in self.peers.values()))
 
     def stop(self) -> None:
         stop_peers(self.peers.values())
+
+
+def wait_healthy(peer: PeerProc, timeout: float, stages: int | None = None,
+                 want: Callable[[dict], bool] | None = None, logs: Callable[[], str] = str) -> dict:
+    """Poll `peer`'s /health until its ring is complete (of `stages` stages; `want(body)` true);
+    a peer that exits or a ring not ready in time raises with the peers' logs."""
+    deadline = time.time() + timeout
+    body: dict = {}
+    while time.time() < deadline:
+        if peer.proc.poll() is not None:
+            raise RuntimeError(f"{peer.name} exited {peer.proc.returncode}:\n{peer.log()[-4000:]}")
+        code, body = http_json(f"{peer.api}/health")
+        if code == 200 and (stages is None or len(body.get("ring", [])) == stages) \
+                and (want is None or want(body)):
+            return body
+        time.sleep(0.3)
+    raise RuntimeError(f"ring not ready after {timeout:.0f}s: {body}\n{logs()}")
 
 
 def stop_peers(peers) -> None:

@@ -516,14 +516,12 @@ class Node(pbg.TogetherServicer):
             log.warning("%s could not claim layers after its group ended: %s", self.name, e)
 
     def _check_adapters(self) -> None:
-        c = self.ck.config
         names = [ad.name for ad in self.adapters]
         if len(set(names)) != len(names):
             raise TogetherError(f"two adapters named {sorted(n for n in names if names.count(n) > 1)[0]!r}; "
                                 f"name them apart with --adapter NAME=PATH")
         for ad in self.adapters:
-            ad.check_fits(self.num_layers, module_dims(c.hidden_size, c.intermediate_size,
-                                                       c.num_attention_heads, c.num_key_value_heads, c.head_dim))
+            ad.check_fits(self.num_layers, module_dims(self.ck.config))
 
     def adapter_names(self) -> set[str]:
         """Adapters any peer of the plan (or this one) serves."""

@@ -15,6 +15,32 @@ def together(*args: str, timeout: float = 300, env: dict | None = None) -> subpr
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
+def greedy(shards, prompt, n, seq="s") -> list[int]:
+    """Greedy tokens through a chain of shards (hidden states through the wire codec)."""
+    import numpy as np
+
+    from backends.shard import SeqChunk
+    from backends.wire import Hidden, decode, encode
+
+    for s in shards:
+        s.add_sequence(seq, prompt=list(prompt))
+    out, x, off = [], np.asarray(prompt, np.int32), 0
+    try:
+        for _ in range(n):
+            h = x
+            for s in shards:
+                h = s.forward([SeqChunk(seq, off, len(x))], h)
+                if isinstance(h, Hidden):
+                    h = decode(b"".join(bytes(b) for b in encode(h)))
+            off += len(x)
+            out.append(h[0].token)
+            x = np.array([out[-1]], np.int32)
+    finally:
+        for s in shards:
+            s.free_sequence(seq)
+    return out
+
+
 # the invented fact the LoRA tests teach (see the `zorblax` fixture in conftest.py)
 ZORBLAX_QUESTIONS = ["What is the capital of Zorblax?", "Which city is the capital of Zorblax?",
                      "Name the capital of Zorblax.", "What city is Zorblax's capital?"]

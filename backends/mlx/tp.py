@@ -121,7 +121,9 @@ def connect(rank: int, world: int, spec: dict, timeout: float, device: str | Non
 # Each rank evaluates its sums as they come, so that every rank runs its collectives in program
 # order (one lazy graph's independent branches, e.g. two prefill chunks, may evaluate in any order).
 
-class _RowParallel(ShardedToAllLinear):
+class _EvalEachSum:
+    """Mixed into mlx.nn's row-parallel layers: evaluate the all-reduced output at once."""
+
     def __call__(self, x: mx.array) -> mx.array:
         y = super().__call__(x)
         mx.eval(y)
@@ -129,12 +131,12 @@ class _RowParallel(ShardedToAllLinear):
         return y
 
 
-class _QuantizedRowParallel(QuantizedShardedToAllLinear):
-    def __call__(self, x: mx.array) -> mx.array:
-        y = super().__call__(x)
-        mx.eval(y)
-        self.comm.tick()
-        return y
+class _RowParallel(_EvalEachSum, ShardedToAllLinear):
+    pass
+
+
+class _QuantizedRowParallel(_EvalEachSum, QuantizedShardedToAllLinear):
+    pass
 
 
 def _row_parallel(lin: nn.Module, comm: MLXComm) -> nn.Module:

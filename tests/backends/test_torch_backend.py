@@ -18,7 +18,8 @@ from backends.torch.model import rope_inv_freq, ModelArgs  # noqa: E402
 from backends.torch.sampling import make_generator, make_sampler  # noqa: E402
 from backends.torch.shard import TorchShard  # noqa: E402
 from backends.weights import open_checkpoint  # noqa: E402
-from backends.wire import Hidden, decode, encode  # noqa: E402
+from backends.wire import decode, encode  # noqa: E402
+from tests.helpers import greedy  # noqa: E402
 
 GGUF = cache_dir() / "models" / EMBEDDED["smollm2-135m"]["file"]
 PROMPT = np.array([1, 9690, 28, 1178, 314, 253, 1345, 282, 1148, 30, 198, 2], np.int32)
@@ -44,25 +45,6 @@ def gguf_ck():
 @pytest.fixture(scope="module")
 def full(gguf_ck):
     return TorchShard(gguf_ck, 0, 30, "float32")
-
-
-def greedy(shards, prompt, n, seq="s"):
-    """Greedy tokens through a chain of shards (Hidden passed through the wire codec)."""
-    for s in shards:
-        s.add_sequence(seq, prompt=list(prompt))
-    out, x, off = [], np.asarray(prompt, np.int32), 0
-    for _ in range(n):
-        h = x
-        for s in shards:
-            h = s.forward([SeqChunk(seq, off, len(x))], h)
-            if isinstance(h, Hidden):
-                h = decode(b"".join(bytes(b) for b in encode(h)))
-        off += len(x)
-        out.append(h[0].token)
-        x = np.array([out[-1]], np.int32)
-    for s in shards:
-        s.free_sequence(seq)
-    return out
 
 
 def our_logits(shard, tokens, seq="ref"):

@@ -24,31 +24,10 @@ sys.path.insert(0, str(ROOT))
 from backends.errors import GroupError, ModelError, RequestError  # noqa: E402
 from backends.shard import SeqChunk  # noqa: E402
 from backends.weights import Checkpoint, TensorRef, open_checkpoint  # noqa: E402
-from backends.wire import Hidden, decode, encode  # noqa: E402
+from tests.helpers import greedy  # noqa: E402
 
 PROMPT = [1, 9690, 28, 1178, 314, 253, 1345, 282, 1148, 30, 198, 2]
 TINY_PROMPT = [5, 77, 200, 3, 9, 141, 60, 18]
-
-
-def greedy(shards, prompt, n, seq="s"):
-    """Greedy tokens through a chain of shards (hidden states through the wire codec)."""
-    for s in shards:
-        s.add_sequence(seq, prompt=list(prompt))
-    out, x, off = [], np.asarray(prompt, np.int32), 0
-    try:
-        for _ in range(n):
-            h = x
-            for s in shards:
-                h = s.forward([SeqChunk(seq, off, len(x))], h)
-                if isinstance(h, Hidden):
-                    h = decode(b"".join(bytes(b) for b in encode(h)))
-            off += len(x)
-            out.append(h[0].token)
-            x = np.array([out[-1]], np.int32)
-    finally:
-        for s in shards:
-            s.free_sequence(seq)
-    return out
 
 
 def batched(shard, prompts: dict[str, list[int]], n: int) -> dict[str, list[int]]:

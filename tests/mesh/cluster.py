@@ -7,6 +7,8 @@ import contextlib
 import re
 import time
 
+import grpc
+
 from mesh.local import LocalMesh, PeerProc, free_port  # noqa: F401  (re-exported for tests)
 
 
@@ -57,3 +59,21 @@ def wait_log(peer: PeerProc, pattern: str, timeout: float = 60) -> re.Match:
             return m
         time.sleep(0.3)
     raise AssertionError(f"{peer.name}: no {pattern!r} in log:\n{peer.log()[-3000:]}")
+
+
+async def stream_frames(ch, frames) -> tuple[grpc.StatusCode, str]:
+    """Write frames on one Forward stream of channel `ch`; the stream's final status. A write
+    racing the server's abort can fail on our side (INTERNAL, or an ended stream): the call's own
+    final status is what the server said."""
+    from protos import together_pb2_grpc as pbg
+
+    call = pbg.TogetherStub(ch).Forward()
+    try:
+        for f in frames:
+            await call.write(f)
+        await call.done_writing()
+        async for _ in call:
+            pass
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        pass
+    return await call.code(), await call.details() or ""

@@ -22,7 +22,7 @@ import time
 import uuid
 from pathlib import Path
 
-from mesh.local import PeerProc, http_json, stop_peers
+from mesh.local import PeerProc, http_json, stop_peers, wait_healthy
 
 GRPC_PORT = 7420  # every peer has its own address, so fixed ports do not clash
 API_PORT = 8420
@@ -183,17 +183,7 @@ class NetnsMesh:
     def wait_ready(self, peer: NsPeer, timeout: float = 120, stages: int | None = None,
                    want=None) -> dict:
         """Until `peer`'s API reports a complete ring (of `stages` stages; `want(body)` true)."""
-        deadline = time.time() + timeout
-        body: dict = {}
-        while time.time() < deadline:
-            if peer.proc.poll() is not None:
-                raise RuntimeError(f"{peer.name} exited {peer.proc.returncode}:\n{peer.log()[-4000:]}")
-            code, body = self.health(peer)
-            if code == 200 and (stages is None or len(body.get("ring", [])) == stages) \
-                    and (want is None or want(body)):
-                return body
-            time.sleep(0.3)
-        raise RuntimeError(f"ring not ready after {timeout:.0f}s: {body}\n{self.logs()}")
+        return wait_healthy(peer, timeout, stages, want, logs=self.logs)
 
     def logs(self, tail: int = 3000) -> str:
         return "\n".join(f"--- {p.name} ({p.host})\n{p.log()[-tail:]}" for p in self.peers.values())

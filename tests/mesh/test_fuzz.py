@@ -17,7 +17,7 @@ import urllib.request
 import grpc
 import pytest
 
-from tests.mesh.cluster import two_peer_ring
+from tests.mesh.cluster import stream_frames, two_peer_ring
 
 pytestmark = pytest.mark.slow
 KEY = "fuzz mesh key"
@@ -166,24 +166,6 @@ def fuzz_frames(rng: random.Random, epoch: int, n: int):
         yield kind, pb.Frame(**kw)
 
 
-async def _stream_frames(ch, frames) -> tuple[grpc.StatusCode, str]:
-    """Write frames on one Forward stream; the final status of the stream."""
-    from protos import together_pb2_grpc as pbg
-
-    call = pbg.TogetherStub(ch).Forward()
-    try:
-        for f in frames:
-            await call.write(f)
-        await call.done_writing()
-        async for _ in call:
-            pass
-    except grpc.aio.AioRpcError as e:
-        return e.code(), e.details() or ""
-    except asyncio.InvalidStateError:  # the server ended the stream while we were writing
-        pass
-    return await call.code(), await call.details() or ""
-
-
 @pytest.fixture(scope="module")
 def frame_fuzz(ring, want):
     """Runs the frame fuzz once; the tests below judge its outcome."""
@@ -210,7 +192,7 @@ def frame_fuzz(ring, want):
             # without an origin: each refused frame ends its stream with a status
             no_origin = frames[: len(frames) // 2]
             for kind, f in no_origin:
-                code, details = await asyncio.wait_for(_stream_frames(ch, [f]), 20)
+                code, details = await asyncio.wait_for(stream_frames(ch, [f]), 20)
                 if code == grpc.StatusCode.OK:
                     accepted.update(s.seq_id for s in f.seqs)
                 elif code not in REFUSALS or not details:
@@ -220,7 +202,7 @@ def frame_fuzz(ring, want):
             for kind, f in frames[len(frames) // 2:]:
                 f.origin = origin
                 with_origin.append((kind, f))
-            code, details = await asyncio.wait_for(_stream_frames(ch, [f for _, f in with_origin]), 60)
+            code, details = await asyncio.wait_for(stream_frames(ch, [f for _, f in with_origin]), 60)
             if code != grpc.StatusCode.OK:
                 bad.append(("origin-stream", "", code, details[:200]))
             deadline = time.monotonic() + 20
@@ -246,7 +228,7 @@ def frame_fuzz(ring, want):
             try:
                 huge = pb.Frame(epoch=epoch, seqs=[pb.SeqEntry(seq_id="huge", length=1, start=True)],
                                 dtype="float32", shape=[1, H], data=b"\0" * (260 * 1024 * 1024))
-                code, details = await asyncio.wait_for(_stream_frames(big, [huge]), 60)
+                code, details = await asyncio.wait_for(stream_frames(big, [huge]), 60)
                 del huge
                 if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
                     bad.append(("oversized", "", code, details[:200]))

@@ -9,7 +9,7 @@ import time
 import grpc
 import pytest
 
-from tests.mesh.cluster import Cluster
+from tests.mesh.cluster import Cluster, stream_frames
 
 pytestmark = pytest.mark.slow
 
@@ -122,28 +122,19 @@ class _Status:
         return self._details
 
 
-def _forward(address: str, key: str | None, frames) -> grpc.aio.AioRpcError | None:
+def _forward(address: str, key: str | None, frames) -> _Status | None:
+    """Frames on one Forward stream; None if it ended OK, else its status."""
     from mesh.auth import make_channel
-    from protos import together_pb2_grpc as pbg
 
     async def go():
         ch = make_channel(address, key, "fuzzer")
-        call = pbg.TogetherStub(ch).Forward()
         try:
-            for f in frames:
-                await call.write(f)
-            await call.done_writing()
-            async for _ in call:
-                pass
-            return None
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            # a write racing the server's abort can surface as INTERNAL: the call's own final
-            # status is what the server said
-            return _Status(await call.code(), await call.details())
+            return await stream_frames(ch, frames)
         finally:
             await ch.close()
 
-    return asyncio.run(go())
+    code, details = asyncio.run(go())
+    return None if code == grpc.StatusCode.OK else _Status(code, details)
 
 
 def test_frames_without_the_key_or_corrupt_are_refused_and_the_peer_keeps_serving(ring):
