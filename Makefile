@@ -4,12 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup model browser demo test test-fast bench clean
+.PHONY: setup model browser demo test test-fast typecheck bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[all,test]'
 	@touch $(STAMP)
 
 setup: $(STAMP)
@@ -24,7 +24,11 @@ browser:
 demo: model
 	$(VENV)/bin/together demo
 
-test: model browser
+# mesh/ and apps/ fully typed (--disallow-untyped-defs, see pyproject), backends/ plain mypy
+typecheck: setup
+	$(PY) -m mypy mesh apps backends
+
+test: model browser typecheck
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 test-fast: model

@@ -7,9 +7,12 @@ import logging
 import os
 import sys
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from backends.errors import TogetherError
+
+if TYPE_CHECKING:
+    from backends.sampling import SamplingParams
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -31,7 +34,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
-def _sampling(a: argparse.Namespace):
+def _sampling(a: argparse.Namespace) -> SamplingParams:
     from backends.sampling import SamplingParams
 
     return SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
@@ -114,25 +117,7 @@ def cmd_fetch(a: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="together", description="A peer-to-peer LLM inference mesh.")
-    p.add_argument("-v", "--verbose", action="store_true")
-    sub = p.add_subparsers(dest="cmd", required=True)
-
-    g = sub.add_parser("generate", help="generate text in this process (optionally split into slices)")
-    _add_model_args(g)
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--system", default=None, help="system prompt (chat mode)")
-    g.add_argument("--backend", choices=["mlx", "torch"], default=None)
-    g.add_argument("--shards", default=None,
-                   help="e.g. mlx:0-12,torch:12-30; torch:12-30*2 serves a slice with a "
-                        "tensor-parallel group of 2 local processes")
-    g.add_argument("--raw", action="store_true", help="no chat template: continue the prompt as is")
-    g.add_argument("--adapter", default=None, metavar="PATH",
-                   help="answer with this LoRA adapter (a `together lora` output directory)")
-    _add_sampling_args(g)
-    g.set_defaults(func=cmd_generate)
-
+def _add_join_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     j = sub.add_parser("join", help="join (or start) a mesh and serve some of the model's layers")
     _add_model_args(j)
     j.add_argument("--backend", choices=["auto", "mlx", "torch"], default="auto")
@@ -162,6 +147,28 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--tp-size", type=int, default=None, metavar="N",
                    help="peers in the --tp-group, at least 2 (default 2)")
     j.set_defaults(func=cmd_join)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="together", description="A peer-to-peer LLM inference mesh.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="generate text in this process (optionally split into slices)")
+    _add_model_args(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--system", default=None, help="system prompt (chat mode)")
+    g.add_argument("--backend", choices=["mlx", "torch"], default=None)
+    g.add_argument("--shards", default=None,
+                   help="e.g. mlx:0-12,torch:12-30; torch:12-30*2 serves a slice with a "
+                        "tensor-parallel group of 2 local processes")
+    g.add_argument("--raw", action="store_true", help="no chat template: continue the prompt as is")
+    g.add_argument("--adapter", default=None, metavar="PATH",
+                   help="answer with this LoRA adapter (a `together lora` output directory)")
+    _add_sampling_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    _add_join_parser(sub)
 
     st = sub.add_parser("status", help="show a mesh's peers, layers and coordinator")
     st.add_argument("--peer", required=True, metavar="HOST:PORT")

@@ -27,13 +27,14 @@ def run_demo(a: argparse.Namespace) -> int:
     mesh = LocalMesh(str(path), mesh=f"demo-{uuid.uuid4().hex[:6]}")
     print(f"starting 3 peers of mesh {mesh.mesh!r} on 127.0.0.1 (logs in {mesh.dir})", file=sys.stderr)
     try:
-        api = None
+        peers = []
         for i, backend in enumerate(backends):
-            p = mesh.add(f"{backend}-{i}", "--backend", backend, "--layers", f"{cuts[i]}-{cuts[i + 1]}",
-                         *(["--api-port", str(a.api_port)] if i == 0 and a.api_port else []),
-                         api=i == 0 and not a.api_port)
-            api = api or p
+            peers.append(mesh.add(f"{backend}-{i}", "--backend", backend, "--layers", f"{cuts[i]}-{cuts[i + 1]}",
+                                  *(["--api-port", str(a.api_port)] if i == 0 and a.api_port else []),
+                                  api=i == 0 and not a.api_port))
             print(f"  peer {i}: {backend}, layers [{cuts[i]}, {cuts[i + 1]})", file=sys.stderr)
+        api = peers[0]  # the first peer serves the API
+        assert api.api_port is not None
         try:
             body = mesh.wait_ready(api, timeout=a.timeout, stages=3)
         except RuntimeError as e:

@@ -8,11 +8,16 @@ import json
 import logging
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from backends.errors import TogetherError
 from protos import together_pb2 as pb
+
+if TYPE_CHECKING:
+    from backends.tokenizer import Tokenizer
+    from mesh.node import Node, NodeConfig
 
 log = logging.getLogger("together.join")
 
@@ -45,21 +50,19 @@ def render_plan(plan: pb.Plan, me: str = "") -> str:
             + "\n".join(lines) + "\n(C = coordinator, * = this peer)")
 
 
-async def run_join(a: argparse.Namespace) -> int:
-    from apps.api import make_app
+def _node_config(a: argparse.Namespace) -> NodeConfig:
+    """The peer's settings from the command line, checked (the model resolved to a path)."""
     from backends.models import model_label, resolve_model
     from backends.shard import available_backends
-    from backends.tokenizer import Tokenizer
-    from backends.weights import open_checkpoint
-    from mesh.node import Node, NodeConfig
+    from mesh.node import NodeConfig
     from mesh.placement import parse_size
-    from mesh.scheduler import Scheduler
 
     backend = a.backend
     if backend == "auto":
         have = available_backends()
         if not have:
-            raise TogetherError("neither mlx nor torch is installed; pip install 'mlx[cpu]' or torch")
+            raise TogetherError("neither mlx nor torch is installed: pip install 'together[mlx]' or "
+                                "'together[torch]'")
         backend = "mlx" if sys.platform == "darwin" and "mlx" in have else have[-1]
     layers = None
     if a.layers:
@@ -82,39 +85,52 @@ async def run_join(a: argparse.Namespace) -> int:
     except ValueError as e:
         raise TogetherError(f"--max-memory: {e}") from None
     path = resolve_model(a.model)
-    ck = open_checkpoint(path)
-    # only a peer that serves the API tokenizes; the others skip loading transformers
-    tok = Tokenizer.from_checkpoint(ck) if a.api_port is not None else None
-    cfg = NodeConfig(model=model_label(a.model), model_path=str(path), backend=backend, host=a.host,
+    return NodeConfig(model=model_label(a.model), model_path=str(path), backend=backend, host=a.host,
                      port=a.port, mesh=a.mesh, mesh_key=a.mesh_key, peers=list(a.peer), name=a.name,
                      max_memory=max_memory, layers=layers, dtype=a.dtype, wire_dtype=a.wire_dtype,
                      threads=a.threads, mdns=not a.no_mdns, adapters=list(a.adapter),
                      tp_group=a.tp_group, tp_size=tp_size if a.tp_group else 0,
                      settle_s=a.settle if not a.no_mdns else 0.0,
                      interfaces=[a.host] if a.host not in ("0.0.0.0", "") else None)
+
+
+async def _start_api(a: argparse.Namespace, node: Node, tok: Tokenizer) -> web.AppRunner:
+    """The scheduler and the OpenAI API of this peer, listening on --api-host:--api-port."""
+    from apps.api import make_app
+    from mesh.scheduler import Scheduler
+
+    node.scheduler = sched = Scheduler(node, tok, max_kv_tokens=a.max_kv_tokens)
+    runner = web.AppRunner(make_app(node, sched, api_key=a.api_key, cors_origin=a.cors_origin), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, a.api_host, a.api_port).start()
+    except OSError as e:
+        await runner.cleanup()
+        raise TogetherError(f"cannot serve the API on {a.api_host}:{a.api_port}: {e.strerror}; "
+                            f"pick another --api-port") from None
+    node.api_address = f"{a.api_host}:{a.api_port}"
+    return runner
+
+
+async def run_join(a: argparse.Namespace) -> int:
+    from backends.tokenizer import Tokenizer
+    from backends.weights import open_checkpoint
+    from mesh.node import Node
+
+    cfg = _node_config(a)
+    ck = open_checkpoint(cfg.model_path)
+    # only a peer that serves the API tokenizes; the others skip loading transformers
+    tok = Tokenizer.from_checkpoint(ck) if a.api_port is not None else None
     node = Node(cfg, ck, tok)
     node.on_plan.append(lambda plan: print(render_plan(plan, node.node_id), file=sys.stderr, flush=True))
-    runner = None
-    if a.api_port is not None:
-        node.scheduler = Scheduler(node, tok, max_kv_tokens=a.max_kv_tokens)
-        app = make_app(node, node.scheduler, api_key=a.api_key, cors_origin=a.cors_origin)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, a.api_host, a.api_port)
-        try:
-            await site.start()
-        except OSError as e:
-            await runner.cleanup()
-            raise TogetherError(f"cannot serve the API on {a.api_host}:{a.api_port}: {e.strerror}; "
-                                f"pick another --api-port") from None
-        node.api_address = f"{a.api_host}:{a.api_port}"
+    runner = await _start_api(a, node, tok) if tok is not None else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
         await node.start()
-        print(f"{node.name} joined mesh {a.mesh!r} at {node.address} ({backend}): {node.claim_reason}"
+        print(f"{node.name} joined mesh {a.mesh!r} at {node.address} ({cfg.backend}): {node.claim_reason}"
               + (f"; API on http://{node.api_address}" if runner else ""), file=sys.stderr, flush=True)
         await stop.wait()
         print(f"{node.name} leaving the mesh", file=sys.stderr, flush=True)
@@ -137,7 +153,7 @@ async def run_status(a: argparse.Namespace) -> int:
     except grpc.aio.AioRpcError as e:
         raise TogetherError(f"{a.peer}: {e.details() or e.code().name}") from None
     finally:
-        await ch.close()
+        await ch.close(grace=None)
     if a.json:
         from google.protobuf.json_format import MessageToDict
 

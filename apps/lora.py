@@ -12,10 +12,15 @@ import time
 import types
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TextIO, cast
 
 from backends.errors import TogetherError
 from backends.lora import ADAPTER_FILE, CONFIG_FILE
+
+if TYPE_CHECKING:
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 TRAIN_DEFAULTS = {"batch_size": 4, "learning_rate": 1e-5, "max_seq_length": 2048, "mask_prompt": False}
@@ -32,8 +37,8 @@ def require_mlx() -> None:
         import mlx_lm  # noqa: F401
     except ImportError as e:
         raise TogetherError(
-            f"training needs MLX, which is not installed here ({e}). On a Mac: pip install mlx "
-            f"mlx-lm; on Linux: pip install 'mlx[cpu]' mlx-lm. Torch-only peers can still serve a "
+            f"training needs MLX, which is not installed here ({e}): pip install 'together[train]' "
+            f"(MLX and mlx-lm; on Linux MLX's CPU build). Torch-only peers can still serve a "
             f"trained adapter with --adapter.") from None
 
 
@@ -92,7 +97,7 @@ def read_jsonl(path: Path) -> tuple[list[dict], str, list[int]]:
     return recs, fmt, nums
 
 
-def read_splits(data_dir: Path, mask_prompt: bool) -> dict[str, tuple[list[dict], str, list[int]]]:
+def read_splits(data_dir: Path, mask_prompt: bool) -> Splits:
     """train.jsonl (required) and valid.jsonl (optional), checked record by record."""
     if not data_dir.is_dir():
         raise DataError(f"--data {data_dir}: no such directory (it should hold train.jsonl and "
@@ -109,13 +114,19 @@ def read_splits(data_dir: Path, mask_prompt: bool) -> dict[str, tuple[list[dict]
     return out
 
 
-def make_datasets(splits: dict, tokenizer, max_len: int, mask_prompt: bool) -> dict[str, Any]:
+Splits = dict[str, tuple[list[dict], str, list[int]]]
+
+
+def make_datasets(splits: Splits, tokenizer: TokenizerWrapper, max_len: int,
+                  mask_prompt: bool) -> dict[str, Any]:
     """mlx-lm datasets of the splits, after tokenizing every record once to check its length."""
     from mlx_lm.tuner.datasets import CacheDataset, create_dataset
 
     out: dict[str, Any] = {}
     for split, (recs, fmt, nums) in splits.items():
-        ds = create_dataset(recs, tokenizer, types.SimpleNamespace(mask_prompt=mask_prompt))
+        # mlx-lm annotates a transformers tokenizer but passes its own wrapper here too (mlx_lm.lora)
+        opts = types.SimpleNamespace(mask_prompt=mask_prompt)
+        ds = create_dataset(recs, tokenizer, opts)  # type: ignore[arg-type]
         for i, n in enumerate(nums):
             where = f"{split}.jsonl line {n}"
             try:
@@ -162,7 +173,7 @@ class ProgressUI:
     peak memory; a line per report; steps counted from the resumed step."""
 
     def __init__(self, total_iters: int, rank: int = 0, *, offset: int = 0, total: int = 0,
-                 report_every: int = 10, out=sys.stderr):
+                 report_every: int = 10, out: TextIO = sys.stderr):
         from tqdm import tqdm
 
         self.offset, self.total, self.report_every, self.out = offset, total or total_iters, report_every, out
@@ -170,14 +181,12 @@ class ProgressUI:
         self.bar = tqdm(total=self.total, initial=offset, desc="lora", unit="it", file=out,
                         dynamic_ncols=True, disable=rank != 0 or not out.isatty(), leave=True)
         self.val_loss: float | None = None
-        self.last: dict[str, float] = {}
 
     def __enter__(self) -> "ProgressUI":
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc: object) -> None:
         self.bar.close()
-        return False
 
     def advance(self) -> None:
         self.bar.update(1)
@@ -187,7 +196,6 @@ class ProgressUI:
 
         step = self.offset + it
         peak = mx.get_peak_memory() / 1e9
-        self.last = {"step": step, "train_loss": train_loss, "tokens_per_s": tokens_sec, "peak_gb": peak}
         val = f"{self.val_loss:.3f}" if self.val_loss is not None else "-"
         self.bar.set_postfix_str(f"loss {train_loss:.3f} val {val} {tokens_sec:.0f} tok/s peak {peak:.2f} GB")
         if step % self.report_every == 0 or step == self.total:
@@ -195,7 +203,7 @@ class ProgressUI:
                            f"{tokens_sec:,.0f} tok/s  peak memory {peak:.2f} GB", file=self.out)
 
     @contextmanager
-    def val_task(self, total: int) -> Iterator:
+    def val_task(self, total: int) -> Iterator[Callable[[], None]]:
         yield lambda: None
 
     def report_val(self, it: int, val_loss: float, val_time: float) -> None:
@@ -203,23 +211,24 @@ class ProgressUI:
         self.bar.write(f"step {self.offset + it - 1:>5}/{self.total}  val loss {val_loss:.3f}  "
                        f"({val_time:.1f} s)", file=self.out)
 
-    def report_save(self, path) -> None:
+    def report_save(self, path: str) -> None:
         pass
 
 
 @contextmanager
-def _progress_ui(**kw) -> Iterator[None]:
+def _progress_ui(**kw: Any) -> Iterator[None]:
     from mlx_lm.tuner import trainer
 
     old = getattr(trainer, "TrainUI", None)
     if old is None:  # an mlx-lm without the UI hook: keep its own output
         yield
         return
-    trainer.TrainUI = lambda total_iters, rank=0: ProgressUI(total_iters, rank, **kw)
+    # ProgressUI has TrainUI's methods, not its type: setattr says the swap is on purpose
+    setattr(trainer, "TrainUI", lambda total_iters, rank=0: ProgressUI(total_iters, rank, **kw))
     try:
         yield
     finally:
-        trainer.TrainUI = old
+        setattr(trainer, "TrainUI", old)
 
 
 def _read_resume(path: Path) -> tuple[Path, dict]:
@@ -232,17 +241,24 @@ def _read_resume(path: Path) -> tuple[Path, dict]:
     return path, json.loads(cfg_path.read_text())
 
 
-def save_adapter(out: Path, model, optimizer, cfg: dict, step: int, checkpoint: bool) -> None:
-    """adapters.safetensors + adapter_config.json (+ the optimizer state, to resume exactly)."""
-    import mlx.core as mx
+def _flat(tree: Any) -> dict[str, Any]:
+    """mlx's tree_flatten as a dict of dotted names (its annotation allows a list or a dict)."""
     from mlx.utils import tree_flatten
 
+    return dict(cast("list[tuple[str, Any]]", tree_flatten(tree)))
+
+
+def save_adapter(out: Path, model: nn.Module, optimizer: optim.Optimizer, cfg: dict[str, Any], step: int,
+                 checkpoint: bool) -> None:
+    """adapters.safetensors + adapter_config.json (+ the optimizer state, to resume exactly)."""
+    import mlx.core as mx
+
     out.mkdir(parents=True, exist_ok=True)
-    weights = dict(tree_flatten(model.trainable_parameters()))
+    weights = _flat(model.trainable_parameters())
     mx.save_safetensors(str(out / ADAPTER_FILE), weights)
     if checkpoint:
         mx.save_safetensors(str(out / f"{step:07d}_{ADAPTER_FILE}"), weights)
-    state = dict(tree_flatten(optimizer.state))
+    state = _flat(optimizer.state)
     mx.save_safetensors(str(out / OPTIMIZER_FILE), state)
     cfg = dict(cfg, step=step)
     tmp = out / (CONFIG_FILE + ".tmp")
@@ -250,17 +266,9 @@ def save_adapter(out: Path, model, optimizer, cfg: dict, step: int, checkpoint: 
     tmp.replace(out / CONFIG_FILE)
 
 
-def run_lora(a: argparse.Namespace) -> int:
-    require_mlx()
-    import mlx.core as mx
-    import mlx.optimizers as optim
-    import numpy as np
-    from mlx.utils import tree_flatten, tree_unflatten
-    from mlx_lm.tuner.callbacks import TrainingCallback
-    from mlx_lm.tuner.trainer import TrainingArgs, train
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-    from mlx_lm.utils import load
-
+def _settle_args(a: argparse.Namespace) -> tuple[Path | None, int, Path]:
+    """Fills `a` from the resumed run where not given and checks it: (the resumed adapter directory,
+    its step, the output directory)."""
     from backends.models import model_label
 
     resume_dir, resume_cfg = (None, {}) if not a.resume else _read_resume(Path(a.resume).expanduser())
@@ -288,13 +296,44 @@ def run_lora(a: argparse.Namespace) -> int:
             raise TogetherError(f"{name} must be at least {lo}")
     if not (a.learning_rate > 0 and math.isfinite(a.learning_rate)):
         raise TogetherError("--learning-rate must be a positive number")
+    return resume_dir, start_step, out
+
+
+def _add_lora(model: nn.Module, a: argparse.Namespace, k: int, resume_dir: Path | None) -> optim.Adam:
+    """Freezes the model, puts LoRA layers on its last k layers and returns their optimizer, both
+    as the resumed run left them."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    from mlx.utils import tree_unflatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model.freeze()
+    linear_to_lora_layers(model, k, {"rank": a.rank, "scale": a.scale, "dropout": a.dropout})
+    optimizer = optim.Adam(learning_rate=a.learning_rate)
+    if resume_dir is not None:
+        model.load_weights(str(resume_dir / ADAPTER_FILE), strict=False)
+        opt_file = resume_dir / OPTIMIZER_FILE
+        if opt_file.is_file():
+            optimizer.init(model.trainable_parameters())
+            state = mx.load(str(opt_file))
+            assert isinstance(state, dict)  # a .safetensors file loads as a dict
+            optimizer.state = tree_unflatten(list(state.items()))
+            optimizer.learning_rate = a.learning_rate  # the moments resume; the rate is this run's
+    return optimizer
+
+
+def _load(a: argparse.Namespace) -> tuple[Path, nn.Module, dict[str, Any]]:
+    """The model's MLX directory, the model (seeded) and the checked datasets of --data."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm.utils import load
 
     splits = read_splits(Path(a.data).expanduser(), a.mask_prompt)
     np.random.seed(a.seed)
     mx.random.seed(a.seed)
     path = mlx_model_dir(a.model)
     print(f"loading {path}", file=sys.stderr)
-    model, tokenizer = load(str(path))
+    model, tokenizer = load(str(path))[:2]
     if a.dtype != "auto":
         model.set_dtype(getattr(mx, a.dtype))
     data = make_datasets(splits, tokenizer, a.max_seq_length, a.mask_prompt)
@@ -304,34 +343,39 @@ def run_lora(a: argparse.Namespace) -> int:
                         f"add records or lower --batch-size")
     if valid_set is not None and len(valid_set) < a.batch_size:
         raise DataError(f"valid.jsonl has {len(valid_set)} records but --batch-size is {a.batch_size}")
+    return path, model, data
 
+
+def run_lora(a: argparse.Namespace) -> int:
+    require_mlx()
+    import mlx.core as mx
+    from mlx_lm.tuner.callbacks import TrainingCallback
+    from mlx_lm.tuner.trainer import TrainingArgs, train
+
+    from backends.models import model_label
+
+    resume_dir, start_step, out = _settle_args(a)
+    path, model, data = _load(a)
+    train_set, valid_set = data["train"], data.get("valid")
     n_layers = len(model.layers)
     k = n_layers if a.layers < 0 else a.layers
     if not 1 <= k <= n_layers:
         raise TogetherError(f"--layers {a.layers}: the model has {n_layers} layers")
-    model.freeze()
-    lora_params = {"rank": a.rank, "scale": a.scale, "dropout": a.dropout}
-    linear_to_lora_layers(model, k, lora_params)
-    optimizer = optim.Adam(learning_rate=a.learning_rate)
+    optimizer = _add_lora(model, a, k, resume_dir)
     if resume_dir is not None:
-        model.load_weights(str(resume_dir / ADAPTER_FILE), strict=False)
-        opt_file = resume_dir / OPTIMIZER_FILE
-        if opt_file.is_file():
-            optimizer.init(model.trainable_parameters())
-            optimizer.state = tree_unflatten(list(mx.load(str(opt_file)).items()))
-            optimizer.learning_rate = a.learning_rate  # the moments resume; the rate is this run's
         print(f"resuming {resume_dir} at step {start_step}", file=sys.stderr)
-    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    total = sum(v.size for _, v in tree_flatten(model.parameters()))
-    keys = sorted({name.split(".lora_a")[0].split(".", 3)[3]
-                   for name, _ in tree_flatten(model.trainable_parameters()) if name.endswith("lora_a")})
+    tuned = _flat(model.trainable_parameters())
+    trainable = sum(v.size for v in tuned.values())
+    total = sum(v.size for v in _flat(model.parameters()).values())
+    keys = sorted({name.split(".lora_a")[0].split(".", 3)[3] for name in tuned if name.endswith("lora_a")})
     print(f"{data['train_format']} data: {len(train_set)} train"
           + (f", {len(valid_set)} valid" if valid_set is not None else ", no valid.jsonl")
           + f" | LoRA rank {a.rank} scale {a.scale} on the last {k} of {n_layers} layers "
           f"({', '.join(keys)}) | {trainable / 1e6:.3f}M trainable of {total / 1e6:.1f}M parameters",
           file=sys.stderr)
 
-    cfg = {"fine_tune_type": "lora", "num_layers": k, "lora_parameters": dict(lora_params, keys=keys),
+    lora_params = {"rank": a.rank, "scale": a.scale, "dropout": a.dropout, "keys": keys}
+    cfg = {"fine_tune_type": "lora", "num_layers": k, "lora_parameters": lora_params,
            "name": out.name, "base_model": model_label(a.model), "model": str(path),
            "target_layers": [n_layers - k, n_layers], "iters": a.iters, "batch_size": a.batch_size,
            "learning_rate": a.learning_rate, "max_seq_length": a.max_seq_length,
@@ -361,7 +405,7 @@ def run_lora(a: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("lora", help="fine-tune a LoRA adapter on MLX (QLoRA for quantized models)",
                        description="Fine-tune a LoRA adapter with mlx-lm's tuner. --data DIR holds "
                                    "train.jsonl (and optionally valid.jsonl): chat ({\"messages\": "

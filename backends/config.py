@@ -50,7 +50,8 @@ class ModelConfig:
         if mt == "llama" and d.get("attention_bias"):
             qkv_bias = o_bias = True
         # transformers >= 5 writes rope_theta and the scaling under one "rope_parameters" dict
-        rope = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
+        rp = d.get("rope_parameters")
+        rope: dict[str, Any] = rp if isinstance(rp, dict) else {}
         scaling = d.get("rope_scaling")
         if scaling is None and rope.get("rope_type", "default") != "default":
             scaling = {k: v for k, v in rope.items() if k != "rope_theta"}

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from backends.errors import ModelError
+from backends.shard import missing_backend
 from backends.weights import open_checkpoint
 
 _DENSE = {"float16": np.float16, "float32": np.float32}
@@ -21,7 +22,10 @@ _DENSE = {"float16": np.float16, "float32": np.float32}
 def gguf_to_mlx(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float16",
                 tokenizer: bool = True) -> Path:
     """Write config.json, model.safetensors and the tokenizer of `gguf_path` into `out_dir`."""
-    import mlx.core as mx
+    try:
+        import mlx.core as mx
+    except ImportError as e:
+        raise missing_backend("mlx", e) from None
 
     gguf_path = Path(gguf_path).expanduser()
     ck = open_checkpoint(gguf_path)

@@ -19,3 +19,7 @@ class RequestError(TogetherError):
 
 class GroupError(TogetherError):
     """A tensor-parallel group could not form, or lost a rank (the stage must be re-formed)."""
+
+
+class BackendMissing(RequestError):
+    """A backend whose framework is not installed here; the message names the extra to install."""

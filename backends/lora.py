@@ -137,8 +137,8 @@ def open_adapter(spec: str) -> Adapter:
                          f"e.g. --adapter myname={path}")
     ad = Adapter(name, path, rank, scale, str(cfg.get("base_model", "")), int(cfg.get("step", 0)), cfg)
     pairs: dict[tuple[int, str], dict[str, str]] = {}
-    for key, info in _SafetensorsFile(path / ADAPTER_FILE).header.items():
-        ad.shapes[key] = list(info["shape"])
+    for key, shape in _SafetensorsFile(path / ADAPTER_FILE).shapes.items():
+        ad.shapes[key] = list(shape)
         m = _KEY.match(key)
         if not m:
             raise ModelError(f"adapter {path}: unexpected tensor {key!r} (expected "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -87,11 +86,12 @@ def hub_download(repo_id: str, start: int | None = None, end: int | None = None)
             wm = json.loads(index.read_text())["weight_map"]
             want = set()
             n_layers = json.loads((path / "config.json").read_text())["num_hidden_layers"]
+            stop = n_layers if end is None else end
             for k, f in wm.items():
                 m = re.match(r"model\.layers\.(\d+)\.", k)
-                if (m and start <= int(m.group(1)) < end) or (not m and (
-                        (start == 0 and "embed" in k) or (end == n_layers and "embed" not in k)
-                        or (end == n_layers and "embed" in k))):
+                if (m and start <= int(m.group(1)) < stop) or (not m and (
+                        (start == 0 and "embed" in k) or (stop == n_layers and "embed" not in k)
+                        or (stop == n_layers and "embed" in k))):
                     want.add(f)
             for f in sorted(want):
                 hf_hub_download(repo_id, f)
@@ -129,10 +129,3 @@ def model_label(name: str | None) -> str:
         if p.name == spec["file"]:
             return short
     return p.stem if p.suffix == ".gguf" else p.name or name
-
-
-def copy_into_cache(src: Path, name: str = DEFAULT_MODEL) -> Path:
-    dest = cache_dir() / "models" / EMBEDDED[name]["file"]
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dest)
-    return dest

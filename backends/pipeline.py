@@ -1,5 +1,5 @@
-"""Consecutive slices in one process, hidden states passed through the wire codec: the path
-the mesh takes, minus the network."""
+"""Consecutive slices in one process, hidden states handed on as the (dtype, shape, bytes) triple
+a mesh Frame carries, checked by the receiving side: the path the mesh takes, minus the network."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from backends.sampling import SamplingParams
 from backends.shard import BACKENDS, LayerShard, Sample, SeqChunk, load_shard
 from backends.tokenizer import Tokenizer
 from backends.weights import Checkpoint
-from backends.wire import Hidden, decode, encode
+from backends.wire import Hidden
 
 _SPEC = re.compile(r"^(?:(?P<backend>[a-z]+):)?(?P<start>\d+)-(?P<end>\d+)(?:\*(?P<tp>\w*))?$")
 
@@ -67,7 +67,8 @@ def parse_shards(spec: str, num_layers: int, default_backend: str) -> list[Slice
 
 
 class Pipeline:
-    """Slices run back to back; between them the hidden states go through encode/decode."""
+    """Slices run back to back; between them the hidden states are copied and checked as a stage
+    that receives them over the network would."""
 
     def __init__(self, shards: list[LayerShard]):
         self.shards = shards
@@ -121,11 +122,17 @@ class Pipeline:
         x: np.ndarray | Hidden = tokens
         for sh in self.shards[:-1]:
             h = sh.forward(chunks, x)
-            head, payload = encode(h)
-            self.bytes_per_hop = len(head) + len(payload)
-            x = decode(b"".join((head, payload)))
+            if not isinstance(h, Hidden):
+                raise TypeError(f"slice [{sh.start}, {sh.end}) is not the last but returned samples")
+            x = h.copy()
+            self.bytes_per_hop = x.nbytes
         last = self.shards[-1]
-        return last.logits(chunks, x) if logits else last.forward(chunks, x)
+        if logits:
+            return last.logits(chunks, x)
+        out = last.forward(chunks, x)
+        if isinstance(out, Hidden):
+            raise TypeError(f"the last slice [{last.start}, {last.end}) returned hidden states, not samples")
+        return out
 
     def generate(self, prompt: list[int], params: SamplingParams, tok: Tokenizer,
                  stats: dict | None = None, adapter: str = "") -> Iterator[Delta]:

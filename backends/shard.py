@@ -9,19 +9,42 @@ numpy and bytes at its edges, never framework tensors:
 from __future__ import annotations
 
 import abc
+import importlib
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Sequence
 
 import numpy as np
 
 from backends.config import ModelConfig
-from backends.errors import RequestError
+from backends.errors import BackendMissing, RequestError
 from backends.lora import Adapter, Route, module_dims
 from backends.sampling import SamplingParams
 from backends.weights import Checkpoint
 from backends.wire import DTYPES, Hidden
 
 BACKENDS = ("mlx", "torch")
+_NEEDS = {"torch": "torch", "mlx": "mlx", "mlx_lm": "mlx-lm"}  # top-level module -> package
+
+
+def missing_backend(backend: str, e: ImportError) -> RequestError:
+    """The one-line error for a backend that cannot be imported: the package and the extra."""
+    pkg = _NEEDS.get((e.name or "").partition(".")[0])
+    if pkg is not None:
+        return BackendMissing(f"the {backend} backend needs {pkg}: pip install 'together[{backend}]'")
+    return BackendMissing(f"the {backend} backend could not be imported ({e}); "
+                          f"pip install 'together[{backend}]'")
+
+
+def backend_module(backend: str, module: str) -> ModuleType:
+    """backends.<backend>.<module> (e.g. 'torch', 'shard'), or a one-line error naming the extra to
+    install; the base package imports neither torch nor MLX."""
+    if backend not in BACKENDS:
+        raise RequestError(f"unknown backend {backend!r} (expected one of {', '.join(BACKENDS)})")
+    try:
+        return importlib.import_module(f"backends.{backend}.{module}")
+    except ImportError as e:
+        raise missing_backend(backend, e) from None
 
 
 @dataclass
@@ -177,9 +200,6 @@ class LayerShard(abc.ABC):
                 raise RequestError(f"expected hidden states of shape ({total}, "
                                    f"{self.config.hidden_size}), got {got}")
 
-    def cache_tokens(self) -> int:
-        return sum(st.length for st in self.seqs.values())
-
     # ---- backend hooks
 
     @abc.abstractmethod
@@ -189,7 +209,9 @@ class LayerShard(abc.ABC):
     def _free_cache(self, seq_id: str) -> None: ...
 
     @abc.abstractmethod
-    def _forward(self, chunks: list[SeqChunk], x: np.ndarray | Hidden, want_logits: bool): ...
+    def _forward(self, chunks: list[SeqChunk], x: np.ndarray | Hidden | None, want_logits: bool):
+        """Hidden states, samples or logits (want_logits); x None: a tensor-parallel worker, whose
+        input comes from rank 0."""
 
     def _apply_adapter(self, adapter: Adapter, weights: dict) -> None:
         """Add the adapter's (a, b) pairs ({layer: {module: (a, b)}}) to this slice's layers."""
@@ -231,8 +253,8 @@ def estimate_layer_bytes(ck: Checkpoint, backend: str, dtype: str = "auto", head
     for n in names:
         t = ck.get(n)
         elems = int(np.prod(t.shape))
-        if backend == "mlx" and t.quantized:
-            a = t.affine()
+        a = t.affine() if backend == "mlx" else None  # MLX keeps affine tensors packed
+        if a is not None:
             total += a.packed.nbytes + (a.scales.size + a.biases.size) * size
         else:
             total += elems * size
@@ -256,17 +278,7 @@ def load_shard(backend: str, checkpoint: Checkpoint, start: int, end: int, dtype
     """Load layers [start, end) of `checkpoint` on `backend` ('mlx' or 'torch')."""
     if dtype == "auto":
         dtype = default_dtype(backend, checkpoint, device)
+    shard = backend_module(backend, "shard")
     if backend == "mlx":
-        try:
-            from backends.mlx.shard import MLXShard
-        except ImportError as e:
-            raise RequestError(f"the mlx backend is not installed ({e}); pip install mlx "
-                               f"(Linux: 'mlx[cpu]')") from None
-        return MLXShard(checkpoint, start, end, dtype, wire_dtype, threads=threads)
-    if backend == "torch":
-        try:
-            from backends.torch.shard import TorchShard
-        except ImportError as e:
-            raise RequestError(f"the torch backend is not installed ({e}); pip install torch") from None
-        return TorchShard(checkpoint, start, end, dtype, wire_dtype, device=device, threads=threads)
-    raise RequestError(f"unknown backend {backend!r} (expected one of {', '.join(BACKENDS)})")
+        return shard.MLXShard(checkpoint, start, end, dtype, wire_dtype, threads=threads)
+    return shard.TorchShard(checkpoint, start, end, dtype, wire_dtype, device=device, threads=threads)

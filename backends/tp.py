@@ -23,12 +23,13 @@ stays broken: the mesh treats it like the loss of a stage and forms a new one.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import dataclasses
+import functools
 import os
 import queue
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,14 +37,21 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from multiprocessing.connection import AuthenticationError, Client, Connection, Listener
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
-from typing import Callable
+from types import ModuleType
+from typing import IO, Callable, Concatenate, ParamSpec, Protocol, TypeVar
+
+import numpy as np
 
 from backends.config import ModelConfig
 from backends.errors import GroupError, ModelError, RequestError, TogetherError
-from backends.shard import BACKENDS, LayerShard, SeqChunk, default_dtype
+from backends.lora import Adapter
+from backends.net import free_port, sock_ip
+from backends.shard import BACKENDS, LayerShard, SeqChunk, SeqState, backend_module, default_dtype
 from backends.weights import Checkpoint, open_checkpoint
+from backends.wire import Hidden
 
 PROTO = 1
 KEY_ENV = "TOGETHER_TP_KEY"  # a spawned worker's group key (hex); kept off its command line
@@ -197,7 +205,7 @@ def _status(code: int) -> str:
     return f"signal {-code}" if code < 0 else f"exit code {code}"
 
 
-def _tail(f, n: int = 600) -> str:
+def _tail(f: IO[bytes] | None, n: int = 600) -> str:
     if f is None:
         return ""
     try:
@@ -209,22 +217,29 @@ def _tail(f, n: int = 600) -> str:
     return f": ...{text[-n:]}" if len(text) > n else (f": {text}" if text else "")
 
 
-class Peers:
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _locked(fn: Callable[Concatenate[RankLinks, _P], _R]) -> Callable[Concatenate[RankLinks, _P], _R]:
+    """One message at a time on each channel, whichever thread sends."""
+    @functools.wraps(fn)
+    def wrapper(self: RankLinks, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self.lock:
+            return fn(self, *args, **kwargs)
+    return wrapper
+
+
+class RankLinks:
     """Rank 0's channels to the workers (and their processes where it spawned them)."""
 
     def __init__(self, what: str, timeout: float):
         self.what, self.timeout = what, timeout
         self.conns: dict[int, Connection] = {}
-        self.procs: dict[int, subprocess.Popen] = {}
-        self.logs: dict[int, object] = {}
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.logs: dict[int, IO[bytes]] = {}
         self.broken: str | None = None
-        self.lock = threading.RLock()  # one message at a time on each channel, whichever thread sends
-
-    def _locked(fn):
-        def wrapper(self, *args, **kwargs):
-            with self.lock:
-                return fn(self, *args, **kwargs)
-        return wrapper
+        self.lock = threading.RLock()
 
     @_locked
     def gone(self, rank: int) -> str | None:
@@ -334,21 +349,25 @@ class Peers:
         self.logs.clear()
         self.broken = self.broken or f"the tensor-parallel group of {self.what} is closed"
 
-    del _locked
-
 
 # ---------------------------------------------------------------- the rank shards' common part
 
 
-class TPRank:
-    """Mixin for a backend's tensor-parallel shard, placed before the backend's LayerShard class.
+class Comm(Protocol):
+    """A rank's collectives (the backend's own kind); the common part only closes it."""
+
+    def close(self) -> None: ...
+
+
+class TPRank(LayerShard):
+    """Base of a backend's tensor-parallel shard, placed before the backend's LayerShard class.
     Rank 0 mirrors each sequence and forward on the workers; a worker's input comes from rank 0.
     The backend class provides `_input` (rank 0 broadcasts what it computes with; a worker
-    receives it), `stats()` and a `comm` with `close()`."""
+    receives it), `stats()` and its `comm`."""
 
     part: RankPart
-    comm: object
-    peers: Peers | None = None  # rank 0 only
+    comm: Comm
+    links: RankLinks | None = None  # rank 0 only
     group: "TPGroup | None" = None
     _incoming = 0  # a worker: tokens of the forward under way
 
@@ -360,26 +379,27 @@ class TPRank:
     def is_last(self) -> bool:
         return self.end == self.config.num_hidden_layers and self.part.edges
 
-    def _new_cache(self, seq_id, st) -> None:
-        if self.peers is not None:
-            self.peers.send(("add", seq_id))
-        super()._new_cache(seq_id, st)
+    # super() below is the backend's shard, next in the MRO; mypy sees LayerShard's abstract hooks
+    def _new_cache(self, seq_id: str, st: SeqState) -> None:
+        if self.links is not None:
+            self.links.send(("add", seq_id))
+        super()._new_cache(seq_id, st)  # type: ignore[safe-super]
 
-    def _free_cache(self, seq_id) -> None:
-        super()._free_cache(seq_id)
-        if self.peers is not None:
-            self.peers.send(("free", seq_id), quiet=True)
+    def _free_cache(self, seq_id: str) -> None:
+        super()._free_cache(seq_id)  # type: ignore[safe-super]
+        if self.links is not None:
+            self.links.send(("free", seq_id), quiet=True)
 
-    def _forward(self, chunks, x, want_logits):
-        if self.peers is None:
-            return super()._forward(chunks, x, want_logits)
-        self.peers.send(("fwd", [(c.seq_id, c.offset, c.length) for c in chunks]))
+    def _forward(self, chunks: list[SeqChunk], x: np.ndarray | Hidden | None, want_logits: bool):
+        if self.links is None:
+            return super()._forward(chunks, x, want_logits)  # type: ignore[safe-super]
+        self.links.send(("fwd", [(c.seq_id, c.offset, c.length) for c in chunks]))
         try:
-            return super()._forward(chunks, x, want_logits)
+            return super()._forward(chunks, x, want_logits)  # type: ignore[safe-super]
         except RuntimeError as e:  # gloo / NCCL / the MLX ring: a peer left or timed out
-            raise self.peers.failed(e) from None
+            raise self.links.failed(e) from None
 
-    def _apply_adapter(self, adapter, weights) -> None:
+    def _apply_adapter(self, adapter: Adapter, weights: dict) -> None:
         raise RequestError("LoRA adapters are not supported on a tensor-parallel stage yet")
 
     def serve_forward(self, chunks: list[SeqChunk]) -> None:
@@ -392,30 +412,21 @@ class TPRank:
         for c in chunks:
             self.seqs[c.seq_id].length += c.length
 
+    @abc.abstractmethod
+    def stats(self) -> dict:
+        """This rank's weight_nbytes, layer_nbytes and cache_nbytes."""
+
     def rank_stats(self) -> list[dict]:
         """Every rank's stats(), rank 0 first (weight_nbytes, layer_nbytes, cache_nbytes)."""
-        return [self.stats()] + (self.peers.request(("stats",)) if self.peers is not None else [])
+        return [self.stats()] + (self.links.request(("stats",)) if self.links is not None else [])
 
     def close(self) -> None:
         if self.group is not None:
             self.group.close()
 
 
-def _backend(name: str):
-    if name == "torch":
-        try:
-            from backends.torch import tp
-        except ImportError as e:
-            raise RequestError(f"the torch backend is not installed ({e}); pip install torch") from None
-        return tp
-    if name == "mlx":
-        try:
-            from backends.mlx import tp
-        except ImportError as e:
-            raise RequestError(f"the mlx backend is not installed ({e}); pip install mlx "
-                               f"(Linux: 'mlx[cpu]')") from None
-        return tp
-    raise RequestError(f"unknown backend {name!r} (expected one of {', '.join(BACKENDS)})")
+def _backend(name: str) -> ModuleType:
+    return backend_module(name, "tp")
 
 
 def _fingerprint(cfg: ModelConfig) -> list:
@@ -423,22 +434,7 @@ def _fingerprint(cfg: ModelConfig) -> list:
             cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim]
 
 
-def _sock_ip(conn: Connection) -> str:
-    """The local address of a channel: the one the other end reaches this process at."""
-    s = socket.socket(fileno=os.dup(conn.fileno()))
-    try:
-        return s.getsockname()[0]
-    finally:
-        s.close()
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def _watched(fn: Callable, peers: Peers, deadline: float, what: str):
+def _watched(fn: Callable, links: RankLinks, deadline: float, what: str):
     """Run fn() on a daemon thread while watching the workers: a worker that dies or reports an
     error, or the deadline, ends the wait with GroupError (a blocked rendezvous cannot be
     cancelled; mx.distributed.init holds the GIL while it connects, so there the watch waits)."""
@@ -456,12 +452,59 @@ def _watched(fn: Callable, peers: Peers, deadline: float, what: str):
         t.join(0.05)
         if not t.is_alive():
             break
-        peers.check()
+        links.check()
         if time.monotonic() > deadline:
-            raise GroupError(f"tensor-parallel group of {peers.what}: timed out while {what}")
+            raise GroupError(f"tensor-parallel group of {links.what}: timed out while {what}")
     if "error" in box:
         raise box["error"]
     return box.get("value")
+
+
+# ---------------------------------------------------------------- launching a worker
+
+
+@dataclass
+class WorkerSpec:
+    """What a worker (rank > 0) runs: its place in the group, rank 0's channel ("host:port"), the
+    model and layers [start, end), and, where set, its threads, device, timeout and the pid of the
+    process it must not outlive."""
+
+    rank: int
+    world: int
+    connect: str
+    model: str
+    layers: tuple[int, int]
+    backend: str
+    dtype: str
+    threads: int | None = None
+    device: str | None = None
+    timeout: float | None = None
+    parent: int | None = None
+
+
+def worker_command(spec: WorkerSpec) -> list[str]:
+    """The command line of a worker (`python -m backends.tp ...`); the key travels in its environment."""
+    cmd = [sys.executable, "-m", "backends.tp", "--rank", str(spec.rank), "--world", str(spec.world),
+           "--connect", spec.connect, "--model", spec.model, "--layers", f"{spec.layers[0]}-{spec.layers[1]}",
+           "--backend", spec.backend, "--dtype", spec.dtype]
+    if spec.timeout is not None:
+        cmd += ["--timeout", str(spec.timeout)]
+    if spec.device:
+        cmd += ["--device", spec.device]
+    if spec.threads:
+        cmd += ["--threads", str(spec.threads)]
+    if spec.parent is not None:
+        cmd += ["--parent", str(spec.parent)]
+    return cmd
+
+
+def spawn_worker(spec: WorkerSpec, key: bytes, stdout: IO[bytes] | int | None = None,
+                 stderr: IO[bytes] | int | None = None) -> subprocess.Popen[bytes]:
+    """Start a worker process from the repository root, with the group key in TOGETHER_TP_KEY."""
+    env = dict(os.environ, **{KEY_ENV: key.hex()})
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return subprocess.Popen(worker_command(spec), cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                            stdout=stdout, stderr=stderr)
 
 
 # ---------------------------------------------------------------- the group (rank 0)
@@ -470,7 +513,7 @@ def _watched(fn: Callable, peers: Peers, deadline: float, what: str):
 class TPGroup:
     """Rank 0 of a tensor-parallel group serving layers [start, end) of one model with `world`
     processes of one backend. Workers are spawned on this host by `start()`, or, with
-    `start(spawn=False)`, launched anywhere with `worker_command(rank)` (the key in TOGETHER_TP_KEY)
+    `start(spawn=False)`, launched anywhere with `worker_command(worker_spec(rank))` (the key in TOGETHER_TP_KEY)
     and connect to `address`. `start()` returns rank 0's LayerShard (also `.shard`); `close()` stops
     the group. On MLX a process can join one group in its life (mx.distributed keeps one ring)."""
 
@@ -491,7 +534,7 @@ class TPGroup:
         self.parts = plan(self.ck, start, end, world, backend)  # bad groupings fail before any start
         self.key = key or secrets.token_bytes(32)
         self.what = f"layers [{start}, {end}) ({backend}, {world} ranks)"
-        self.peers = Peers(self.what, timeout)
+        self.links = RankLinks(self.what, timeout)
         self.shard: LayerShard | None = None
         self._listener: Listener | None = Listener((host, port), authkey=self.key)
         self.address: tuple[str, int] = self._listener.address
@@ -522,26 +565,18 @@ class TPGroup:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def worker_command(self, rank: int, connect_host: str | None = None) -> list[str]:
-        """The command line of worker `rank` (it reads the key from TOGETHER_TP_KEY)."""
+    def worker_spec(self, rank: int, connect_host: str | None = None) -> WorkerSpec:
+        """What worker `rank` runs: `worker_command(spec)` is its command line (it reads the key
+        from TOGETHER_TP_KEY)."""
         host = connect_host or ("127.0.0.1" if self.address[0] in ("0.0.0.0", "") else self.address[0])
-        cmd = [sys.executable, "-m", "backends.tp", "--rank", str(rank), "--world", str(self.world),
-               "--connect", f"{host}:{self.address[1]}", "--model", str(self.ck.path),
-               "--layers", f"{self.layers[0]}-{self.layers[1]}", "--backend", self.backend, "--dtype", self.dtype,
-               "--timeout", str(self.timeout)]
-        if self.rank_device(rank):
-            cmd += ["--device", self.rank_device(rank)]
-        if self.threads:
-            cmd += ["--threads", str(self.threads)]
-        return cmd
+        return WorkerSpec(rank=rank, world=self.world, connect=f"{host}:{self.address[1]}", model=str(self.ck.path),
+                          layers=self.layers, backend=self.backend, dtype=self.dtype, threads=self.threads,
+                          device=self.rank_device(rank), timeout=self.timeout)
 
     def _spawn(self, rank: int) -> None:
         log = tempfile.TemporaryFile()
-        env = dict(os.environ, **{KEY_ENV: self.key.hex()})
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-        self.peers.logs[rank] = log
-        self.peers.procs[rank] = subprocess.Popen(self.worker_command(rank), cwd=ROOT, env=env,
-                                                  stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        self.links.logs[rank] = log
+        self.links.procs[rank] = spawn_worker(self.worker_spec(rank), self.key, stdout=log, stderr=log)
 
     def start(self, spawn: bool = True, form_timeout: float = 300.0) -> LayerShard:
         """Form the group (spawning the workers unless spawn=False) and load rank 0's part."""
@@ -557,15 +592,15 @@ class TPGroup:
             self._listener.close()
             self._listener = None
             specs = self._collective_specs(hellos)
-            for r, c in self.peers.conns.items():
+            for r, c in self.links.conns.items():
                 c.send(("go", {"part": dataclasses.asdict(self.parts[r]), "collective": specs[r],
                                "timeout": self.timeout}))
             dev = self.rank_device(0)
             comm = _watched(lambda: self.mod.connect(0, self.world, specs[0], self.timeout, dev),
-                            self.peers, deadline, "joining the collective")
+                            self.links, deadline, "joining the collective")
             shard = self.mod.TPShard(self.ck, *self.layers, self.dtype, self.wire_dtype, dev,
                                      self.threads, self.parts[0], comm)
-            shard.peers, shard.group = self.peers, self
+            shard.links, shard.group = self.links, self
             self._wait_ready(deadline)
             self.shard = shard
             return shard
@@ -576,7 +611,7 @@ class TPGroup:
     def _collective_specs(self, hellos: dict[int, dict]) -> dict[int, dict]:
         """How each rank joins the collective: the TCPStore at rank 0 (torch), or the ring's
         hostfile (MLX), at the address the workers reached rank 0 at."""
-        ip0 = _sock_ip(next(iter(self.peers.conns.values())))
+        ip0 = sock_ip(next(iter(self.links.conns.values())))
         if self.backend == "torch":
             kind = self.collective or ("nccl" if (self.device or "cpu").startswith("cuda") else "gloo")
             port = free_port(ip0)
@@ -604,10 +639,10 @@ class TPGroup:
         while len(hellos) < self.world - 1:
             if self._listener is None:  # close() while it formed (e.g. the mesh gave the stage away)
                 raise GroupError(f"the tensor-parallel group of {self.what} was closed before it formed")
-            for r, p in self.peers.procs.items():
+            for r, p in self.links.procs.items():
                 if r not in hellos and p.poll() is not None:
                     raise GroupError(f"tensor-parallel rank {r} of {self.what} exited before joining "
-                                     f"({_status(p.returncode)}{_tail(self.peers.logs.get(r))})")
+                                     f"({_status(p.returncode)}{_tail(self.links.logs.get(r))})")
             if time.monotonic() > deadline:
                 missing = sorted(set(range(1, self.world)) - set(hellos))
                 raise GroupError(f"tensor-parallel group of {self.what}: ranks {missing} did not join "
@@ -633,8 +668,8 @@ class TPGroup:
                     conn.close()
                 raise RequestError(err)
             hellos[hello["rank"]] = hello
-            self.peers.conns[hello["rank"]] = conn
-        self.peers.conns = dict(sorted(self.peers.conns.items()))
+            self.links.conns[hello["rank"]] = conn
+        self.links.conns = dict(sorted(self.links.conns.items()))
         return hellos
 
     def _refusal(self, h: dict, seen: dict) -> str | None:
@@ -657,26 +692,26 @@ class TPGroup:
         return None
 
     def _wait_ready(self, deadline: float) -> None:
-        for r, c in self.peers.conns.items():
+        for r, c in self.links.conns.items():
             while not c.poll(0.05):
-                why = self.peers.gone(r)
+                why = self.links.gone(r)
                 if why:
-                    raise self.peers.fail(r, why)
+                    raise self.links.fail(r, why)
                 if time.monotonic() > deadline:
                     raise GroupError(f"tensor-parallel rank {r} of {self.what} did not load its part in time")
             try:
                 msg = c.recv()
             except (EOFError, OSError):
-                raise self.peers.fail(r, self.peers.gone(r) or "its connection closed") from None
+                raise self.links.fail(r, self.links.gone(r) or "its connection closed") from None
             if msg[0] != "ready":
-                raise self.peers.fail(r, msg[1] if msg[0] == "error" else f"sent {msg[0]!r}")
+                raise self.links.fail(r, msg[1] if msg[0] == "error" else f"sent {msg[0]!r}")
 
     def close(self) -> None:
         """Stop the workers (they exit when told, or when their channel closes)."""
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-        self.peers.close()
+        self.links.close()
         comm = getattr(self.shard, "comm", None)
         if comm is not None:
             comm.close()
@@ -694,7 +729,7 @@ def load_tp_shard(backend: str, checkpoint: Checkpoint, start: int, end: int, wo
 # ---------------------------------------------------------------- a worker (ranks > 0)
 
 
-def serve(conn: Connection, shard) -> None:
+def serve(conn: Connection, shard: TPRank) -> None:
     """A worker's loop: run rank 0's commands until it says close or its channel closes."""
     while True:
         msg = conn.recv()
@@ -765,7 +800,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     try:
         conn = _connect(host, int(port), key, a.timeout)
         ck = open_checkpoint(a.model)
-        ip = _sock_ip(conn)
+        ip = sock_ip(conn)
         hello = {"proto": PROTO, "rank": a.rank, "world": a.world, "backend": a.backend, "dtype": a.dtype,
                  "layers": [int(start), int(end)], "model": _fingerprint(ck.config), "host": ip,
                  "port": free_port(ip)}

@@ -12,8 +12,8 @@ import hashlib
 import json
 import os
 import re
-import struct
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -79,12 +79,36 @@ class TensorRef:
         a = self._affine()
         return a.rows(self._perm) if self._perm is not None else a
 
+    def _stored_affine(self) -> Affine:
+        if self._affine is None:
+            raise ModelError(f"{self.source}: {self.name} is not quantized")
+        return self._affine()
+
+    def _stored_dense(self) -> np.ndarray:
+        if self._dense is None:
+            raise ModelError(f"{self.source}: {self.name} has no dense reader")
+        return self._dense()
+
+    def _read_part(self, rows: np.ndarray, cols: tuple[int, int] | None) -> np.ndarray | Affine:
+        if self._part is None:
+            raise ModelError(f"{self.source}: {self.name} has no partial reader")
+        return self._part(rows, cols)
+
+    def _affine_part(self, rows: np.ndarray, cols: tuple[int, int] | None) -> Affine:
+        a = self._read_part(rows, cols)
+        if not isinstance(a, Affine):
+            raise ModelError(f"{self.source}: {self.name}'s partial reader gave no affine form")
+        return a
+
+    def _dense_part(self, rows: np.ndarray, cols: tuple[int, int] | None) -> np.ndarray:
+        w = self._read_part(rows, cols)
+        if isinstance(w, Affine):
+            raise ModelError(f"{self.source}: {self.name}'s partial reader gave an affine form")
+        return w
+
     def numpy(self) -> np.ndarray:
         """The tensor as float (float32 unless stored as float16)."""
-        if self._dense is not None:
-            w = self._dense()
-        else:
-            w = self._affine().dequantize()
+        w = self._dense() if self._dense is not None else self._stored_affine().dequantize()
         if self._perm is not None:
             w = w[self._perm]
         return np.ascontiguousarray(w)
@@ -107,23 +131,24 @@ class TensorRef:
         aligned = cols is None or (cols[0] % self.block == 0 and cols[1] % self.block == 0)
 
         def read_affine() -> Affine:
-            if not aligned:
+            if cols is not None and not aligned:
                 raise ModelError(f"{self.source}: {self.name} cannot be cut at input columns "
                                  f"{cols[0]}-{cols[1]}: its quantization groups are {self.block} wide")
             if self._part is not None:
-                return self._part(idx, cols)
-            a = self._affine().rows(idx)
+                return self._affine_part(idx, cols)
+            a = self._stored_affine().rows(idx)
             return a.cols(*cols) if cols else a
 
         def read_dense() -> np.ndarray:
             if self.quantized:
                 if aligned:
                     return read_affine().dequantize()
-                w = (self._part(idx, None) if self._part is not None else self._affine().rows(idx)).dequantize()
+                a = self._affine_part(idx, None) if self._part is not None else self._stored_affine().rows(idx)
+                w = a.dequantize()
             elif self._part is not None:
-                return self._part(idx, cols)
+                return self._dense_part(idx, cols)
             else:
-                w = self._dense()[idx]
+                w = self._stored_dense()[idx]
             return w[:, cols[0]:cols[1]] if cols else w
 
         return TensorRef(self.name, shape, self.source, read_dense=read_dense,
@@ -182,39 +207,69 @@ def _bf16_to_f32(a: np.ndarray) -> np.ndarray:
     return (a.astype(np.uint32) << 16).view(np.float32)
 
 
+def _span(rows: np.ndarray | None) -> tuple[slice, np.ndarray | None]:
+    """The run of rows to read, and the rows to pick from it where they are not that whole run."""
+    if rows is None:
+        return slice(None), None
+    rows = np.asarray(rows)
+    if len(rows) == 0:
+        return slice(0, 0), None
+    r0, r1 = int(rows.min()), int(rows.max()) + 1
+    whole = r1 - r0 == len(rows) and bool(np.all(np.diff(rows) == 1))
+    return slice(r0, r1), None if whole else rows - r0
+
+
 class _SafetensorsFile:
-    """Memory-mapped reader of one .safetensors file (only touched tensors are paged in)."""
+    """One .safetensors file through safetensors' own reader, which checks its header against the
+    file (length, JSON, dtypes, offsets within the data): only the tensors, rows and columns asked
+    for are read."""
 
     def __init__(self, path: Path):
+        from safetensors import SafetensorError, safe_open
+
         self.path = path
         try:
-            with open(path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                if n > 100_000_000:
-                    raise ValueError("header too large")
-                self.header = json.loads(f.read(n))
-        except (OSError, ValueError, struct.error) as e:
+            self._f = safe_open(str(path), framework="numpy")
+        except (OSError, SafetensorError) as e:
             raise ModelError(f"{path}: not a readable safetensors file ({e})") from None
-        self.base = 8 + n
-        self.header.pop("__metadata__", None)
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, str] = {}
+        for name in self._f.keys():
+            sl = self._f.get_slice(name)
+            self.shapes[name], self.dtypes[name] = tuple(sl.get_shape()), sl.get_dtype()
+        self._bf16: dict[str, tuple[int, int]] | None = None  # byte ranges of the BF16 tensors
         self._mm: np.memmap | None = None
 
     def read(self, name: str, rows: np.ndarray | None = None, cols: tuple[int, int] | None = None) -> np.ndarray:
-        info = self.header[name]
-        if info["dtype"] not in _ST_DTYPES:
-            raise ModelError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        if self._mm is None:
+        """The tensor, or its rows (indices) and columns [c0, c1); BF16 comes back as float32."""
+        dtype = self.dtypes[name]
+        if dtype not in _ST_DTYPES:
+            raise ModelError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype}")
+        span, pick = _span(rows)
+        index = (span,) if cols is None else (span, slice(cols[0], cols[1]))
+        if dtype == "BF16":
+            arr = self._bf16_view(name)[index]
+        elif rows is None and cols is None:
+            arr = self._f.get_tensor(name)
+        else:
+            arr = self._f.get_slice(name)[index]
+        if pick is not None:
+            arr = arr[pick]
+        return _bf16_to_f32(arr) if dtype == "BF16" else np.array(arr)
+
+    def _bf16_view(self, name: str) -> np.ndarray:
+        """numpy has no bfloat16, so safetensors' numpy reader refuses these tensors and hands out no
+        offsets: view their bytes as uint16 at the offsets of the header, which safe_open checked."""
+        if self._bf16 is None:
+            with open(self.path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            self._bf16 = {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
+                          for k, v in header.items() if k != "__metadata__" and v["dtype"] == "BF16"}
             self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
-        a, b = info["data_offsets"]
-        raw = self._mm[self.base + a: self.base + b]
-        arr = raw.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
-        if cols is not None:
-            arr = arr[:, cols[0]:cols[1]]
-        if rows is not None:
-            arr = arr[rows]
-        if info["dtype"] == "BF16":
-            return _bf16_to_f32(arr)
-        return np.array(arr)
+        assert self._mm is not None
+        a, b = self._bf16[name]
+        return self._mm[a:b].view(np.uint16).reshape(self.shapes[name])
 
 
 def _open_safetensors_dir(path: Path) -> Checkpoint:
@@ -230,15 +285,14 @@ def _open_safetensors_dir(path: Path) -> Checkpoint:
     readers = {f.name: _SafetensorsFile(f) for f in files}
     where: dict[str, _SafetensorsFile] = {}
     for r in readers.values():
-        for k in r.header:
+        for k in r.shapes:
             where[k] = r
     quant = raw.get("quantization") or raw.get("quantization_config")
     tensors: dict[str, TensorRef] = {}
     for name, r in where.items():
         if name.endswith((".scales", ".biases")) or "rotary_emb" in name:
             continue
-        info = r.header[name]
-        shape = tuple(info["shape"])
+        shape = r.shapes[name]
         base = name[: -len(".weight")] if name.endswith(".weight") else None
         if base and f"{base}.scales" in where and quant:
             q = quant.get(base, quant) if isinstance(quant.get(base), dict) else quant
@@ -263,8 +317,8 @@ def _open_safetensors_dir(path: Path) -> Checkpoint:
             tensors[name] = TensorRef(name, shape, str(r.path), read_affine=read_affine,
                                       read_part=read_part if f"{base}.biases" in where else None, block=gs)
         else:
-            tensors[name] = TensorRef(name, shape, str(r.path), read_dense=lambda n=name, r=r: r.read(n),
-                                      read_part=lambda rows, cols, n=name, r=r: r.read(n, rows, cols))
+            tensors[name] = TensorRef(name, shape, str(r.path), read_dense=partial(r.read, name),
+                                      read_part=partial(r.read, name))
     kind = "mlx" if quant else "hf"
     return Checkpoint(path, config, tensors, kind)
 
@@ -437,15 +491,20 @@ def _open_gguf(path: Path) -> Checkpoint:
                     raw = raw[:, cols[0] // 32 * bb: cols[1] // 32 * bb]
                 return _gguf_affine(k, raw[rows])
 
-            ref = TensorRef(hf, shape, str(path), read_affine=lambda d=data, k=kind: _gguf_affine(k, d()),
-                            row_perm=perm, read_part=affine_part, block=32)
+            def affine_all(d: Callable[[], np.ndarray] = data, k: str = kind) -> Affine:
+                return _gguf_affine(k, d())
+
+            ref = TensorRef(hf, shape, str(path), read_affine=affine_all, row_perm=perm, read_part=affine_part,
+                            block=32)
         elif kind in ("F32", "F16"):
             def dense_part(rows, cols, d=data, s=shape) -> np.ndarray:
                 a = d().reshape(s)
                 return np.array((a[:, cols[0]:cols[1]] if cols is not None else a)[rows])
 
-            ref = TensorRef(hf, shape, str(path), read_dense=lambda d=data, s=shape: np.array(d()).reshape(s),
-                            row_perm=perm, read_part=dense_part)
+            def dense_all(d: Callable[[], np.ndarray] = data, s: tuple[int, ...] = shape) -> np.ndarray:
+                return np.array(d()).reshape(s)
+
+            ref = TensorRef(hf, shape, str(path), read_dense=dense_all, row_perm=perm, read_part=dense_part)
         else:
             def deq(d=data, t=t, s=shape):
                 try:

@@ -1,17 +1,14 @@
-"""Hidden states on the wire: a small header (dtype, shape) and the raw bytes, no copies."""
+"""Hidden states between stages: raw bytes with their dtype and shape. A mesh Frame carries this
+triple in its own fields (dtype, shape, data); a receiver rebuilds a Hidden from it, which checks
+that the three agree before any backend sees the bytes."""
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
 import numpy as np
 
 DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
-_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
-_NAMES = {v: k for k, v in _CODES.items()}
-_HEAD = struct.Struct("<4sBB")  # magic, dtype code, ndim; then ndim little-endian uint32 dims
-MAGIC = b"TGH1"
 MAX_ELEMENTS = 1 << 31
 
 
@@ -33,6 +30,11 @@ class Hidden:
     @property
     def nbytes(self) -> int:
         return len(memoryview(self.data).cast("B"))
+
+    def copy(self) -> "Hidden":
+        """What the next stage receives: the same triple with bytes of its own, checked again (the
+        in-process pipeline's hop; the sender may reuse its buffer)."""
+        return Hidden(bytes(memoryview(self.data).cast("B")), self.dtype, tuple(self.shape))
 
     def numpy(self) -> np.ndarray:
         """float32 view/copy for inspection and tests."""
@@ -56,26 +58,3 @@ def check(dtype: str, shape: tuple[int, ...], nbytes: int) -> None:
         raise WireError(f"shape {shape} is too large")
     if n * DTYPES[dtype] != nbytes:
         raise WireError(f"payload is {nbytes} bytes but {dtype}{list(shape)} needs {n * DTYPES[dtype]}")
-
-
-def encode(h: Hidden) -> list[bytes | memoryview]:
-    """Header and payload as separate buffers (join them only if the transport needs one)."""
-    head = _HEAD.pack(MAGIC, _CODES[h.dtype], len(h.shape)) + struct.pack(f"<{len(h.shape)}I", *h.shape)
-    return [head, memoryview(h.data).cast("B")]
-
-
-def decode(buf: bytes | memoryview) -> Hidden:
-    """Parse header + payload from one buffer; the payload is a view, not a copy."""
-    mv = memoryview(buf).cast("B")
-    if len(mv) < _HEAD.size:
-        raise WireError("frame shorter than its header")
-    magic, code, ndim = _HEAD.unpack_from(mv)
-    if magic != MAGIC:
-        raise WireError("bad magic: not a together hidden-state frame")
-    if code not in _NAMES:
-        raise WireError(f"unknown dtype code {code}")
-    end = _HEAD.size + 4 * ndim
-    if len(mv) < end:
-        raise WireError("frame shorter than its shape")
-    shape = struct.unpack_from(f"<{ndim}I", mv, _HEAD.size)
-    return Hidden(mv[end:], _NAMES[code], tuple(shape))

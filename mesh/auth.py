@@ -20,11 +20,12 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import Any, NoReturn, cast
 
 import grpc
 import grpc.aio
+from google.protobuf.message import Message
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = CHANNEL_OPTIONS + (
 
 MeshKey = str | bytes | None
 Metadata = tuple[tuple[str, str], ...]
+Options = Sequence[tuple[str, int | str]]  # gRPC channel arguments
+Context = grpc.aio.ServicerContext[Message, Message]
 
 
 def _key_bytes(mesh_key: MeshKey) -> bytes | None:
@@ -115,7 +118,8 @@ class MeshKeyVerifier:
         self._max_nonces = max_nonces
         self._seen: OrderedDict[str, float] = OrderedDict()  # nonce -> time it was accepted
 
-    def verify(self, method: str | bytes, metadata: Any, *, now: float | None = None) -> str | None:
+    def verify(self, method: str | bytes, metadata: Iterable[tuple[str, str | bytes]] | None, *,
+               now: float | None = None) -> str | None:
         """None when the metadata authenticates this call, else the reason it does not."""
         now = time.time() if now is None else now
         fields: dict[str, str] = {}
@@ -154,14 +158,14 @@ class MeshKeyVerifier:
 
 
 def _refusing_handler(handler: grpc.RpcMethodHandler | None, method: str, reason: str) -> grpc.RpcMethodHandler:
-    async def refuse(context: grpc.aio.ServicerContext) -> None:
+    async def refuse(context: Context) -> NoReturn:
         log.warning("refused %s from %s: %s", method, context.peer(), reason)
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, REFUSAL)
 
-    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def unary(request: Message, context: Context) -> Message:
         await refuse(context)
 
-    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def streaming(request: Message, context: Context) -> AsyncIterator[Message]:
         await refuse(context)
         yield  # pragma: no cover - makes this an async generator; abort raises first
 
@@ -215,25 +219,57 @@ class _Signer:
             call_details.wait_for_ready,
         )
 
+    async def signed(self, continuation: Callable[..., Any], call_details: grpc.aio.ClientCallDetails,
+                     request: Any) -> Any:
+        # grpc.aio's continuation is a coroutine function that returns the call, which grpc.aio takes
+        # back from the interceptor; grpc-stubs types it as returning the call directly.
+        return await continuation(self.details(call_details), request)
+
+
+# grpc.aio's interceptor bases are not generic at run time: the classes below subclass them bare and
+# spell the message types out on their methods, as grpc-stubs declares them.
+Requests = AsyncIterable[Message] | Iterable[Message]
+Responses = AsyncIterable[Message]
+
 
 class _UnaryUnaryAuth(_Signer, grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        return await continuation(self.details(client_call_details), request)
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Message], grpc.aio.UnaryUnaryCall[Message, Message]],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Message,
+    ) -> Message:
+        return await self.signed(continuation, client_call_details, request)
 
 
 class _UnaryStreamAuth(_Signer, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        return await continuation(self.details(client_call_details), request)
+    async def intercept_unary_stream(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Message], grpc.aio.UnaryStreamCall[Message, Message]],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Message,
+    ) -> Responses | grpc.aio.UnaryStreamCall[Message, Message]:
+        return await self.signed(continuation, client_call_details, request)
 
 
 class _StreamUnaryAuth(_Signer, grpc.aio.StreamUnaryClientInterceptor):
-    async def intercept_stream_unary(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
-        return await continuation(self.details(client_call_details), request_iterator)
+    async def intercept_stream_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Message], grpc.aio.StreamUnaryCall[Message, Message]],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request_iterator: Requests,
+    ) -> Responses | grpc.aio.UnaryStreamCall[Message, Message]:
+        return await self.signed(continuation, client_call_details, request_iterator)
 
 
 class _StreamStreamAuth(_Signer, grpc.aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
-        return await continuation(self.details(client_call_details), request_iterator)
+    async def intercept_stream_stream(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Message], grpc.aio.StreamStreamCall[Message, Message]],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request_iterator: Requests,
+    ) -> Responses | grpc.aio.StreamStreamCall[Message, Message]:
+        return await self.signed(continuation, client_call_details, request_iterator)
 
 
 def client_interceptors(mesh_key: MeshKey, node_id: str) -> list[grpc.aio.ClientInterceptor]:
@@ -241,7 +277,9 @@ def client_interceptors(mesh_key: MeshKey, node_id: str) -> list[grpc.aio.Client
     key = _key_bytes(mesh_key)
     if key is None:
         return []
-    return [cls(key, node_id) for cls in (_UnaryUnaryAuth, _UnaryStreamAuth, _StreamUnaryAuth, _StreamStreamAuth)]
+    signers = [cls(key, node_id) for cls in (_UnaryUnaryAuth, _UnaryStreamAuth, _StreamUnaryAuth, _StreamStreamAuth)]
+    # grpc-stubs declares ClientInterceptor as a placeholder that "must be cast"
+    return cast(list[grpc.aio.ClientInterceptor], signers)
 
 
 def make_channel(
@@ -249,7 +287,7 @@ def make_channel(
     mesh_key: MeshKey,
     node_id: str,
     *,
-    options: Sequence[tuple[str, Any]] = (),
+    options: Options = (),
 ) -> grpc.aio.Channel:
     """An insecure grpc.aio channel to `address` that signs every call with the mesh key.
 
@@ -267,7 +305,7 @@ def make_server(
     mesh_key: MeshKey,
     *,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
-    options: Sequence[tuple[str, Any]] = (),
+    options: Options = (),
     window_s: float = 60.0,
 ) -> grpc.aio.Server:
     """A grpc.aio server with mesh-key checking (when a key is given) and tuned transport options.

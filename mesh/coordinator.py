@@ -9,6 +9,11 @@ from mesh import placement
 from protos import together_pb2 as pb
 
 
+def _age(info: pb.PeerInfo) -> tuple[float, str]:
+    """Oldest first, ties by node id: the order that picks coordinators and group leaders."""
+    return info.started_at, info.node_id
+
+
 @dataclass
 class Member:
     info: pb.PeerInfo
@@ -18,7 +23,7 @@ class Member:
 class LayerMap:
     """Claims, standbys and the plan epoch. Pure state; the node does the I/O around it."""
 
-    def __init__(self, model: str, num_layers: int, coordinator: str, kv_reserve: int, epoch: int = 0):
+    def __init__(self, model: str, num_layers: int, coordinator: str, kv_reserve: int, epoch: int = 0) -> None:
         self.model, self.num_layers, self.coordinator = model, num_layers, coordinator
         self.kv_reserve = kv_reserve  # bytes per layer set aside for KV caches
         self.epoch = epoch
@@ -31,10 +36,7 @@ class LayerMap:
     # ---- membership
 
     def upsert(self, info: pb.PeerInfo) -> None:
-        m = self.members.get(info.node_id)
-        if m is None:
-            self.members[info.node_id] = Member(pb.PeerInfo(), time.monotonic())
-            m = self.members[info.node_id]
+        m = self.members.setdefault(info.node_id, Member(pb.PeerInfo()))
         m.info.CopyFrom(info)
         m.last_seen = time.monotonic()
 
@@ -107,8 +109,7 @@ class LayerMap:
 
     def tp_peers(self, group: str) -> list[pb.PeerInfo]:
         """The known peers of a group, oldest (its leader) first."""
-        return sorted((m.info for m in self.members.values() if m.info.tp_group == group),
-                      key=lambda i: (i.started_at, i.node_id))
+        return sorted((m.info for m in self.members.values() if m.info.tp_group == group), key=_age)
 
     def claim_tp(self, info: pb.PeerInfo, want: tuple[int, int] | None) -> tuple[tuple[int, int] | None, str]:
         """A group's claim: its leader (the oldest peer) claims one range for the whole group once
@@ -159,10 +160,6 @@ class LayerMap:
             self.epoch += 1
         return changed
 
-    def release(self, node_id: str) -> None:
-        self.stages = [s for s in self.stages if s[0] != node_id]
-        self.epoch += 1
-
     # ---- the plan
 
     def ready(self, node_id: str) -> bool:
@@ -212,15 +209,15 @@ class LayerMap:
         """A new coordinator's map, from what the peers say they hold."""
         lm = cls(model, num_layers, coordinator, kv_reserve, epoch)
         taken: list[tuple[int, int]] = []
-        for info in sorted(reports, key=lambda i: (i.started_at, i.node_id)):
+        ordered = sorted(reports, key=_age)
+        for info in ordered:
             lm.upsert(info)
             if info.start >= 0 and info.end > info.start and not any(
                     a < info.end and info.start < b for a, b in taken):
                 lm.stages.append((info.node_id, info.start, info.end))
                 taken.append((info.start, info.end))
                 if info.tp_group:  # a group's leader: its peers are the group's oldest
-                    same = [p for p in sorted(reports, key=lambda i: (i.started_at, i.node_id))
-                            if p.tp_group == info.tp_group and p.backend == info.backend]
+                    same = [p for p in ordered if p.tp_group == info.tp_group and p.backend == info.backend]
                     if len(same) >= info.tp_size and same[0].node_id == info.node_id:
                         lm.groups[info.node_id] = (info.tp_group, [p.node_id for p in same[:info.tp_size]])
         lm.stages.sort(key=lambda s: s[1])

@@ -9,7 +9,6 @@ import re
 import socket
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from zeroconf import InterfaceChoice, IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
@@ -87,7 +86,7 @@ class Discovery:
         mesh: str,
         host: str,
         port: int,
-        properties: Mapping[str, Any] | None = None,
+        properties: Mapping[str, object] | None = None,
         *,
         interfaces: list[str] | None = None,
         on_change: OnChange | None = None,
@@ -156,7 +155,7 @@ class Discovery:
         self.instance = self._info.name
         self._browser = AsyncServiceBrowser(self._aiozc.zeroconf, SERVICE_TYPE, handlers=[self._on_service_state_change])
 
-    async def update(self, properties: Mapping[str, Any]) -> None:
+    async def update(self, properties: Mapping[str, object]) -> None:
         """Re-advertise with changed TXT properties (merged into the current ones)."""
         self._properties.update(properties)
         if self._aiozc is None or self._info is None:

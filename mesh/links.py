@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Literal
 
 import grpc
 
 from mesh.auth import MeshKey, make_channel
+from protos import together_pb2 as pb
 from protos import together_pb2_grpc as pbg
 
 log = logging.getLogger(__name__)
+Kind = Literal["Forward", "Deliver"]  # Forward carries Frames to the next stage, Deliver Results to an origin
 
 
 class Peers:
     """Channels and stubs by address, plus the Forward/Deliver streams over them."""
 
-    def __init__(self, mesh_key: MeshKey, node_id: str):
+    def __init__(self, mesh_key: MeshKey, node_id: str) -> None:
         self.mesh_key, self.node_id = mesh_key, node_id
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self._streams: dict[tuple[str, str], "Stream"] = {}
+        self._streams: dict[tuple[str, Kind], Stream] = {}
 
     def stub(self, address: str) -> pbg.TogetherStub:
         ch = self._channels.get(address)
@@ -28,21 +30,12 @@ class Peers:
             ch = self._channels[address] = make_channel(address, self.mesh_key, self.node_id)
         return pbg.TogetherStub(ch)
 
-    def stream(self, address: str, kind: str) -> "Stream":
+    def stream(self, address: str, kind: Kind) -> Stream:
         key = (address, kind)
         s = self._streams.get(key)
         if s is None:
             s = self._streams[key] = Stream(self, address, kind)
         return s
-
-    async def drop(self, address: str) -> None:
-        for kind in ("Forward", "Deliver"):
-            s = self._streams.pop((address, kind), None)
-            if s:
-                s.close()
-        ch = self._channels.pop(address, None)
-        if ch:
-            await ch.close(grace=None)
 
     async def close(self) -> None:
         for s in self._streams.values():
@@ -56,12 +49,12 @@ class Peers:
 class Stream:
     """A client stream (Forward or Deliver) that multiplexes every sequence over one HTTP/2 stream."""
 
-    def __init__(self, peers: Peers, address: str, kind: str):
+    def __init__(self, peers: Peers, address: str, kind: Kind) -> None:
         self.peers, self.address, self.kind = peers, address, kind
-        self._call: Any = None
+        self._call: grpc.aio.StreamStreamCall[pb.Frame | pb.Result, pb.Ack] | None = None
         self._lock = asyncio.Lock()
 
-    async def send(self, msg: Any) -> None:
+    async def send(self, msg: pb.Frame | pb.Result) -> None:
         async with self._lock:  # grpc.aio allows one write in flight per call
             for attempt in (0, 1):
                 if self._call is None or self._call.done():

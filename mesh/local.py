@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,18 +13,14 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+from backends.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http_json(url: str, timeout: float = 2.0) -> tuple[int, dict]:
+def http_json(url: str, timeout: float = 2.0) -> tuple[int, dict[str, Any]]:
     """(status, body) of a GET; status 0 when nothing answers."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
@@ -42,9 +37,8 @@ def http_json(url: str, timeout: float = 2.0) -> tuple[int, dict]:
 class PeerProc:
     """One `together join` child process, logging to a file."""
 
-    def __init__(self, name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None,
-                 threads: int = 1, host: str = "127.0.0.1", port: int | None = None,
-                 prefix: tuple[str, ...] = ()):
+    def __init__(self, name: str, args: list[str], log_dir: Path, threads: int = 1, host: str = "127.0.0.1",
+                 port: int | None = None, prefix: tuple[str, ...] = ()) -> None:
         # prefix: e.g. ("ip", "netns", "exec", NS) to run the peer inside a network namespace
         self.name, self.host = name, host
         self.port = port or free_port()
@@ -52,7 +46,6 @@ class PeerProc:
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "w")
         e = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
-        e.update(env or {})
         # several peers share this host's cores: one compute thread each unless told otherwise
         self.proc = subprocess.Popen(
             [*prefix, sys.executable, "-m", "apps.cli", "join", "--name", name, "--port", str(self.port),
@@ -82,15 +75,56 @@ class PeerProc:
         return self.proc.returncode
 
 
-class LocalMesh:
+class PeerGroup:
+    """`together join` processes started on this host by one harness: their readiness, logs and stop."""
+
+    ready_timeout = 240.0  # seconds wait_ready waits unless told otherwise
+
+    def __init__(self) -> None:
+        self.peers: dict[str, PeerProc] = {}
+
+    def health(self, peer: PeerProc) -> tuple[int, dict[str, Any]]:
+        return http_json(f"{peer.api}/health")
+
+    def logs(self, tail: int = 3000) -> str:
+        return "\n".join(f"--- {p.name} ({p.address})\n{p.log()[-tail:]}" for p in self.peers.values())
+
+    def wait_ready(self, peer: PeerProc, timeout: float | None = None, stages: int | None = None,
+                   want: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
+        """Poll `peer`'s /health until its ring is complete (of `stages` stages; `want(body)` true);
+        a peer that exits, or a ring not ready in time, raises with the peers' logs."""
+        timeout = self.ready_timeout if timeout is None else timeout
+        deadline = time.time() + timeout
+        body: dict[str, Any] = {}
+        while time.time() < deadline:
+            if peer.proc.poll() is not None:
+                raise RuntimeError(f"{peer.name} exited {peer.proc.returncode}:\n{peer.log()[-4000:]}")
+            code, body = self.health(peer)
+            if code == 200 and (stages is None or len(body.get("ring", [])) == stages) \
+                    and (want is None or want(body)):
+                return body
+            time.sleep(0.3)
+        raise RuntimeError(f"ring not ready after {timeout:.0f}s: {body}\n{self.logs()}")
+
+    def stop(self) -> None:
+        """SIGINT every peer at once (they leave in parallel), then wait for each."""
+        peers = list(self.peers.values())
+        for p in peers:
+            if p.proc.poll() is None:
+                p.proc.send_signal(signal.SIGINT)
+        for p in peers:
+            p.stop()
+
+
+class LocalMesh(PeerGroup):
     """Peers of one mesh on this host, under a random mesh name unless one is given."""
 
-    def __init__(self, model: str, mesh: str | None = None, mesh_key: str | None = None):
+    def __init__(self, model: str, mesh: str | None = None, mesh_key: str | None = None) -> None:
+        super().__init__()
         self.model = model
         self.mesh = mesh or f"local-{uuid.uuid4().hex[:8]}"
         self.mesh_key = mesh_key
         self.dir = Path(tempfile.mkdtemp(prefix="together-mesh-"))
-        self.peers: dict[str, PeerProc] = {}
 
     def add(self, name: str, *args: str, api: bool = False, mesh: str | None = None,
             key: str | None = "same", threads: int = 1) -> PeerProc:
@@ -103,41 +137,3 @@ class LocalMesh:
         p = PeerProc(name, a, self.dir, threads=threads)
         self.peers[name] = p
         return p
-
-    def health(self, peer: PeerProc) -> tuple[int, dict]:
-        return http_json(f"{peer.api}/health")
-
-    def wait_ready(self, peer: PeerProc, timeout: float = 240, stages: int | None = None) -> dict:
-        """Wait until `peer`'s API reports a complete ring (of `stages` stages, if given)."""
-        return wait_healthy(peer, timeout, stages, logs=lambda: "\n".join(
-            f"--- {p.name}\n{p.log()[-3000:]}" for p in self.peers.values()))
-
-    def stop(self) -> None:
-        stop_peers(self.peers.values())
-
-
-def wait_healthy(peer: PeerProc, timeout: float, stages: int | None = None,
-                 want: Callable[[dict], bool] | None = None, logs: Callable[[], str] = str) -> dict:
-    """Poll `peer`'s /health until its ring is complete (of `stages` stages; `want(body)` true);
-    a peer that exits or a ring not ready in time raises with the peers' logs."""
-    deadline = time.time() + timeout
-    body: dict = {}
-    while time.time() < deadline:
-        if peer.proc.poll() is not None:
-            raise RuntimeError(f"{peer.name} exited {peer.proc.returncode}:\n{peer.log()[-4000:]}")
-        code, body = http_json(f"{peer.api}/health")
-        if code == 200 and (stages is None or len(body.get("ring", [])) == stages) \
-                and (want is None or want(body)):
-            return body
-        time.sleep(0.3)
-    raise RuntimeError(f"ring not ready after {timeout:.0f}s: {body}\n{logs()}")
-
-
-def stop_peers(peers) -> None:
-    """SIGINT every peer at once (they leave in parallel), then wait for each."""
-    peers = list(peers)
-    for p in peers:
-        if p.proc.poll() is None:
-            p.proc.send_signal(signal.SIGINT)
-    for p in peers:
-        p.stop()

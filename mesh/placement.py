@@ -45,11 +45,14 @@ def parse_size(text: str | int) -> int:
 
 def format_size(n: int) -> str:
     """Human-readable binary size, e.g. 1.5 GiB."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
-            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return f"{n:.1f} TiB"
+    if abs(n) < 1024:
+        return f"{n} B"
+    x = float(n)
+    for unit in ("KiB", "MiB", "GiB"):
+        x /= 1024
+        if abs(x) < 1024:
+            return f"{x:.1f} {unit}"
+    return f"{x / 1024:.1f} TiB"
 
 
 def layers_that_fit(free_memory: int, layer_bytes: int, kv_reserve: int) -> int:
@@ -64,9 +67,9 @@ def _claims(taken: Iterable[Claim]) -> list[tuple[str, int, int]]:
     out = []
     for claim in taken:
         if len(claim) == 3:
-            owner, start, end = claim  # type: ignore[misc]
+            owner, start, end = claim
         else:
-            (start, end), owner = claim, "another peer"  # type: ignore[misc]
+            (start, end), owner = claim, "another peer"
         out.append((str(owner), int(start), int(end)))
     return sorted(out, key=lambda c: (c[1], c[2]))
 
@@ -182,11 +185,14 @@ def split_proportional(
     return stages
 
 
+Candidate = tuple[str, int, float, Range | None]  # (node_id, free_memory, layer_ms, current range)
+
+
 def reassign(
     num_layers: int,
     stages: Sequence[Stage],
     lost: set[str],
-    candidates: Sequence[tuple[str, int, float, Range | None]],
+    candidates: Sequence[Candidate],
     *,
     layer_bytes: int,
     kv_reserve: int = 0,
@@ -199,66 +205,79 @@ def reassign(
     into it, else neighbours plus standbys for the middle; otherwise the gap stays missing.
     """
     survivors = sorted(((n, s, e) for n, s, e in stages if n not in lost), key=lambda st: st[1])
-    ranges: dict[str, list[int]] = {n: [s, e] for n, s, e in survivors}
-    info = {c[0]: c for c in candidates if c[0] not in lost}
-    caps = {n: layers_that_fit(c[1], layer_bytes, kv_reserve) for n, c in info.items()}
-    standbys = [c for c in candidates if c[0] not in lost and c[0] not in ranges and c[3] is None]
-    standbys.sort(key=lambda c: c[2] if c[2] > 0 else math.inf)  # fastest first; stable
-    used: set[str] = set()
-    new: list[Stage] = []
-    missing: list[Range] = []
-
-    def room(node_id: str | None) -> int:
-        if node_id is None or node_id not in caps:
-            return 0
-        s, e = ranges[node_id]
-        return max(0, caps[node_id] - (e - s))
-
-    for g_start, g_end in free_ranges(num_layers, survivors):
-        size = g_end - g_start
-        whole = next((c for c in standbys if c[0] not in used and caps[c[0]] >= size), None)
-        if whole is not None:
-            used.add(whole[0])
-            new.append((whole[0], g_start, g_end))
-            continue
-        left = next((n for n, r in ranges.items() if r[1] == g_start), None)
-        right = next((n for n, r in ranges.items() if r[0] == g_end), None)
-        room_l, room_r = room(left), room(right)
-        if room_l + room_r >= size:
-            # Split the gap between the neighbours in proportion to speed, within their room.
-            s_l = _speed(info[left][2]) if left and room_l else 0.0
-            s_r = _speed(info[right][2]) if right and room_r else 0.0
-            want_l = round(size * s_l / (s_l + s_r)) if s_l + s_r > 0 else 0
-            take_l = min(room_l, max(size - room_r, want_l))
-            if left:
-                ranges[left][1] += take_l
-            if right:
-                ranges[right][0] -= size - take_l
-            continue
-        # Neighbours take all they can; standbys (largest first) fill the middle.
-        mid_start, mid_end = g_start + room_l, g_end - room_r
-        fill: list[Stage] = []
-        cursor = mid_start
-        for c in sorted((c for c in standbys if c[0] not in used), key=lambda c: -caps[c[0]]):
-            if cursor >= mid_end or caps[c[0]] < 1:
-                break
-            take = min(caps[c[0]], mid_end - cursor)
-            fill.append((c[0], cursor, cursor + take))
-            cursor += take
-        if cursor < mid_end:
-            missing.append((g_start, g_end))
-            continue
-        if left:
-            ranges[left][1] += room_l
-        if right:
-            ranges[right][0] -= room_r
-        used.update(n for n, _, _ in fill)
-        new.extend(fill)
-
+    refill = _Refill(survivors, [c for c in candidates if c[0] not in lost], layer_bytes, kv_reserve)
+    missing = [gap for gap in free_ranges(num_layers, survivors) if not refill.fill(*gap)]
     if missing:
         return None, missing
-    result = [(n, r[0], r[1]) for n, r in ranges.items()] + new
-    return sorted(result, key=lambda st: st[1]), []
+    return refill.result(), []
+
+
+class _Refill:
+    """The survivors' ranges as reassign grows them, and the standbys it has placed so far."""
+
+    def __init__(self, survivors: list[Stage], alive: list[Candidate], layer_bytes: int, kv_reserve: int) -> None:
+        self.ranges: dict[str, list[int]] = {n: [s, e] for n, s, e in survivors}
+        self.info = {c[0]: c for c in alive}
+        self.caps = {n: layers_that_fit(c[1], layer_bytes, kv_reserve) for n, c in self.info.items()}
+        self.standbys = [c for c in alive if c[0] not in self.ranges and c[3] is None]
+        self.standbys.sort(key=lambda c: c[2] if c[2] > 0 else math.inf)  # fastest first; stable
+        self.used: set[str] = set()
+        self.new: list[Stage] = []
+
+    def room(self, node_id: str | None) -> int:
+        if node_id is None or node_id not in self.caps:
+            return 0
+        s, e = self.ranges[node_id]
+        return max(0, self.caps[node_id] - (e - s))
+
+    def fill(self, g_start: int, g_end: int) -> bool:
+        """Cover the gap [g_start, g_end); False (and nothing changed) if it cannot be."""
+        size = g_end - g_start
+        whole = next((c for c in self.standbys if c[0] not in self.used and self.caps[c[0]] >= size), None)
+        if whole is not None:
+            self.used.add(whole[0])
+            self.new.append((whole[0], g_start, g_end))
+            return True
+        left = next((n for n, r in self.ranges.items() if r[1] == g_start), None)
+        right = next((n for n, r in self.ranges.items() if r[0] == g_end), None)
+        room_l, room_r = self.room(left), self.room(right)
+        if room_l + room_r >= size:
+            # Split the gap between the neighbours in proportion to speed, within their room.
+            s_l = _speed(self.info[left][2]) if left and room_l else 0.0
+            s_r = _speed(self.info[right][2]) if right and room_r else 0.0
+            want_l = round(size * s_l / (s_l + s_r)) if s_l + s_r > 0 else 0
+            take_l = min(room_l, max(size - room_r, want_l))
+            self._extend(left, right, take_l, size - take_l)
+            return True
+        # Neighbours take all they can; standbys (largest first) fill the middle.
+        fill = self._fill_middle(g_start + room_l, g_end - room_r)
+        if fill is None:
+            return False
+        self._extend(left, right, room_l, room_r)
+        self.used.update(n for n, _, _ in fill)
+        self.new.extend(fill)
+        return True
+
+    def _extend(self, left: str | None, right: str | None, take_l: int, take_r: int) -> None:
+        if left:
+            self.ranges[left][1] += take_l
+        if right:
+            self.ranges[right][0] -= take_r
+
+    def _fill_middle(self, start: int, end: int) -> list[Stage] | None:
+        fill: list[Stage] = []
+        cursor = start
+        for c in sorted((c for c in self.standbys if c[0] not in self.used), key=lambda c: -self.caps[c[0]]):
+            if cursor >= end or self.caps[c[0]] < 1:
+                break
+            take = min(self.caps[c[0]], end - cursor)
+            fill.append((c[0], cursor, cursor + take))
+            cursor += take
+        return fill if cursor >= end else None
+
+    def result(self) -> list[Stage]:
+        stages = [(n, r[0], r[1]) for n, r in self.ranges.items()] + self.new
+        return sorted(stages, key=lambda st: st[1])
 
 
 def choose_coordinator(peers: Sequence[tuple[str, float]]) -> str:

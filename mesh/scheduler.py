@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
 
@@ -16,13 +16,32 @@ from backends.generation import Delta, Generation
 from backends.sampling import SamplingParams
 from backends.shard import Sample
 from backends.tokenizer import Tokenizer
-from mesh.node import FrameError, Node, params_to_pb
+from backends.weights import Checkpoint
+from mesh.metrics import PeerMetrics
+from mesh.protocol import FrameError, params_to_pb
 from protos import together_pb2 as pb
 
 log = logging.getLogger(__name__)
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE.value[0], grpc.StatusCode.FAILED_PRECONDITION.value[0],
              grpc.StatusCode.DEADLINE_EXCEEDED.value[0]}
 FAIL_FAST_S = 4.0  # how long stalled sequences wait for a reassignment before a plan without capacity fails them
+
+
+class Ring(Protocol):
+    """What the scheduler needs of its peer (a mesh.node.Node): the plan, a way into the ring, and
+    the registry it counts into."""
+
+    @property
+    def node_id(self) -> str: ...
+    @property
+    def plan(self) -> pb.Plan: ...
+    @property
+    def ck(self) -> Checkpoint: ...
+    @property
+    def metrics(self) -> PeerMetrics: ...
+    def new_frame_id(self) -> int: ...
+    async def run_frame(self, frame: pb.Frame, timeout: float = ...) -> pb.Result: ...
+    async def release(self, seq_ids: list[str]) -> int: ...
 
 
 class RingUnavailable(Exception):
@@ -40,7 +59,7 @@ class TooLarge(RequestError):
 @dataclass
 class Request:
     gen: Generation
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # Delta | Exception | None (end)
+    queue: asyncio.Queue[Delta | Exception | None] = field(default_factory=asyncio.Queue)  # None: the end
     prefilled: bool = False
     cancelled: bool = False
     adapter: str = ""
@@ -49,7 +68,6 @@ class Request:
     stalled_since: float | None = None  # when a failure paused it (for replay and its deadline)
     stalled_at: float = 0.0
     stalled_epoch: int = -1
-    stall_reason: str = ""
     deltas: list[Delta] = field(default_factory=list)  # kept for logprobs of non-streamed answers
 
     @property
@@ -60,20 +78,19 @@ class Request:
 class Scheduler:
     """Admits requests into a queue (with a cap) and steps all running sequences together."""
 
-    def __init__(self, node: Node, tok: Tokenizer, max_batch: int = 32, max_queue: int = 256,
+    def __init__(self, node: Ring, tok: Tokenizer, max_batch: int = 32, max_queue: int = 256,
                  max_prefill_tokens: int = 4096, max_kv_tokens: int = 1 << 20,
-                 recovery_timeout: float = 30.0):
-        self.node, self.tok = node, tok
+                 recovery_timeout: float = 30.0) -> None:
+        self.node, self.tok, self.metrics = node, tok, node.metrics
         self.max_kv_tokens = max_kv_tokens
         self.max_batch, self.max_queue, self.max_prefill_tokens = max_batch, max_queue, max_prefill_tokens
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self._wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
-        self._ids = itertools.count()
-        self.stats = {"requests": 0, "tokens": 0, "steps": 0, "errors": 0}
+        self._task: asyncio.Task[None] | None = None
+        self._releases: set[asyncio.Task[int]] = set()  # held until done: the loop keeps only weak references
         self.recovery_timeout = recovery_timeout
-        self.recoveries_s: list[float] = []
+        # recent windows for the web page's percentiles; the totals live in self.metrics
         self.step_ms: list[float] = []  # wall time of each ring step
         self.hop_overhead_ms: list[float] = []
 
@@ -89,6 +106,13 @@ class Scheduler:
                 pass
         for r in self.waiting + self.running:
             r.queue.put_nowait(RingUnavailable("the peer is shutting down"))
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """The scheduler's totals, read from the peer's metrics (counted there, once)."""
+        m = self.metrics
+        return {"requests": m.count(m.requests), "tokens": m.count(m.tokens), "steps": m.count(m.steps),
+                "errors": m.count(m.errors)}
 
     @property
     def queue_depth(self) -> int:
@@ -123,7 +147,7 @@ class Scheduler:
                            f"at most {budget}; lower max_tokens or shorten the prompt")
         req = Request(gen, adapter=adapter)
         self.waiting.append(req)
-        self.stats["requests"] += 1
+        self.metrics.requests.inc()
         self._wake.set()
         return req
 
@@ -136,7 +160,7 @@ class Scheduler:
             self.waiting.remove(req)
         elif req in self.running:
             self.running.remove(req)
-            asyncio.ensure_future(self.node.release([req.seq_id]))
+            self._release([req.seq_id])
 
     async def _loop(self) -> None:
         while True:
@@ -179,11 +203,14 @@ class Scheduler:
             hops = len(result.hop_ms) - (1 if stages and stages[0].node_id == self.node.node_id else 0)
             hops += 0 if stages and stages[-1].node_id == self.node.node_id else 1
             if hops > 0:
-                self.hop_overhead_ms.append((wall - sum(result.hop_ms)) / hops)
+                overhead = (wall - sum(result.hop_ms)) / hops
+                self.metrics.hop_overhead_seconds.observe(overhead / 1000)
+                self.hop_overhead_ms.append(overhead)
                 del self.hop_overhead_ms[:-1024]
+        self.metrics.steps.inc()
+        self.metrics.step_seconds.observe(wall / 1000)
         self.step_ms.append(wall)
         del self.step_ms[:-1024]
-        self.stats["steps"] += 1
 
     def _stall(self, reqs: list[Request], why: str) -> None:
         """A stage failed or the ring changed: keep the sequences and replay them on the new path."""
@@ -194,7 +221,6 @@ class Scheduler:
                 log.warning("sequence %s stalled (%s); it resumes when the ring is whole again", r.seq_id, why)
             r.stalled_epoch = self.node.plan.epoch
             r.stalled_at = now
-            r.stall_reason = why
             r.prefilled = False  # the next frame carries its whole history and rebuilds the caches
 
     def _ready_to_step(self) -> bool:
@@ -205,7 +231,7 @@ class Scheduler:
         plan, now = self.node.plan, time.monotonic()
         lost_for_good = not plan.complete and "no peer holds" in plan.missing and "loading" not in plan.missing
         for r in stalled:
-            waited = now - r.stalled_since
+            waited = now - (r.stalled_since or now)
             if waited > self.recovery_timeout or (lost_for_good and waited > FAIL_FAST_S):
                 why = (f"the ring lost layers and no peer can take them ({plan.missing}); retry when a "
                        f"peer joins") if lost_for_good else f"the ring did not recover within {waited:.0f} s"
@@ -234,7 +260,8 @@ class Scheduler:
             self.running.append(self.waiting.pop(0))
 
     def _frame(self, batch: list[Request]) -> pb.Frame:
-        seqs, tokens = [], []
+        seqs: list[pb.SeqEntry] = []
+        tokens: list[int] = []
         for r in batch:
             g = r.gen
             if not r.prefilled:  # first frame, or a replay: the whole history rebuilds the caches
@@ -261,13 +288,14 @@ class Scheduler:
                 took = time.monotonic() - r.stalled_since
                 log.warning("sequence %s resumed after %.2f s (replayed %d tokens)", r.seq_id, took,
                             len(r.gen.all_tokens))
-                self.recoveries_s.append(took)
+                self.metrics.recovery_seconds.observe(took)
                 r.stalled_since = None
             if r.first_token_at is None:
                 r.first_token_at = time.monotonic()
+                self.metrics.first_token_seconds.observe(r.first_token_at - r.created)
             d = r.gen.add(Sample(tr.seq_id, tr.token, tr.logprob,
                                  list(zip(tr.top_tokens, tr.top_logprobs))))
-            self.stats["tokens"] += 1
+            self.metrics.tokens.inc()  # one sampled token of one sequence (a frame carries many)
             if r.gen.params.logprobs >= 0:
                 r.deltas.append(d)
             r.queue.put_nowait(d)
@@ -276,12 +304,18 @@ class Scheduler:
                 self.running.remove(r)
                 done.append(r.seq_id)
         if done:
-            asyncio.ensure_future(self.node.release(done))
+            self._release(done)
 
     def _fail(self, batch: list[Request], err: Exception) -> None:
-        self.stats["errors"] += len(batch)
+        self.metrics.errors.inc(len(batch))
         for r in batch:
             if r in self.running:
                 self.running.remove(r)
             r.queue.put_nowait(err)
-        asyncio.ensure_future(self.node.release([r.seq_id for r in batch]))
+        self._release([r.seq_id for r in batch])
+
+    def _release(self, seq_ids: list[str]) -> None:
+        """Free finished or failed sequences' caches on every stage, without holding up the step."""
+        task = asyncio.ensure_future(self.node.release(seq_ids))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)

@@ -51,7 +51,7 @@ class SeqEntry(_message.Message):
     def __init__(self, seq_id: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., start: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., history: _Optional[_Iterable[int]] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("frame_id", "epoch", "seqs", "dtype", "shape", "data", "tokens", "origin", "sent_at", "hop_ms")
+    __slots__ = ("frame_id", "epoch", "seqs", "dtype", "shape", "data", "tokens", "origin", "hop_ms")
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SEQS_FIELD_NUMBER: _ClassVar[int]
@@ -60,7 +60,6 @@ class Frame(_message.Message):
     DATA_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
-    SENT_AT_FIELD_NUMBER: _ClassVar[int]
     HOP_MS_FIELD_NUMBER: _ClassVar[int]
     frame_id: int
     epoch: int
@@ -70,9 +69,8 @@ class Frame(_message.Message):
     data: bytes
     tokens: _containers.RepeatedScalarFieldContainer[int]
     origin: str
-    sent_at: float
     hop_ms: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, frame_id: _Optional[int] = ..., epoch: _Optional[int] = ..., seqs: _Optional[_Iterable[_Union[SeqEntry, _Mapping]]] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., tokens: _Optional[_Iterable[int]] = ..., origin: _Optional[str] = ..., sent_at: _Optional[float] = ..., hop_ms: _Optional[_Iterable[float]] = ...) -> None: ...
+    def __init__(self, frame_id: _Optional[int] = ..., epoch: _Optional[int] = ..., seqs: _Optional[_Iterable[_Union[SeqEntry, _Mapping]]] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., tokens: _Optional[_Iterable[int]] = ..., origin: _Optional[str] = ..., hop_ms: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class TokenResult(_message.Message):
     __slots__ = ("seq_id", "token", "logprob", "top_tokens", "top_logprobs")
@@ -89,29 +87,27 @@ class TokenResult(_message.Message):
     def __init__(self, seq_id: _Optional[str] = ..., token: _Optional[int] = ..., logprob: _Optional[float] = ..., top_tokens: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("frame_id", "epoch", "results", "error", "error_code", "failed_seqs", "hop_ms")
+    __slots__ = ("frame_id", "results", "error", "error_code", "failed_seqs", "hop_ms")
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
-    EPOCH_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     FAILED_SEQS_FIELD_NUMBER: _ClassVar[int]
     HOP_MS_FIELD_NUMBER: _ClassVar[int]
     frame_id: int
-    epoch: int
     results: _containers.RepeatedCompositeFieldContainer[TokenResult]
     error: str
     error_code: int
     failed_seqs: _containers.RepeatedScalarFieldContainer[str]
     hop_ms: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, frame_id: _Optional[int] = ..., epoch: _Optional[int] = ..., results: _Optional[_Iterable[_Union[TokenResult, _Mapping]]] = ..., error: _Optional[str] = ..., error_code: _Optional[int] = ..., failed_seqs: _Optional[_Iterable[str]] = ..., hop_ms: _Optional[_Iterable[float]] = ...) -> None: ...
+    def __init__(self, frame_id: _Optional[int] = ..., results: _Optional[_Iterable[_Union[TokenResult, _Mapping]]] = ..., error: _Optional[str] = ..., error_code: _Optional[int] = ..., failed_seqs: _Optional[_Iterable[str]] = ..., hop_ms: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class PeerInfo(_message.Message):
-    __slots__ = ("node_id", "name", "address", "backend", "free_memory", "layer_ms", "started_at", "api", "version", "model", "start", "end", "standby", "tp_group", "ready", "layer_bytes", "adapters", "tokens_per_s", "tp_size", "tp_address")
+    __slots__ = ("node_id", "name", "address", "backend", "free_memory", "layer_ms", "started_at", "api", "version", "model", "start", "end", "tp_group", "ready", "layer_bytes", "adapters", "tokens_per_s", "tp_size", "tp_address")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -124,7 +120,6 @@ class PeerInfo(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
-    STANDBY_FIELD_NUMBER: _ClassVar[int]
     TP_GROUP_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     LAYER_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -144,7 +139,6 @@ class PeerInfo(_message.Message):
     model: str
     start: int
     end: int
-    standby: bool
     tp_group: str
     ready: bool
     layer_bytes: int
@@ -152,7 +146,7 @@ class PeerInfo(_message.Message):
     tokens_per_s: float
     tp_size: int
     tp_address: str
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., backend: _Optional[str] = ..., free_memory: _Optional[int] = ..., layer_ms: _Optional[float] = ..., started_at: _Optional[float] = ..., api: _Optional[str] = ..., version: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., standby: _Optional[bool] = ..., tp_group: _Optional[str] = ..., ready: _Optional[bool] = ..., layer_bytes: _Optional[int] = ..., adapters: _Optional[str] = ..., tokens_per_s: _Optional[float] = ..., tp_size: _Optional[int] = ..., tp_address: _Optional[str] = ...) -> None: ...
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., backend: _Optional[str] = ..., free_memory: _Optional[int] = ..., layer_ms: _Optional[float] = ..., started_at: _Optional[float] = ..., api: _Optional[str] = ..., version: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., tp_group: _Optional[str] = ..., ready: _Optional[bool] = ..., layer_bytes: _Optional[int] = ..., adapters: _Optional[str] = ..., tokens_per_s: _Optional[float] = ..., tp_size: _Optional[int] = ..., tp_address: _Optional[str] = ...) -> None: ...
 
 class Assignment(_message.Message):
     __slots__ = ("node_id", "start", "end", "tp_members")
@@ -217,12 +211,10 @@ class LeaveRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("peer", "epoch")
+    __slots__ = ("peer",)
     PEER_FIELD_NUMBER: _ClassVar[int]
-    EPOCH_FIELD_NUMBER: _ClassVar[int]
     peer: PeerInfo
-    epoch: int
-    def __init__(self, peer: _Optional[_Union[PeerInfo, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
+    def __init__(self, peer: _Optional[_Union[PeerInfo, _Mapping]] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ("plan",)
@@ -235,12 +227,10 @@ class PlanRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ReleaseRequest(_message.Message):
-    __slots__ = ("seq_ids", "propagate")
+    __slots__ = ("seq_ids",)
     SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
-    PROPAGATE_FIELD_NUMBER: _ClassVar[int]
     seq_ids: _containers.RepeatedScalarFieldContainer[str]
-    propagate: bool
-    def __init__(self, seq_ids: _Optional[_Iterable[str]] = ..., propagate: _Optional[bool] = ...) -> None: ...
+    def __init__(self, seq_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReleaseReply(_message.Message):
     __slots__ = ("freed",)

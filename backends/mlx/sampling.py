@@ -64,9 +64,8 @@ def make_sampler(params: SamplingParams) -> Sampler:
         if temp == 0:
             token = mx.argmax(logprobs, axis=-1)
         else:
-            if st.rng is None:
-                st.rng = new_key(params.seed)
-            keys = mx.random.split(st.rng)
+            rng = st.rng if isinstance(st.rng, mx.array) else new_key(params.seed)
+            keys = mx.random.split(rng)
             st.rng, sub = keys[0], keys[1]
             for f in filters:
                 logprobs = f(logprobs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from typing import cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -17,10 +18,10 @@ from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attenti
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.utils import MODEL_REMAPPING
 
-from backends.errors import ModelError
 from backends.lora import Adapter
 from backends.mlx.lora import apply_adapter
-from backends.mlx.sampling import make_sampler, new_key
+from backends.errors import ModelError, RequestError
+from backends.mlx.sampling import Drawn, Sampler, make_sampler, new_key
 from backends.shard import LayerShard, Sample, SeqChunk, SeqState
 from backends.weights import Checkpoint, expected_shapes, validate_slice
 from backends.wire import Hidden
@@ -29,6 +30,20 @@ MX_DTYPES = {"float16": mx.float16, "float32": mx.float32, "bfloat16": mx.bfloat
 _NP_WIRE = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
 # model types whose attention is q/k/v proj -> rope -> cache -> SDPA -> o_proj, as _decode_block assumes
 _BATCHED_DECODE = {"llama", "qwen2"}
+
+
+def param_arrays(module: nn.Module) -> list[mx.array]:
+    """Every parameter array of a module."""
+    flat = tree_flatten(module.parameters())  # a list of (name, array) without a destination
+    return [v for _, v in cast(list[tuple[str, mx.array]], flat)]
+
+
+def _scalar(a: mx.array) -> float:
+    """The one real number in an array (a token id or a log-probability)."""
+    v = a.item()
+    if not isinstance(v, (int, float)):
+        raise TypeError(f"expected a real scalar, got {v!r}")
+    return v
 
 
 def arch_module(model_type: str):
@@ -118,7 +133,7 @@ class MLXShard(LayerShard):
         self._batched_decode = MODEL_REMAPPING.get(cfg.model_type, cfg.model_type) in _BATCHED_DECODE
         self._load(checkpoint)
         self.caches: dict[str, list] = {}
-        self.samplers: dict[str, object] = {}
+        self.samplers: dict[str, Sampler] = {}
 
     # ---- loading
 
@@ -195,20 +210,22 @@ class MLXShard(LayerShard):
         return sum(c.nbytes for cache in self.caches.values() for c in cache)
 
     def weight_nbytes(self) -> int:
-        return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+        return sum(v.nbytes for v in param_arrays(self.model))
 
     # ---- compute
 
-    def _input(self, x: np.ndarray | Hidden) -> mx.array:
+    def _input(self, x: np.ndarray | Hidden | None) -> mx.array:
         if self.is_first:
             return self.model.embed_tokens(mx.array(np.asarray(x, dtype=np.int32)))  # (T, H)
+        if not isinstance(x, Hidden):
+            raise RequestError("a slice after the first takes hidden states")
         buf = np.frombuffer(x.data, dtype=_NP_WIRE[x.dtype]).reshape(x.shape)
         h = mx.array(buf)
         if x.dtype == "bfloat16":
             h = h.view(mx.bfloat16)
         return h.astype(self.dt)
 
-    def _forward(self, chunks: list[SeqChunk], x: np.ndarray | Hidden, want_logits: bool):
+    def _forward(self, chunks: list[SeqChunk], x: np.ndarray | Hidden | None, want_logits: bool):
         h = self._input(x)
         starts = np.cumsum([0] + [c.length for c in chunks]).tolist()
         outs: list[mx.array | None] = [None] * len(chunks)  # each (n, L, H)
@@ -227,34 +244,38 @@ class MLXShard(LayerShard):
             if outs[i] is None:
                 self._route([c.seq_id])
                 outs[i] = self.model.blocks(h[starts[i]:starts[i + 1]][None], self.caches[c.seq_id])
+        done = cast(list[mx.array], outs)  # every chunk has its output now
         if not self.is_last:
-            y = mx.concatenate([o[0] for o in outs], axis=0) if len(outs) > 1 else outs[0][0]
+            y = mx.concatenate([o[0] for o in done], axis=0) if len(done) > 1 else done[0][0]
             y = y.astype(MX_DTYPES[self.wire_dtype])
             mx.eval(y)
-            return Hidden(memoryview(y), self.wire_dtype, tuple(y.shape))
+            # mlx's stubs omit the buffer protocol its arrays implement (bf16 included)
+            return Hidden(memoryview(y), self.wire_dtype, tuple(y.shape))  # type: ignore[arg-type]
         if want_logits:
-            logits = [self.model.head(o)[0] for o in outs]
+            logits = [self.model.head(o)[0] for o in done]
             y = mx.concatenate(logits, axis=0) if len(logits) > 1 else logits[0]
             return np.array(y.astype(mx.float32))
-        return self._sample(chunks, outs)
+        return self._sample(chunks, done)
 
     def _sample(self, chunks: list[SeqChunk], outs: list[mx.array]) -> list[Sample]:
         # the head runs on the chunks' last positions only, kept as (n, 1, H) rows like a decode step
         last = mx.concatenate([o[:, -1:, :] for o in outs], axis=0) if len(outs) > 1 else outs[0][:, -1:, :]
         logits = self.model.head(last)[:, 0, :]  # (n, vocab)
-        drawn, pending = [], []
+        drawn: list[Drawn] = []
+        pending: list[mx.array] = []
         for i, c in enumerate(chunks):
             st = self.seqs[c.seq_id]
             d = self.samplers[c.seq_id](logits[i:i + 1], st)
             drawn.append(d)
             pending.extend(a for a in (d.token, d.logprob, d.top_ids, d.top_logprobs) if a is not None)
-            if st.rng is not None:
+            if isinstance(st.rng, mx.array):
                 pending.append(st.rng)
         mx.eval(pending)
         out = []
         for c, d in zip(chunks, drawn):
-            s = Sample(c.seq_id, int(d.token.item()), float(d.logprob.item()))
-            if d.top_ids is not None:
-                s.top_logprobs = list(zip(d.top_ids[0].tolist(), d.top_logprobs[0].tolist()))
+            s = Sample(c.seq_id, int(_scalar(d.token)), _scalar(d.logprob))
+            if d.top_ids is not None and d.top_logprobs is not None:
+                ids, lps = cast(list[int], d.top_ids[0].tolist()), cast(list[float], d.top_logprobs[0].tolist())
+                s.top_logprobs = list(zip(ids, lps))
             out.append(s)
         return out

@@ -20,16 +20,16 @@ import queue
 import tempfile
 import threading
 import time
+from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.nn.layers.distributed import QuantizedShardedToAllLinear, ShardedToAllLinear
-from mlx.utils import tree_flatten
 
 from backends.errors import GroupError
-from backends.mlx.shard import MLXShard
-from backends.tp import RankPart, TPRank, rank_checkpoint
+from backends.mlx.shard import MLXShard, param_arrays
+from backends.tp import RankLinks, RankPart, TPRank, rank_checkpoint
 from backends.weights import Checkpoint
 from backends.wire import Hidden
 
@@ -75,7 +75,7 @@ class MLXComm:
         mx.eval([mx.distributed.send(h, dst=r, group=self.group) for r in range(1, self.world)])
         self.tick()
 
-    def run(self, fn, peers) -> object:
+    def run(self, fn: Callable[[], object], links: RankLinks) -> object:
         """fn() on this ring's compute thread, watched: a stall of `timeout` seconds with no
         collective finishing breaks the group (the stuck thread is left behind, as a daemon)."""
         if self._jobs is None:
@@ -88,9 +88,9 @@ class MLXComm:
         while not done.wait(0.05):
             if time.monotonic() - self.progress > self.timeout:
                 self._jobs = None
-                peers.broken = (f"tensor-parallel group of {peers.what}: no collective finished within "
+                links.broken = (f"tensor-parallel group of {links.what}: no collective finished within "
                                 f"{self.timeout:.0f} s, a rank hangs; the group must be formed again")
-                raise GroupError(peers.broken)
+                raise GroupError(links.broken)
         if "error" in box:
             raise box["error"]
         return box.get("value")
@@ -121,22 +121,32 @@ def connect(rank: int, world: int, spec: dict, timeout: float, device: str | Non
 # Each rank evaluates its sums as they come, so that every rank runs its collectives in program
 # order (one lazy graph's independent branches, e.g. two prefill chunks, may evaluate in any order).
 
-class _EvalEachSum:
-    """Mixed into mlx.nn's row-parallel layers: evaluate the all-reduced output at once."""
+def _summed(y: mx.array, comm: MLXComm) -> mx.array:
+    mx.eval(y)
+    comm.tick()
+    return y
+
+
+class _RowParallel(ShardedToAllLinear):
+    """mlx.nn's row-parallel layer, its all-reduced output evaluated at once."""
+
+    def __init__(self, comm: MLXComm, *args: Any):
+        super().__init__(*args)
+        self.comm = comm  # a plain attribute, not a parameter
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = super().__call__(x)
-        mx.eval(y)
-        self.comm.tick()
-        return y
+        return _summed(super().__call__(x), self.comm)
 
 
-class _RowParallel(_EvalEachSum, ShardedToAllLinear):
-    pass
+class _QuantizedRowParallel(QuantizedShardedToAllLinear):
+    """The same for a quantized layer."""
 
+    def __init__(self, comm: MLXComm, *args: Any):
+        super().__init__(*args)
+        self.comm = comm
 
-class _QuantizedRowParallel(_EvalEachSum, QuantizedShardedToAllLinear):
-    pass
+    def __call__(self, x: mx.array) -> mx.array:
+        return _summed(super().__call__(x), self.comm)
 
 
 def _row_parallel(lin: nn.Module, comm: MLXComm) -> nn.Module:
@@ -144,20 +154,22 @@ def _row_parallel(lin: nn.Module, comm: MLXComm) -> nn.Module:
     The constructors are told N times the local width (they expect an even split) and their
     placeholder weights, lazy and never evaluated, are replaced by the loaded ones."""
     group, n = comm.group, comm.world
+    m: nn.Module
     if isinstance(lin, nn.QuantizedLinear):
         out, words = lin.weight.shape
-        m = _QuantizedRowParallel(words * 32 // lin.bits * n, out, "bias" in lin, lin.group_size, lin.bits,
+        m = _QuantizedRowParallel(comm, words * 32 // lin.bits * n, out, "bias" in lin, lin.group_size, lin.bits,
                                   getattr(lin, "mode", "affine"), group)
     else:
         out, width = lin.weight.shape
-        m = _RowParallel(width * n, out, "bias" in lin, group)
+        m = _RowParallel(comm, width * n, out, "bias" in lin, group)
     m.update(lin.parameters())
-    m.comm = comm  # a plain attribute, not a parameter
     return m
 
 
 class TPShard(TPRank, MLXShard):
     """One rank's part of layers [start, end): its heads, MLP columns and KV cache."""
+
+    comm: MLXComm
 
     def __init__(self, checkpoint: Checkpoint, start: int, end: int, dtype: str,
                  wire_dtype: str | None, device: str | None, threads: int | None,
@@ -192,7 +204,7 @@ class TPShard(TPRank, MLXShard):
     def _forward(self, chunks, x, want_logits):
         if self.part.rank > 0:
             return super()._forward(chunks, x, want_logits)
-        return self.comm.run(lambda: super(TPShard, self)._forward(chunks, x, want_logits), self.peers)
+        return self.comm.run(lambda: super(TPShard, self)._forward(chunks, x, want_logits), self.links)
 
     def _input(self, x: np.ndarray | Hidden | None) -> mx.array:
         if self.part.rank > 0:  # rank 0 sends the hidden states it computes with
@@ -204,6 +216,5 @@ class TPShard(TPRank, MLXShard):
 
     def stats(self) -> dict:
         return {"rank": self.part.rank, "weight_nbytes": self.weight_nbytes(),
-                "layer_nbytes": sum(v.nbytes for layer in self.model.layers
-                                    for _, v in tree_flatten(layer.parameters())),
+                "layer_nbytes": sum(v.nbytes for layer in self.model.layers for v in param_arrays(layer)),
                 "cache_nbytes": self.cache_nbytes()}

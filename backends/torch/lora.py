@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from backends.lora import Route
+from backends.torch.model import Block, SliceModel
 
 # torch module -> the mlx-lm / HF modules fused in it, in output order
 FUSED = {"attention.wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -61,11 +62,11 @@ class MultiLoRALinear(nn.Module):
         return y
 
 
-def apply_adapter(model: nn.Module, start: int, name: str, weights: dict, scale: float, route: Route) -> None:
+def apply_adapter(model: SliceModel, start: int, name: str, weights: dict, scale: float, route: Route) -> None:
     """Add adapter `name` to the slice's blocks; `weights` maps a model layer to {mlx-lm module
     path: (a, b)}; fused projections get one wide pair with each part in its own block."""
     for layer, mods in weights.items():
-        block = model.layers[layer - start]
+        block = model.block(layer - start)
         for path, names in FUSED.items():
             if not any(n in mods for n in names):
                 continue
@@ -78,7 +79,7 @@ def apply_adapter(model: nn.Module, start: int, name: str, weights: dict, scale:
             mod.add(name, [mods.get(n) for n in names], scale)
 
 
-def _part_sizes(block: nn.Module, path: str) -> list[int]:
+def _part_sizes(block: Block, path: str) -> list[int]:
     if path == "attention.wqkv":
         return list(block.attention.sizes)
     if path == "feed_forward.w13":

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 import torch.nn.functional as F
@@ -99,28 +99,29 @@ class KVCache:
         self.v: torch.Tensor | None = None
         self.offset = 0
 
-    def _grow(self, need: int) -> None:
-        cap = 0 if self.k is None else self.k.shape[2]
-        if need <= cap:
-            return
+    def _grow(self, need: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key and value buffers, grown to hold at least `need` positions."""
+        if self.k is not None and self.v is not None and need <= self.k.shape[2]:
+            return self.k, self.v
         b, h, _, d = self.shape
         new = ((need + self.step - 1) // self.step) * self.step
         # zeros, not empty: padded batched attention reads (masked) slots past the offset
         k = torch.zeros(b, h, new, d, dtype=self.dtype, device=self.device)
         v = torch.zeros_like(k)
-        if self.k is not None:
+        if self.k is not None and self.v is not None:
             k[:, :, :self.offset] = self.k[:, :, :self.offset]
             v[:, :, :self.offset] = self.v[:, :, :self.offset]
         self.k, self.v = k, v
+        return k, v
 
     def update_and_fetch(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # k, v: (1, Hkv, L, D) -> all keys/values so far, (1, Hkv, offset + L, D)
         end = self.offset + k.shape[2]
-        self._grow(end)
-        self.k[:, :, self.offset:end] = k
-        self.v[:, :, self.offset:end] = v
+        keys, values = self._grow(end)
+        keys[:, :, self.offset:end] = k
+        values[:, :, self.offset:end] = v
         self.offset = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return keys[:, :, :end], values[:, :, :end]
 
     def trim(self, n: int) -> int:
         n = min(n, self.offset)
@@ -129,7 +130,7 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.k is None else self.k.nbytes + self.v.nbytes
+        return 0 if self.k is None or self.v is None else self.k.nbytes + self.v.nbytes
 
 
 class RMSNorm(nn.Module):
@@ -207,6 +208,8 @@ class Block(nn.Module):
 class SliceModel(nn.Module):
     """Layers [start, end); the first slice embeds, the last applies the final norm (see `head`)."""
 
+    inv_freq: torch.Tensor  # a buffer (not a parameter): RoPE's inverse frequencies
+
     def __init__(self, a: ModelArgs):
         super().__init__()
         self.args = a
@@ -216,8 +219,12 @@ class SliceModel(nn.Module):
         self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False) if a.last else None
         self.register_buffer("inv_freq", rope_inv_freq(a), persistent=False)
 
+    def block(self, i: int) -> Block:
+        """Block i of the slice (0 = layer `start`)."""
+        return cast(Block, self.layers[i])
+
     def new_cache(self) -> list[KVCache]:
-        p = self.layers[0].attention.wqkv.weight
+        p = self.block(0).attention.wqkv.weight
         return [KVCache(self.args.n_kv_heads, self.args.head_dim, p.dtype, p.device) for _ in self.layers]
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, caches: list[list[KVCache]]) -> torch.Tensor:
@@ -225,7 +232,7 @@ class SliceModel(nn.Module):
         B > 1 only for decode (L == 1). Returns hidden (B, L, C), final-normed on the last slice."""
         if self.embed is not None and not x.is_floating_point():
             x = self.embed(x)
-        dtype = self.layers[0].attention.wqkv.weight.dtype
+        dtype = self.block(0).attention.wqkv.weight.dtype
         x = x.to(dtype)
         B, L = pos.shape
         freqs = pos.to(self.inv_freq.device, torch.float32)[..., None] * self.inv_freq  # (B, L, D/2)
@@ -245,6 +252,8 @@ class SliceModel(nn.Module):
         return self.norm(x) if self.norm is not None else x
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is None:
+            raise ModelError(f"layers [{self.args.start}, {self.args.end}) are not the last slice: no head")
         return self.lm_head(h)
 
 
@@ -285,11 +294,11 @@ def load_slice(ck: Checkpoint, start: int, end: int, dtype: str = "float32",
         if a.mlp_bias and a.row_bias:
             sd[o + "feed_forward.w2.bias"] = t(p + "mlp.down_proj.bias")
     emb = t("model.embed_tokens.weight") if (a.first or (a.last and ck.tied_head)) else None
-    if a.first:
+    if a.first and emb is not None:
         sd["embed.weight"] = emb
     if a.last:
         sd["norm.weight"] = t("model.norm.weight")
-        sd["lm_head.weight"] = emb if ck.tied_head else t("lm_head.weight")
+        sd["lm_head.weight"] = emb if ck.tied_head and emb is not None else t("lm_head.weight")
     model.load_state_dict(sd, strict=True, assign=True)
     model.inv_freq = rope_inv_freq(a).to(dev)
     return model.eval().requires_grad_(False)

@@ -88,7 +88,8 @@ def make_sampler(params: SamplingParams) -> Sampler:
             tok = int(logits.argmax())
         else:
             probs = filt(logits).softmax(-1)
-            tok = int(torch.multinomial(probs, 1, generator=st.rng))
+            gen = st.rng if isinstance(st.rng, torch.Generator) else None
+            tok = int(torch.multinomial(probs, 1, generator=gen))
         lp = raw.log_softmax(-1)
         top: list[tuple[int, float]] = []
         if n_top > 0:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import warnings
+from typing import cast
 
 import numpy as np
 import torch
 
 from backends.lora import Adapter
+from backends.errors import RequestError
 from backends.shard import LayerShard, Sample, SeqChunk, SeqState
 from backends.torch.lora import MultiLoRALinear, apply_adapter
 from backends.torch.model import DTYPES, KVCache, load_slice
-from backends.torch.sampling import make_generator, make_sampler
+from backends.torch.sampling import Sampler, make_generator, make_sampler
 from backends.weights import Checkpoint
 from backends.wire import Hidden
 
@@ -28,7 +30,7 @@ class TorchShard(LayerShard):
         self.device = torch.device(device or "cpu")
         self.model = load_slice(checkpoint, start, end, dtype, self.device)
         self.caches: dict[str, list[KVCache]] = {}
-        self.samplers: dict[str, object] = {}
+        self.samplers: dict[str, Sampler] = {}
 
     # ---- caches
 
@@ -57,15 +59,17 @@ class TorchShard(LayerShard):
 
     # ---- compute
 
-    def _input(self, x: np.ndarray | Hidden) -> torch.Tensor:
+    def _input(self, x: np.ndarray | Hidden | None) -> torch.Tensor:
         if self.is_first:
             return torch.from_numpy(np.ascontiguousarray(x)).to(self.device, torch.long)
+        if not isinstance(x, Hidden):
+            raise RequestError("a slice after the first takes hidden states")
         with warnings.catch_warnings():  # read-only wire buffers are fine: we never write to them
             warnings.simplefilter("ignore", UserWarning)
             t = torch.frombuffer(x.data, dtype=DTYPES[x.dtype])
         return t.view(x.shape).to(self.device, DTYPES[self.dtype])
 
-    def _forward(self, chunks: list[SeqChunk], x: np.ndarray | Hidden, want_logits: bool):
+    def _forward(self, chunks: list[SeqChunk], x: np.ndarray | Hidden | None, want_logits: bool):
         with torch.inference_mode():
             return self._run(chunks, self._input(x), want_logits)
 
@@ -85,15 +89,15 @@ class TorchShard(LayerShard):
                 pos = torch.arange(c.offset, c.offset + c.length, device=self.device)[None]
                 self._route([c.seq_id])
                 outs[i] = self.model(x[starts[i]:starts[i + 1]][None], pos, [self.caches[c.seq_id]])[0]
+        done = cast(list[torch.Tensor], outs)  # every chunk has its output now
         if not self.is_last:
-            h = torch.cat(outs) if len(outs) > 1 else outs[0]  # (T, C)
+            h = torch.cat(done) if len(done) > 1 else done[0]  # (T, C)
             h = h.to(DTYPES[self.wire_dtype]).contiguous().cpu()
-            return Hidden(memoryview(h.view(torch.uint8).numpy()).cast("B"), self.wire_dtype,
-                          tuple(h.shape))
+            return Hidden(h.view(torch.uint8).numpy().data.cast("B"), self.wire_dtype, tuple(h.shape))
         if want_logits:
-            h = torch.cat(outs) if len(outs) > 1 else outs[0]
+            h = torch.cat(done) if len(done) > 1 else done[0]
             return self.model.head(h).float().cpu().numpy()
-        last = torch.stack([o[-1] for o in outs])  # (n_chunks, C)
+        last = torch.stack([o[-1] for o in done])  # (n_chunks, C)
         logits = self.model.head(last).float()  # (n_chunks, vocab)
         samples = []
         for c, row in zip(chunks, logits):

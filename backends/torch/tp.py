@@ -8,6 +8,7 @@ as the process-global default group, so one process can form a new group after l
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Protocol, cast
 
 import numpy as np
 import torch
@@ -22,34 +23,49 @@ from backends.weights import Checkpoint
 from backends.wire import Hidden
 
 
+class _Collectives(Protocol):
+    """What a process-group backend (gloo, NCCL) does here; torch's stubs give them no collectives."""
+
+    def allreduce(self, tensors: list[torch.Tensor]) -> dist.Work: ...
+
+    def broadcast(self, tensors: list[torch.Tensor], opts: dist.BroadcastOptions) -> dist.Work: ...
+
+
 class TorchComm:
     """One rank's process group: in-place all-reduce (sum) and broadcast from rank 0."""
 
     def __init__(self, rank: int, world: int, spec: dict, timeout: float, device: str | None = None):
         td = timedelta(seconds=timeout)
         self.rank, self.world, self.kind = rank, world, spec["kind"]
-        self.store = dist.TCPStore(spec["host"], spec["port"], world, rank == 0, timeout=td)
+        self.store: dist.TCPStore | None = dist.TCPStore(spec["host"], spec["port"], world, rank == 0, timeout=td)
+        self.pg: _Collectives | None
         if self.kind == "nccl":
             if not dist.is_nccl_available():
                 raise GroupError("this torch has no NCCL: use the gloo collective")
             torch.cuda.set_device(torch.device(device or "cuda").index or 0)
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = td
-            self.pg = dist.ProcessGroupNCCL(self.store, rank, world, opts)
+            self.pg = cast(_Collectives, dist.ProcessGroupNCCL(self.store, rank, world, opts))
         elif self.kind == "gloo":
-            opts = dist.ProcessGroupGloo._Options()
-            opts._timeout = td
-            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=spec["bind"])]
-            self.pg = dist.ProcessGroupGloo(self.store, rank, world, opts)
+            # the options object the constructor takes (with a timeout and devices); not in the stubs
+            gopts = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
+            gopts._timeout = td
+            gopts._devices = [dist.ProcessGroupGloo.create_device(hostname=spec["bind"])]
+            self.pg = cast(_Collectives, dist.ProcessGroupGloo(self.store, rank, world, gopts))
         else:
             raise GroupError(f"unknown torch collective {self.kind!r} (expected gloo or nccl)")
 
+    def _group(self) -> _Collectives:
+        if self.pg is None:
+            raise GroupError(f"rank {self.rank}'s torch process group is closed")
+        return self.pg
+
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
-        self.pg.allreduce([t]).wait()
+        self._group().allreduce([t]).wait()
         return t
 
     def broadcast(self, t: torch.Tensor) -> torch.Tensor:
-        self.pg.broadcast([t], dist.BroadcastOptions()).wait()  # root 0
+        self._group().broadcast([t], dist.BroadcastOptions()).wait()  # root 0
         return t
 
     def close(self) -> None:
@@ -62,6 +78,8 @@ def connect(rank: int, world: int, spec: dict, timeout: float, device: str | Non
 
 class TPShard(TPRank, TorchShard):
     """One rank's part of layers [start, end): its heads, MLP columns and KV cache."""
+
+    comm: TorchComm
 
     def __init__(self, checkpoint: Checkpoint, start: int, end: int, dtype: str,
                  wire_dtype: str | None, device: str | None, threads: int | None,
@@ -83,7 +101,7 @@ class TPShard(TPRank, TorchShard):
             h = torch.empty(self._incoming, self.config.hidden_size, dtype=dt, device=self.device)
             return self.comm.broadcast(h)
         h = super()._input(x)
-        if self.is_first:
+        if self.is_first and self.model.embed is not None:
             h = self.model.embed(h).to(dt)  # (T, C); the model skips embedding hidden states
         return self.comm.broadcast(h.contiguous())
 

@@ -257,5 +257,63 @@ def test_metrics_and_mesh_view(ring, oa):
     with urllib.request.urlopen(f"{ring.peers['m'].api}/metrics", timeout=5) as r:
         text = r.read().decode()
     for name in ("together_requests_total", "together_tokens_generated_total", "together_queue_depth",
-                 "together_hop_overhead_ms", "together_ring_complete 1"):
+                 "together_hop_overhead_seconds", "together_ring_complete 1"):
         assert name in text
+
+
+def scrape(peer) -> dict[str, dict[str, float]]:
+    """/metrics parsed by prometheus_client: family -> {sample name with labels: value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{peer.api}/metrics", timeout=5) as r:
+        assert r.headers["Content-Type"].startswith("text/plain; version=")
+        text = r.read().decode()
+    return {f.name: {s.name + "".join(f"{{{k}={v}}}" for k, v in sorted(s.labels.items())): s.value
+                     for s in f.samples} for f in text_string_to_metric_families(text)}
+
+
+def test_metrics_count_requests_and_tokens_and_export_histograms(ring, oa):
+    before = scrape(ring.peers["m"])
+    made = [oa.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"Count to {i}."}],
+                                       temperature=0, max_tokens=3 + i) for i in range(3)]
+    after = scrape(ring.peers["m"])
+    grew = {k: after[k][k + "_total"] - before[k][k + "_total"]
+            for k in ("together_requests", "together_tokens_generated", "together_ring_steps")}
+    assert grew["together_requests"] == 3
+    assert grew["together_tokens_generated"] == sum(r.usage.completion_tokens for r in made)
+    assert grew["together_ring_steps"] >= max(r.usage.completion_tokens for r in made)
+    assert after["together_request_errors"]["together_request_errors_total"] == \
+        before["together_request_errors"]["together_request_errors_total"]
+    for h in ("together_step_seconds", "together_hop_overhead_seconds"):
+        samples = after[h]
+        assert {h + "_sum", h + "_count", h + "_bucket{le=+Inf}"} <= set(samples), (h, sorted(samples))
+        assert samples[h + "_bucket{le=+Inf}"] == samples[h + "_count"]
+    step = after["together_step_seconds"]
+    assert step["together_step_seconds_count"] - before["together_step_seconds"]["together_step_seconds_count"] \
+        == grew["together_ring_steps"] and step["together_step_seconds_sum"] > 0
+    stage = after["together_stage_compute_seconds"]  # this peer runs layers [0, 6): each frame counted
+    assert stage["together_stage_compute_seconds_count"] > 0
+    assert after["together_ring_complete"]["together_ring_complete"] == 1
+    assert after["together_plan_epoch"]["together_plan_epoch"] >= 1
+    assert after["together_running_sequences"]["together_running_sequences"] == 0
+    assert after["together_queue_depth"]["together_queue_depth"] == 0
+    # (a finished sequence's caches are released asynchronously: only the gauges' presence is certain)
+    assert after["together_stage_sequences"]["together_stage_sequences"] >= 0
+    assert after["together_stage_kv_cache_bytes"]["together_stage_kv_cache_bytes"] >= 0
+    assert after["together_kv_budget_tokens"]["together_kv_budget_tokens"] > 0
+
+
+def test_streams_are_plain_server_sent_events_ending_with_done(ring):
+    req = urllib.request.Request(f"{ring.peers['m'].api}/v1/completions", method="POST",
+                                 data=json.dumps({"model": MODEL, "prompt": "One, two,", "max_tokens": 3,
+                                                  "temperature": 0, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        assert r.headers["Cache-Control"] == "no-cache"
+        raw = r.read().decode()
+    events = [e for e in raw.split("\n\n") if e and not e.startswith(":")]  # ": ping" comments may come
+    assert events[-1] == "data: [DONE]" and raw.endswith("data: [DONE]\n\n"), raw
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"

@@ -209,6 +209,7 @@ def test_training_without_mlx_says_it_needs_mlx(tmp_path):
     p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path.parent, capture_output=True, text=True,
                        env={"PYTHONPATH": str(__import__("tests.helpers").helpers.ROOT)}, timeout=120)
     assert p.returncode == 2 and "training needs MLX" in p.stderr and "--adapter" in p.stderr, p.stderr
+    assert "pip install 'together[train]'" in p.stderr, p.stderr  # the extra that brings MLX
 
 
 @pytest.mark.slow

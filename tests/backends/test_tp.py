@@ -166,12 +166,37 @@ def test_nccl_wants_a_gpu_per_rank(embedded, monkeypatch, device, gpus, msg):
         assert [g.rank_device(r) for r in (0, 1)] == ["cuda:0", "cuda:1"]
 
 
+def test_worker_command_and_spawn(tmp_path):
+    """One way to start a worker, for TPGroup and the mesh: its command line, key and environment."""
+    from backends.tp import KEY_ENV, WorkerSpec, spawn_worker, worker_command
+
+    spec = WorkerSpec(rank=1, world=2, connect="127.0.0.1:5000", model="m.gguf", layers=(3, 9),
+                      backend="torch", dtype="float32", parent=42)
+    cmd = worker_command(spec)
+    assert cmd[1:3] == ["-m", "backends.tp"]
+    args = dict(zip(cmd[3::2], cmd[4::2]))
+    assert args == {"--rank": "1", "--world": "2", "--connect": "127.0.0.1:5000", "--model": "m.gguf",
+                    "--layers": "3-9", "--backend": "torch", "--dtype": "float32", "--parent": "42"}
+    full = worker_command(WorkerSpec(1, 2, "h:1", "m", (0, 1), "mlx", "float16", threads=2, device="gpu",
+                                     timeout=7.5))
+    assert full[-6:] == ["--timeout", "7.5", "--device", "gpu", "--threads", "2"]
+    # a worker without a rank 0 to reach: spawned from the repo root with the key in its environment
+    out = tmp_path / "out"
+    with open(out, "wb") as f:
+        p = spawn_worker(WorkerSpec(1, 2, "127.0.0.1:1", "m", (0, 1), "torch", "float32", timeout=0.2),
+                         bytes(range(4)), stdout=f, stderr=f)
+        assert p.wait(60) == 1
+    # exit 1, not 2: it read its key (from the environment) and then found no rank 0
+    assert b"no tensor-parallel rank 0 at 127.0.0.1:1" in out.read_bytes()
+    assert KEY_ENV not in os.environ and bytes(range(4)).hex() not in " ".join(cmd + full)
+
+
 @pytest.mark.slow
 def test_mixed_backends_refused(embedded):
-    from backends.tp import KEY_ENV, TPGroup
+    from backends.tp import KEY_ENV, TPGroup, worker_command
 
     g = TPGroup(embedded, 0, 30, "torch", 2, dtype="float32")
-    cmd = g.worker_command(1)
+    cmd = worker_command(g.worker_spec(1))
     cmd[cmd.index("--backend") + 1] = "mlx"
     p = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, **{KEY_ENV: g.key.hex()}),
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -275,7 +300,7 @@ def test_dead_rank_fails_fast(tiny_tp):
     sh = tiny_tp.shard
     sh.add_sequence("k", prompt=TINY_PROMPT)
     sh.forward([SeqChunk("k", 0, 8)], np.array(TINY_PROMPT, np.int32))
-    os.kill(tiny_tp.peers.procs[1].pid, signal.SIGKILL)
+    os.kill(tiny_tp.links.procs[1].pid, signal.SIGKILL)
     t = time.monotonic()
     with pytest.raises(GroupError, match=r"rank 1 of layers \[0, 3\) .* is gone \(pid \d+ exited with signal 9"):
         sh.forward([SeqChunk("k", 8, 1)], np.array([3], np.int32))
@@ -307,7 +332,7 @@ def mlx_driver(model: str, layers: str, n: int, prompt: list[int], batch: bool) 
         out["alone"] = {k: greedy([sh], p, 5, seq="alone") for k, p in prompts.items()}
         out["batch"] = batched(sh, prompts, 5)
     sh.add_sequence("k", prompt=prompt)
-    os.kill(g.peers.procs[1].pid, signal.SIGKILL)  # no wait: the forward may meet it in a collective
+    os.kill(g.links.procs[1].pid, signal.SIGKILL)  # no wait: the forward may meet it in a collective
     t = time.monotonic()
     try:
         sh.forward([SeqChunk("k", 0, len(prompt))], np.array(prompt, np.int32))

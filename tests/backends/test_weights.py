@@ -89,3 +89,53 @@ def test_affine_dequantize_layout():
     packed = np.bitwise_or.reduce(q << (np.arange(8, dtype=np.uint32) * 4), axis=1)[:, None]
     a = Affine(packed, np.array([[2.0]], np.float16), np.array([[0.5]], np.float16), 4, 8)
     np.testing.assert_array_equal(a.dequantize(), 2 * q + 0.5)
+
+
+def _st_dir(tmp_path, arrays, bf16=()):
+    """A one-layer llama directory whose safetensors holds `arrays`; names in bf16 are stored as
+    BF16 (their uint16 arrays are the raw bits)."""
+    import struct
+
+    from safetensors.numpy import save_file
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 8, "hidden_size": 4, "intermediate_size": 8,
+        "num_hidden_layers": 1, "num_attention_heads": 2}))
+    f = tmp_path / "model.safetensors"
+    save_file(arrays, str(f))
+    raw = f.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    for name in bf16:
+        header[name]["dtype"] = "BF16"
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    f.write_bytes(struct.pack("<Q", len(head)) + head + raw[8 + n:])
+    return f
+
+
+def test_safetensors_reads_only_slices_and_bf16(tmp_path):
+    w = np.arange(32, dtype=np.float32).reshape(8, 4)
+    f32 = np.array([[1.5, -2.25, 3.0, 0.5]] * 3, np.float32)
+    bits = (f32.view(np.uint32) >> 16).astype(np.uint16)
+    _st_dir(tmp_path, {"model.layers.0.mlp.up_proj.weight": w, "model.norm.weight": bits}, bf16=["model.norm.weight"])
+    ck = open_checkpoint(tmp_path)
+    up, norm = ck.get("model.layers.0.mlp.up_proj.weight"), ck.get("model.norm.weight")
+    assert up.shape == (8, 4) and norm.shape == (3, 4)
+    np.testing.assert_array_equal(up.numpy(), w)
+    np.testing.assert_array_equal(up.part(rows=(2, 5), cols=(1, 3)).numpy(), w[2:5, 1:3])
+    np.testing.assert_array_equal(norm.numpy(), f32)
+    np.testing.assert_array_equal(norm.part(rows=(1, 3), cols=(0, 2)).numpy(), f32[1:3, 0:2])
+
+
+@pytest.mark.parametrize("mutate,msg", [
+    (lambda b: b[:-4], "incomplete metadata"),  # truncated: the data ends early
+    (lambda b: b[:5], "header too small"),
+    (lambda b: b[:8] + b"{not json" + b[17:], "invalid JSON"),
+    (lambda b: (1 << 40).to_bytes(8, "little") + b[8:], "header too large"),
+])
+def test_corrupt_safetensors_is_a_clear_error(tmp_path, mutate, msg):
+    f = _st_dir(tmp_path, {"model.norm.weight": np.ones(4, np.float32)})
+    f.write_bytes(mutate(f.read_bytes()))
+    with pytest.raises(ModelError, match=f"model.safetensors: not a readable safetensors file .*{msg}"):
+        open_checkpoint(tmp_path)

@@ -6,36 +6,32 @@ import asyncio
 import contextlib
 import re
 import time
+from collections.abc import Iterable, Iterator
 
 import grpc
 
+from mesh.auth import make_channel
 from mesh.local import LocalMesh, PeerProc, free_port  # noqa: F401  (re-exported for tests)
+from protos import together_pb2 as pb
+from protos import together_pb2_grpc as pbg
 
 
 class Cluster(LocalMesh):
-    """A LocalMesh with a random mesh name, so tests never see each other, plus a Status probe."""
+    """A LocalMesh (under a random mesh name unless given one, so tests never see each other) plus a
+    Status probe."""
 
-    def __init__(self, model: str, mesh_key: str | None = None):
-        super().__init__(model, mesh=None, mesh_key=mesh_key)
-
-    def status(self, peer: PeerProc):
-        from mesh.auth import make_channel
-        from protos import together_pb2 as pb
-        from protos import together_pb2_grpc as pbg
-
-        async def go():
-            ch = make_channel(peer.address, self.mesh_key, "test")
-            try:
-                return await pbg.TogetherStub(ch).Status(pb.StatusRequest(), timeout=5)
-            finally:
-                await ch.close()
+    def status(self, peer: PeerProc) -> pb.StatusReply:
+        async def go() -> pb.StatusReply:
+            async with make_channel(peer.address, self.mesh_key, "test") as ch:
+                reply: pb.StatusReply = await pbg.TogetherStub(ch).Status(pb.StatusRequest(), timeout=5)
+                return reply
 
         return asyncio.run(go())
 
 
 @contextlib.contextmanager
 def two_peer_ring(model: str, backends: tuple[str, str] = ("torch", "torch"), mesh_key: str | None = None,
-                  names: tuple[str, str] = ("a", "b"), api_both: bool = False, split: int = 15):
+                  names: tuple[str, str] = ("a", "b"), api_both: bool = False, split: int = 15) -> Iterator[Cluster]:
     """The common fixture: layers 0-split (serving the API) and split-30 (also serving one with
     api_both), joined by --peer, float32."""
     c = Cluster(model, mesh_key=mesh_key)
@@ -50,7 +46,7 @@ def two_peer_ring(model: str, backends: tuple[str, str] = ("torch", "torch"), me
         c.stop()
 
 
-def wait_log(peer: PeerProc, pattern: str, timeout: float = 60) -> re.Match:
+def wait_log(peer: PeerProc, pattern: str, timeout: float = 60) -> re.Match[str]:
     """Wait until a peer's log matches `pattern`."""
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -61,12 +57,10 @@ def wait_log(peer: PeerProc, pattern: str, timeout: float = 60) -> re.Match:
     raise AssertionError(f"{peer.name}: no {pattern!r} in log:\n{peer.log()[-3000:]}")
 
 
-async def stream_frames(ch, frames) -> tuple[grpc.StatusCode, str]:
+async def stream_frames(ch: grpc.aio.Channel, frames: Iterable[pb.Frame]) -> tuple[grpc.StatusCode, str]:
     """Write frames on one Forward stream of channel `ch`; the stream's final status. A write
     racing the server's abort can fail on our side (INTERNAL, or an ended stream): the call's own
     final status is what the server said."""
-    from protos import together_pb2_grpc as pbg
-
     call = pbg.TogetherStub(ch).Forward()
     try:
         for f in frames:

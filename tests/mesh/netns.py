@@ -22,7 +22,7 @@ import time
 import uuid
 from pathlib import Path
 
-from mesh.local import PeerProc, http_json, stop_peers, wait_healthy
+from mesh.local import PeerGroup, PeerProc
 
 GRPC_PORT = 7420  # every peer has its own address, so fixed ports do not clash
 API_PORT = 8420
@@ -51,17 +51,19 @@ class NsPeer(PeerProc):
             a += ["--api-host", host, "--api-port", str(API_PORT)]
         super().__init__(name, a, log_dir, threads=threads, host=host, port=GRPC_PORT,
                          prefix=("ip", "netns", "exec", ns))
-        self.ns = ns
 
 
-class NetnsMesh:
+class NetnsMesh(PeerGroup):
     """A bridge plus `n` namespaces with a veth each; start peers in them with `add(i, ...)`.
 
     Use as a context manager: everything (processes, namespaces, veths, bridge) is removed on
     exit, also when setup or the test fails.
     """
 
+    ready_timeout = 120.0
+
     def __init__(self, n: int, model: str, mesh: str | None = None):
+        super().__init__()
         self.n, self.model = n, model
         self.mesh = mesh or f"netns-{uuid.uuid4().hex[:8]}"
         tag = secrets.token_hex(2)
@@ -71,7 +73,6 @@ class NetnsMesh:
         self.subnet = self._pick_subnet()
         self.gateway = f"10.231.{self.subnet}.1"
         self.dir = Path(tempfile.mkdtemp(prefix="together-netns-"))
-        self.peers: dict[str, NsPeer] = {}
         self._made_bridge = False
         self._made_ns: list[str] = []
 
@@ -143,7 +144,7 @@ class NetnsMesh:
             raise NetnsUnavailable(f"the links of namespaces {down} did not come up on {self.bridge}")
 
     def close(self) -> None:
-        stop_peers(self.peers.values())
+        self.stop()
         for ns in self._made_ns:
             # anything still running in it was started here: end it before the namespace goes
             for pid in _ip("netns", "pids", ns, check=False).stdout.split():
@@ -176,14 +177,3 @@ class NetnsMesh:
 
     def restore(self, i: int) -> None:
         _ip("link", "set", "dev", self.veth[i], "up")
-
-    def health(self, peer: NsPeer) -> tuple[int, dict]:
-        return http_json(f"{peer.api}/health")
-
-    def wait_ready(self, peer: NsPeer, timeout: float = 120, stages: int | None = None,
-                   want=None) -> dict:
-        """Until `peer`'s API reports a complete ring (of `stages` stages; `want(body)` true)."""
-        return wait_healthy(peer, timeout, stages, want, logs=self.logs)
-
-    def logs(self, tail: int = 3000) -> str:
-        return "\n".join(f"--- {p.name} ({p.host})\n{p.log()[-tail:]}" for p in self.peers.values())

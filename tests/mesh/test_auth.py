@@ -1,4 +1,5 @@
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -32,12 +33,17 @@ class TinyServicer(pb_grpc.TogetherServicer):
             yield pb.Ack()
 
 
-async def _serve(mesh_key: str | None) -> tuple[grpc.aio.Server, str]:
+@contextlib.asynccontextmanager
+async def _served(mesh_key: str | None) -> AsyncIterator[str]:
+    """A TinyServicer behind make_server(mesh_key), for the duration of the block: its address."""
     server = make_server(mesh_key)
     pb_grpc.add_TogetherServicer_to_server(TinyServicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    return server, f"127.0.0.1:{port}"
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)
 
 
 async def _status(address: str, mesh_key: str | None) -> pb.StatusReply:
@@ -71,13 +77,10 @@ def run(coro):  # tests stay sync: no pytest-asyncio in this project
 
 def test_right_key_unary_and_stream() -> None:
     async def main() -> None:
-        server, address = await _serve(KEY)
-        try:
+        async with _served(KEY) as address:
             reply = await _status(address, KEY)
             assert reply.sequences == 3 and reply.peer.node_id == "server"
             assert await _forward(address, KEY) == 3
-        finally:
-            await server.stop(None)
 
     run(main())
 
@@ -85,8 +88,7 @@ def test_right_key_unary_and_stream() -> None:
 @pytest.mark.parametrize("client_key", ["wrong key", None])
 def test_wrong_or_missing_key_refused(client_key: str | None, caplog: pytest.LogCaptureFixture) -> None:
     async def main() -> None:
-        server, address = await _serve(KEY)
-        try:
+        async with _served(KEY) as address:
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await _status(address, client_key)
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -96,8 +98,6 @@ def test_wrong_or_missing_key_refused(client_key: str | None, caplog: pytest.Log
             assert "--mesh-key" in refused.details()
             # the server is still up and serves the right key
             assert (await _status(address, KEY)).sequences == 3
-        finally:
-            await server.stop(None)
 
     with caplog.at_level(logging.WARNING, logger="mesh.auth"):
         run(main())
@@ -108,20 +108,16 @@ def test_wrong_or_missing_key_refused(client_key: str | None, caplog: pytest.Log
 
 def test_keyless_server_accepts_anyone() -> None:
     async def main() -> None:
-        server, address = await _serve(None)
-        try:
+        async with _served(None) as address:
             assert (await _status(address, None)).sequences == 3
             assert (await _status(address, KEY)).sequences == 3
-        finally:
-            await server.stop(None)
 
     run(main())
 
 
 def test_replayed_metadata_refused() -> None:
     async def main() -> None:
-        server, address = await _serve(KEY)
-        try:
+        async with _served(KEY) as address:
             metadata = auth_metadata(KEY, STATUS, "client-node")
             async with make_channel(address, None, "client-node") as channel:
                 stub = pb_grpc.TogetherStub(channel)
@@ -135,8 +131,6 @@ def test_replayed_metadata_refused() -> None:
                     await stub.Status(pb.StatusRequest(), metadata=other, timeout=5)
                 assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert (await _status(address, KEY)).sequences == 3
-        finally:
-            await server.stop(None)
 
     run(main())
 

@@ -39,7 +39,7 @@ def test_frame_round_trip() -> None:
         shape=[3, 4],
         data=bytes(range(24)),
         origin="127.0.0.1:5000",
-        sent_at=1.25,
+        hop_ms=[1.25],
     )
     back = pb.Frame.FromString(frame.SerializeToString())
     assert back == frame

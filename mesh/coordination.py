@@ -1,0 +1,246 @@
+"""The coordinator's side of a peer: while this peer coordinates, it owns the layer map, answers
+claims, heartbeats and leaves, drops peers that stopped answering, covers their layers, and pushes
+every new plan to the members. On any other peer `layer_map` is None and this role is idle."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+import grpc
+
+from backends.errors import RequestError
+from mesh import placement
+from mesh.coordinator import LayerMap
+from mesh.links import Peers
+from mesh.tasks import TaskSet
+from mesh.view import PlanView
+from protos import together_pb2 as pb
+
+log = logging.getLogger(__name__)
+PEER_TIMEOUT_S = 3.0  # a peer silent this long is gone: its layers are reassigned
+
+Range = tuple[int, int] | None
+
+
+class CoordinatorRole:
+    def __init__(self, view: PlanView, links: Peers, tasks: TaskSet, model: str, num_layers: int,
+                 kv_reserve: int, claim_window_s: float, rejoin: Callable[[], None]) -> None:
+        # rejoin: claim again under the other coordinator after this one stepped down
+        self.view, self.links, self.tasks = view, links, tasks
+        self.model, self.kv_reserve, self.claim_window_s = model, kv_reserve, claim_window_s
+        self._rejoin = rejoin
+        self.num_layers = num_layers
+        self.layer_map: LayerMap | None = None  # only while this peer coordinates
+        self._claim_batch: list[tuple[pb.PeerInfo, asyncio.Future[tuple[Range, str]]]] = []
+        self._claim_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.layer_map is not None
+
+    def _map(self) -> LayerMap:
+        if self.layer_map is None:
+            raise RequestError("not the coordinator")
+        return self.layer_map
+
+    # ---------------------------------------------------------------- becoming and leaving
+
+    def become(self, epoch: int) -> None:
+        """Coordinate from what this peer knows (the first peer of a mesh)."""
+        self.layer_map = LayerMap.rebuild(self.model, self.num_layers, self.view.node_id, self.kv_reserve,
+                                          list(self.view.known.values()), epoch)
+        log.info("%s coordinates the mesh", self.view.name)
+        self.view.set_plan(self.layer_map.plan())
+
+    async def take_over(self, reports: list[pb.PeerInfo]) -> None:
+        """The coordinator is gone: rebuild the map from the survivors' own reports, one epoch on."""
+        log.warning("%s takes over as coordinator (the old one stopped answering)", self.view.name)
+        self.view.known = {r.node_id: r for r in reports}
+        self.layer_map = LayerMap.rebuild(self.model, self.num_layers, self.view.node_id, self.kv_reserve,
+                                          reports, self.view.plan.epoch + 1)
+        self.reassign(set())
+        await self.publish()
+
+    async def take_handover(self, plan: pb.Plan) -> None:
+        """The old coordinator left cleanly and named this peer its heir."""
+        log.warning("%s takes over as coordinator (handed over)", self.view.name)
+        self.layer_map = LayerMap.from_plan(plan, self.kv_reserve)
+        self.layer_map.epoch += 1
+        await self.publish()
+
+    async def hand_over(self) -> None:
+        """A leaving coordinator gives its layers and the layer map to the oldest other peer."""
+        lm = self._map()
+        others = [m.info for n, m in lm.members.items() if n != self.view.node_id]
+        if not others:
+            return
+        heir = placement.choose_coordinator([(i.node_id, i.started_at) for i in others])
+        self.drop({self.view.node_id})
+        lm.coordinator = heir
+        plan = lm.plan()
+        self.layer_map = None
+        self.view.set_plan(plan)
+        log.warning("%s hands the mesh to %s", self.view.name, next(i.name for i in others if i.node_id == heir))
+        await asyncio.gather(*(self.push(i.address, plan) for i in others), return_exceptions=True)
+
+    def meet(self, plan: pb.Plan, started_at: float) -> None:
+        """Another coordinator pushed its plan (peers started apart and found each other late): the
+        older one wins."""
+        lm = self._map()
+        theirs = next((p for p in plan.peers if p.node_id == plan.coordinator), None)
+        if theirs is None:
+            return
+        self.view.known[theirs.node_id] = theirs
+        if (theirs.started_at, theirs.node_id) < (started_at, self.view.node_id):
+            log.warning("%s steps down: %s coordinates this mesh", self.view.name, theirs.name)
+            self.layer_map = None
+            self.view.set_plan(plan)
+            self._rejoin()
+        else:
+            lm.upsert(theirs)
+            self.tasks.spawn(self.push(theirs.address, lm.plan()))
+
+    # ---------------------------------------------------------------- requests from the members
+
+    async def join(self, request: pb.JoinRequest) -> pb.JoinReply:
+        """A peer claims layers: the range it asks for, its group's, or (batched over a short window,
+        so peers starting together split the model well) a share sized by its memory and speed."""
+        lm = self._map()
+        info = request.peer
+        if info.model != self.model:
+            return pb.JoinReply(ok=False, reason=f"this mesh serves {self.model}, not {info.model}",
+                                start=-1, end=-1, plan=lm.plan())
+        self.view.known[info.node_id] = info
+        rng: Range
+        if lm.in_tp(info):
+            want = (request.want_start, request.want_end) if request.want_start >= 0 else None
+            rng, reason = lm.claim_tp(info, want)
+            if reason.startswith("waiting for tensor-parallel"):  # the peer asks again: no plan change
+                return pb.JoinReply(ok=False, reason=reason, start=-1, end=-1, plan=lm.plan())
+        elif request.want_start >= 0:
+            rng, reason = lm.claim(info, (request.want_start, request.want_end))
+        else:
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[tuple[Range, str]] = loop.create_future()
+            self._claim_batch.append((info, fut))
+            if self._claim_timer is None:
+                self._claim_timer = loop.call_later(self.claim_window_s, self._settle_claims)
+            rng, reason = await fut
+        log.info("claim by %s: %s", info.name, reason)
+        await self.publish()
+        return pb.JoinReply(ok=rng is not None, reason=reason, start=rng[0] if rng else -1,
+                            end=rng[1] if rng else -1, plan=self._map().plan())
+
+    def _settle_claims(self) -> None:
+        lm = self._map()
+        batch, self._claim_batch, self._claim_timer = self._claim_batch, [], None
+        batch.sort(key=lambda b: (b[0].started_at, b[0].node_id))
+        out = lm.claim_together([b[0] for b in batch])
+        for info, fut in batch:
+            if not fut.done():
+                fut.set_result(out[info.node_id])
+
+    async def leave(self, node_id: str) -> pb.Plan:
+        if self.layer_map is not None and node_id in self.layer_map.members:
+            log.info("peer %s leaves; handing its layers over", node_id[:8])
+            self.drop({node_id})
+            await self.publish()
+        return self.view.plan
+
+    async def heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatReply:
+        lm = self.layer_map
+        if lm is None:
+            return pb.HeartbeatReply(plan=self.view.plan)
+        peer = request.peer
+        before, was_ready = lm.complete(), lm.ready(peer.node_id)
+        lm.upsert(peer)
+        self.view.known[peer.node_id] = peer
+        if lm.left_group(peer):
+            log.warning("peer %s left its tensor-parallel group: the group's stage is lost", peer.name)
+            lm.lose_groups({peer.node_id})
+            self.reassign(set())
+            await self.publish()
+            return pb.HeartbeatReply(plan=lm.plan())
+        if lm.complete() != before or lm.ready(peer.node_id) != was_ready:
+            lm.epoch += 1
+            await self.publish()
+        return pb.HeartbeatReply(plan=lm.plan())
+
+    # ---------------------------------------------------------------- failures
+
+    def forgive_stall(self) -> None:
+        """This peer's own loop stalled: the members' silence meanwhile is no evidence."""
+        if self.layer_map is not None:
+            for m in self.layer_map.members.values():
+                m.last_seen = max(m.last_seen, time.monotonic())
+
+    async def expire_peers(self) -> None:
+        """Drop the members silent for PEER_TIMEOUT_S that do not answer a direct question either."""
+        lm = self._map()
+        lost = set()
+        for node_id in lm.stale(PEER_TIMEOUT_S):
+            m = lm.members[node_id]
+            try:  # late heartbeats from a busy peer are not a death: ask it directly first
+                st = await self.links.stub(m.info.address).Status(pb.StatusRequest(), timeout=2.0)
+                m.last_seen = time.monotonic()
+                if st.plan.coordinator != self.view.node_id:
+                    # it gave up on us and set up on its own: the older coordinator wins when they meet
+                    self.tasks.spawn(self.push(m.info.address, lm.plan()))
+                continue
+            except grpc.aio.AioRpcError:
+                pass
+            log.warning("peer %s stopped answering; dropping it", m.info.name)
+            lost.add(node_id)
+        if lost:
+            self.drop(lost)
+            await self.publish()
+
+    def drop(self, lost: set[str]) -> None:
+        lm = self._map()
+        for node_id in lost:
+            lm.remove(node_id)
+            self.view.known.pop(node_id, None)
+        self.reassign(lost)
+
+    def reassign(self, lost: set[str]) -> None:
+        """Cover the layers nobody holds: a standby first, else survivors with room."""
+        lm = self._map()
+        if not lm.missing():
+            return
+        stages = {s[0]: (s[1], s[2]) for s in lm.stages}
+        members = [m.info for m in lm.members.values()]
+        # a tensor-parallel group's peers are busy, waiting for their group, or (a broken group's)
+        # maybe dead: candidates only once they report themselves as ordinary peers
+        cands = [(i.node_id, int(i.free_memory), i.layer_ms or 1.0, stages.get(i.node_id)) for i in members
+                 if not i.tp_group]
+        layer_bytes = max([int(i.layer_bytes) for i in members] or [1])
+        new, missing = placement.reassign(self.num_layers, lm.stages, lost, cands,
+                                          layer_bytes=layer_bytes, kv_reserve=self.kv_reserve)
+        if new is not None:
+            log.warning("reassigned layers: %s", ", ".join(
+                f"{lm.members[n].info.name if n in lm.members else n}[{a},{b})" for n, a, b in new))
+            lm.stages = sorted(new, key=lambda st: st[1])
+            lm.epoch += 1
+        else:
+            log.warning("no peer has room for layers %s: the ring waits for a peer to join",
+                        ", ".join(f"[{a}, {b})" for a, b in missing))
+
+    # ---------------------------------------------------------------- the plan
+
+    async def publish(self) -> None:
+        """Push the current plan to every member."""
+        lm = self._map()
+        plan = lm.plan()
+        self.view.set_plan(plan)
+        for m in list(lm.members.values()):
+            if m.info.node_id != self.view.node_id:
+                self.tasks.spawn(self.push(m.info.address, plan))
+
+    async def push(self, address: str, plan: pb.Plan) -> None:
+        try:
+            await self.links.stub(address).PushPlan(plan, timeout=2)
+        except grpc.aio.AioRpcError:
+            pass

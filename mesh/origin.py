@@ -1,0 +1,73 @@
+"""What an API peer does in the ring: it numbers frames, sends them to stage 0, and waits for the last
+stage to deliver their tokens (a Result per frame, over its Deliver stream)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+
+import grpc
+
+from mesh.links import Peers
+from mesh.protocol import FrameError
+from mesh.stage import Stage
+from mesh.tasks import TaskSet
+from mesh.view import PlanView
+from protos import together_pb2 as pb
+
+
+class Origin:
+    def __init__(self, view: PlanView, stage: Stage, links: Peers, tasks: TaskSet) -> None:
+        self.view, self.stage, self.links, self.tasks = view, stage, links, tasks
+        self.pending: dict[int, asyncio.Future[pb.Result]] = {}  # frame id -> its Result, once delivered
+        # random high bits: ids from an earlier run of this peer never match a frame of this one
+        self._frame_ids = itertools.count(int.from_bytes(os.urandom(4), "little") << 20)
+
+    def new_frame_id(self) -> int:
+        return next(self._frame_ids)
+
+    async def run_frame(self, frame: pb.Frame, timeout: float = 120.0) -> pb.Result:
+        """Send a frame into the ring at stage 0 and wait for its tokens."""
+        plan = self.view.plan
+        if not plan.complete:
+            raise FrameError(grpc.StatusCode.UNAVAILABLE, f"the ring is incomplete: {plan.missing}")
+        frame.epoch, frame.origin = plan.epoch, self.view.address
+        fut: asyncio.Future[pb.Result] = asyncio.get_running_loop().create_future()
+        self.pending[frame.frame_id] = fut
+        try:
+            addr, _ = self.view.stage_of(0)
+            self.tasks.spawn(self.stage.send_frame(addr, frame))
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise FrameError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                             f"the ring did not answer within {timeout:.0f} s") from None
+        finally:
+            self.pending.pop(frame.frame_id, None)
+
+    def deliver(self, result: pb.Result) -> None:
+        """A Result came back (from the last stage, or a failure from any stage)."""
+        fut = self.pending.pop(result.frame_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(result)
+
+    def ring_changed(self) -> None:
+        """Frames on the old path may never come back: fail them now, their sequences are replayed."""
+        for fid, fut in list(self.pending.items()):
+            if not fut.done():
+                fut.set_result(pb.Result(frame_id=fid, error="the ring changed (a peer left or joined)",
+                                         error_code=grpc.StatusCode.UNAVAILABLE.value[0]))
+
+    async def release(self, seq_ids: list[str]) -> int:
+        """Free these sequences' caches on every stage."""
+        calls = []
+        for st in self.view.plan.stages:
+            if st.node_id == self.view.node_id:
+                calls.append(self._release_here(seq_ids))
+            elif (p := self.view.known.get(st.node_id)) is not None:
+                calls.append(self.links.stub(p.address).Release(pb.ReleaseRequest(seq_ids=seq_ids), timeout=5))
+        out = await asyncio.gather(*calls, return_exceptions=True)
+        return sum(r.freed for r in out if isinstance(r, pb.ReleaseReply))
+
+    async def _release_here(self, seq_ids: list[str]) -> pb.ReleaseReply:
+        return pb.ReleaseReply(freed=await self.stage.release(seq_ids))

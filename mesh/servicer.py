@@ -1,0 +1,99 @@
+"""The gRPC face of a peer: every RPC of `together.proto` checks its caller and hands the request to
+the role that owns it. Nothing here keeps state."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+
+import grpc
+
+from mesh.coordination import CoordinatorRole
+from mesh.membership import Membership
+from mesh.origin import Origin
+from mesh.protocol import FrameError, caller_id, check_peer_info, check_plan
+from mesh.stage import Stage
+from mesh.view import PlanView
+from protos import together_pb2 as pb
+from protos import together_pb2_grpc as pbg
+
+if TYPE_CHECKING:
+    Context = grpc.aio.ServicerContext[Any, Any]
+
+log = logging.getLogger(__name__)
+
+
+class Servicer(pbg.TogetherServicer):
+    def __init__(self, mesh_key: str | None, num_layers: int, started_at: float, view: PlanView,
+                 membership: Membership, coord: CoordinatorRole, stage: Stage, origin: Origin,
+                 status: Callable[[], pb.StatusReply]) -> None:
+        self.mesh_key, self.num_layers, self.started_at, self.view = mesh_key, num_layers, started_at, view
+        self.membership, self.coord, self.stage, self.origin = membership, coord, stage, origin
+        self._status = status
+
+    # ---------------------------------------------------------------- the ring's streams
+
+    async def Forward(self, request_iterator: AsyncIterator[pb.Frame], context: Context) -> None:
+        # grpc.aio's reader/writer form: no acks are written, the stream ends when this returns
+        async for frame in request_iterator:
+            try:
+                await self.stage.handle_frame(frame)
+            except FrameError as e:
+                if not frame.origin:  # nobody to tell but the sender
+                    await context.abort(e.code, str(e))
+                await self.stage.fail(frame, e)
+
+    async def Deliver(self, request_iterator: AsyncIterator[pb.Result], context: Context) -> None:
+        async for result in request_iterator:
+            self.origin.deliver(result)
+
+    async def Release(self, request: pb.ReleaseRequest, context: Context) -> pb.ReleaseReply:
+        return pb.ReleaseReply(freed=await self.stage.release(list(request.seq_ids)))
+
+    # ---------------------------------------------------------------- membership
+
+    async def Join(self, request: pb.JoinRequest, context: Context) -> pb.JoinReply:
+        await self._check_info(request.peer, context)
+        if not self.coord.active:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"{self.view.name} is not the coordinator; ask {self.view.plan.coordinator}")
+        return await self.coord.join(request)
+
+    async def Leave(self, request: pb.LeaveRequest, context: Context) -> pb.Plan:
+        await self._refuse_spoof(request.node_id, context)
+        return await self.coord.leave(request.node_id)
+
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: Context) -> pb.HeartbeatReply:
+        await self._check_info(request.peer, context)
+        return await self.coord.heartbeat(request)
+
+    async def GetPlan(self, request: pb.PlanRequest, context: Context) -> pb.Plan:
+        return self.view.plan
+
+    async def PushPlan(self, request: pb.Plan, context: Context) -> pb.Ack:
+        # only a coordinator speaks for its plan, and a plan must fit this model
+        if self.mesh_key and caller_id(context) not in (request.coordinator, self.view.plan.coordinator):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "only a coordinator may push a plan")
+        if not check_plan(request, self.num_layers):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a plan that does not fit this model")
+        await self.membership.on_push(request, self.started_at)
+        return pb.Ack()
+
+    async def Status(self, request: pb.StatusRequest, context: Context) -> pb.StatusReply:
+        return self._status()
+
+    # ---------------------------------------------------------------- checks
+
+    async def _refuse_spoof(self, info_id: str, context: Context) -> None:
+        """With a mesh key, a peer may only speak for itself."""
+        who = caller_id(context)
+        if self.mesh_key and who != info_id:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"a peer may only join, report or leave for itself (signed as {who!r})")
+
+    async def _check_info(self, info: pb.PeerInfo, context: Context) -> None:
+        why = check_peer_info(info, self.num_layers)
+        if why is not None:
+            log.warning("refused a peer report from %s: %s", context.peer(), why)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad peer info: {why}")
+        await self._refuse_spoof(info.node_id, context)

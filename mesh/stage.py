@@ -1,0 +1,174 @@
+"""This peer's stage of the ring: it checks a frame, runs it through its shard off the event loop, and
+passes the hidden states on to the next stage, or (last stage) the sampled tokens back to the frame's
+origin."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, TypeVar
+
+import grpc
+import numpy as np
+
+from backends.errors import GroupError, RequestError
+from backends.shard import LayerShard, Sample, SeqChunk
+from backends.wire import Hidden, WireError
+from mesh.links import Peers
+from mesh.metrics import PeerMetrics
+from mesh.protocol import FrameError, params_from_pb
+from mesh.view import PlanView
+from protos import together_pb2 as pb
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Stage:
+    """The loaded shard (if any) and the one compute thread every call into it runs on."""
+
+    def __init__(self, view: PlanView, links: Peers, metrics: PeerMetrics,
+                 deliver: Callable[[pb.Result], None], group_failed: Callable[[str], None]) -> None:
+        # deliver: hand a Result to this peer's own origin; group_failed: a rank of the TP group is gone
+        self.view, self.links, self.metrics = view, links, metrics
+        self._deliver, self._group_failed = deliver, group_failed
+        self.shard: LayerShard | None = None
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix="compute")  # one worker per backend
+        self.hop_ms: list[float] = []  # recent compute time of frames at this stage
+        self.bytes_per_token_hop = 0  # serialized size of a one-token frame to the next stage
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the compute thread: loading and forwards never overlap, the loop stays free."""
+        return await asyncio.get_running_loop().run_in_executor(self._compute, fn)
+
+    async def load(self, make: Callable[[], LayerShard]) -> None:
+        self.shard = None  # the old slice's memory goes before the new one's comes
+        self.shard = await self.call(make)
+
+    def close(self) -> None:
+        self._compute.shutdown(wait=False, cancel_futures=True)
+
+    def tokens_per_s(self) -> float:
+        recent = self.hop_ms[-32:]
+        return 1000.0 / (sum(recent) / len(recent)) if recent else 0.0
+
+    async def release(self, seq_ids: list[str]) -> int:
+        """Free these sequences' caches here; how many this stage held."""
+        sh = self.shard
+        if sh is None:
+            return 0
+        return await self.call(lambda: sum(sh.free_sequence(s) for s in seq_ids))
+
+    # ---------------------------------------------------------------- frames
+
+    async def handle_frame(self, frame: pb.Frame) -> None:
+        """Run one frame through this stage, then pass it on (or return the tokens to its origin)."""
+        sh, index, chunks, x = self._check(frame)
+        t0 = time.perf_counter()
+        out = await self._forward(sh, frame, chunks, x)
+        seconds = time.perf_counter() - t0
+        self.metrics.stage_compute_seconds.observe(seconds)
+        self.hop_ms.append(seconds * 1000)
+        del self.hop_ms[:-64]
+        hops = list(frame.hop_ms) + [seconds * 1000]
+        if isinstance(out, list):  # the last stage sampled: tokens go back to the origin
+            self.metrics.stage_tokens.inc(len(out))
+            res = pb.Result(frame_id=frame.frame_id, hop_ms=hops, results=[
+                pb.TokenResult(seq_id=s.seq_id, token=s.token, logprob=s.logprob,
+                               top_tokens=[t for t, _ in s.top_logprobs],
+                               top_logprobs=[lp for _, lp in s.top_logprobs]) for s in out])
+            await self.send_result(frame.origin, res)
+            return
+        addr, _ = self.view.stage_of(index + 1)
+        nxt = pb.Frame(frame_id=frame.frame_id, epoch=frame.epoch, seqs=frame.seqs, dtype=out.dtype,
+                       shape=list(out.shape), data=bytes(out.data), origin=frame.origin, hop_ms=hops)
+        if len(frame.seqs) == 1 and frame.seqs[0].length == 1:
+            self.bytes_per_token_hop = nxt.ByteSize()
+        await self.send_frame(addr, nxt)
+
+    def _check(self, frame: pb.Frame) -> tuple[LayerShard, int, list[SeqChunk], np.ndarray | Hidden]:
+        """Refuse a frame of another plan, for a peer that is no stage, or with inconsistent contents."""
+        view = self.view
+        if frame.epoch != view.plan.epoch:
+            raise FrameError(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"stale plan epoch {frame.epoch} (this peer is at {view.plan.epoch})")
+        sh = self.shard
+        if sh is None:
+            raise FrameError(grpc.StatusCode.UNAVAILABLE, f"{view.name} holds no layers")
+        index = view.my_index()
+        if index is None:
+            raise FrameError(grpc.StatusCode.FAILED_PRECONDITION, f"{view.name} is not a stage of the plan")
+        chunks = [SeqChunk(e.seq_id, e.offset, e.length) for e in frame.seqs]
+        if not chunks or len({c.seq_id for c in chunks}) != len(chunks):
+            raise FrameError(grpc.StatusCode.INVALID_ARGUMENT,
+                             "corrupt frame: no sequences, or a sequence twice in one frame")
+        x: np.ndarray | Hidden
+        try:
+            if sh.is_first:
+                x = np.frombuffer(np.asarray(frame.tokens, np.int32).tobytes(), np.int32)
+            else:
+                x = Hidden(frame.data, frame.dtype, tuple(frame.shape))
+        except WireError as e:
+            raise FrameError(grpc.StatusCode.INVALID_ARGUMENT, f"corrupt frame: {e}") from None
+        return sh, index, chunks, x
+
+    async def _forward(self, sh: LayerShard, frame: pb.Frame, chunks: list[SeqChunk],
+                       x: np.ndarray | Hidden) -> Hidden | list[Sample]:
+        try:
+            return await self.call(lambda: _run(sh, frame, chunks, x))
+        except GroupError as e:  # a rank of this peer's group is gone: the stage is lost
+            if sh is self.shard:
+                self._group_failed(str(e))
+            raise FrameError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+        except (RequestError, WireError) as e:
+            raise FrameError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        except Exception as e:  # poisoned numbers or a backend bug fail this frame, not the whole link
+            if sh is not self.shard:  # its group was dissolved under it: the sequences are replayed
+                raise FrameError(grpc.StatusCode.UNAVAILABLE, f"{self.view.name}'s stage changed: {e}") from None
+            log.exception("frame %d failed in %s's compute", frame.frame_id, self.view.name)
+            raise FrameError(grpc.StatusCode.INTERNAL,
+                             f"{self.view.name} failed: {type(e).__name__}: {e}") from None
+
+    async def send_frame(self, address: str, frame: pb.Frame) -> None:
+        """Pass a frame to the stage at `address` (this one runs it in place); failures go to its origin."""
+        if address == self.view.address:
+            try:
+                await self.handle_frame(frame)
+            except FrameError as e:
+                await self.fail(frame, e)
+        else:
+            try:
+                await self.links.stream(address, "Forward").send(frame)
+            except ConnectionError as e:
+                await self.fail(frame, FrameError(grpc.StatusCode.UNAVAILABLE, str(e)))
+
+    async def fail(self, frame: pb.Frame, e: FrameError) -> None:
+        """Tell the frame's origin that its sequences failed here, and why."""
+        res = pb.Result(frame_id=frame.frame_id, error=str(e),
+                        error_code=e.code.value[0], failed_seqs=e.seqs or [s.seq_id for s in frame.seqs])
+        await self.send_result(frame.origin, res)
+
+    async def send_result(self, origin: str, res: pb.Result) -> None:
+        if origin == self.view.address:
+            self._deliver(res)
+        else:
+            try:
+                await self.links.stream(origin, "Deliver").send(res)
+            except ConnectionError as e:
+                log.warning("cannot return results to %s: %s", origin, e)
+
+
+def _run(sh: LayerShard, frame: pb.Frame, chunks: list[SeqChunk], x: np.ndarray | Hidden) -> Hidden | list[Sample]:
+    """On the compute thread: open the caches of the sequences this frame starts, then run it."""
+    started = [e.seq_id for e in frame.seqs if e.start]
+    for e in frame.seqs:
+        if e.start:
+            sh.add_sequence(e.seq_id, params_from_pb(e.sampling), list(e.history), e.adapter)
+    try:
+        return sh.forward(chunks, x)
+    except Exception:
+        for s in started:  # a refused frame must not leave caches behind
+            sh.free_sequence(s)
+        raise
