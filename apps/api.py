@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 WEB_DIR = Path(__file__).resolve().parent / "web"
 NODE = web.AppKey("node", Node)
+AUTHORIZED = "together.authorized"  # request key: the caller sent the right API key (or none is set)
 SCHED = web.AppKey("scheduler", Scheduler)
 
 
@@ -69,10 +70,12 @@ async def index(request: web.Request) -> web.FileResponse:
 
 
 async def health(request: web.Request) -> web.Response:
+    """Liveness for anyone; the ring (names, addresses) only with the API key, when one is set."""
     node = request.app[NODE]
     plan = node.plan
-    body = {"status": "ok" if plan.complete else "incomplete", "epoch": plan.epoch,
-            "ring": ring_view(node), "missing": plan.missing}
+    body: dict[str, Any] = {"status": "ok" if plan.complete else "incomplete", "epoch": plan.epoch}
+    if request.get(AUTHORIZED, True):
+        body.update(ring=ring_view(node), missing=plan.missing)
     return web.json_response(body, status=200 if plan.complete else 503)
 
 
@@ -179,14 +182,15 @@ def _adapter(node: Node, model: str) -> str:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = parse(ChatBody, await _json_body(request))
     adapter = _adapter(request.app[NODE], body.model)
-    prompt = request.app[SCHED].tok.apply_chat([m.for_template() for m in body.messages])
+    # a long prompt takes seconds to tokenize: off the loop, which also answers the mesh's heartbeats
+    prompt = await asyncio.to_thread(request.app[SCHED].tok.apply_chat, [m.for_template() for m in body.messages])
     return await _serve(request, body, adapter, [prompt])
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     body = parse(CompletionBody, await _json_body(request))
     adapter = _adapter(request.app[NODE], body.model)
-    prompts = body.token_prompts(request.app[SCHED].tok.encode)
+    prompts = await asyncio.to_thread(body.token_prompts, request.app[SCHED].tok.encode)
     if len(prompts) * body.n > 64:
         raise ApiError(400, "at most 64 completions per request (prompts x n)", "n")
     vocab = request.app[NODE].ck.config.vocab_size
@@ -283,14 +287,17 @@ def cors_middleware(origin: str) -> Middleware:
     return cors
 
 
-def bearer_middleware(api_key: str) -> Middleware:
+def bearer_middleware(api_key: str, open_resources: set[web.AbstractResource]) -> Middleware:
+    """Every route needs the key but the page's own files (no data in them: the page asks for the
+    key and sends it) and /health, which without it says only whether the ring is up."""
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path.startswith("/v1/"):
-            got = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
-                return error_response(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                                      "authentication_error", code="invalid_api_key")
+        got = request.headers.get("Authorization", "")
+        request[AUTHORIZED] = hmac.compare_digest(got.encode(), f"Bearer {api_key}".encode())
+        # decided by the route that will run, not by spelling the path: no encoding slips past
+        if not request[AUTHORIZED] and request.match_info.route.resource not in open_resources:
+            return error_response(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                  "authentication_error", code="invalid_api_key")
         return await handler(request)
 
     return check
@@ -300,8 +307,9 @@ def make_app(node: Node, sched: Scheduler, api_key: str | None = None,
              cors_origin: str | None = None) -> web.Application:
     """The API app for one peer; the scheduler's background loop lives in cleanup_ctx.
     CORS is off unless an origin is given."""
+    open_resources: set[web.AbstractResource] = set()
     mws = ([cors_middleware(cors_origin)] if cors_origin else []) + [errors_middleware] + \
-        ([bearer_middleware(api_key)] if api_key else [])
+        ([bearer_middleware(api_key, open_resources)] if api_key else [])
     app = web.Application(middlewares=mws, client_max_size=8 * 1024 * 1024)
     app[NODE], app[SCHED] = node, sched
     _gauges(node, sched)
@@ -312,9 +320,9 @@ def make_app(node: Node, sched: Scheduler, api_key: str | None = None,
         await sched.stop()
 
     app.cleanup_ctx.append(scheduler_ctx)
-    app.router.add_get("/", index)
-    app.router.add_static("/static/", WEB_DIR, show_index=False, follow_symlinks=False)
-    app.router.add_get("/health", health)
+    open_resources.update(r.resource for r in (app.router.add_get("/", index), app.router.add_get("/health", health))
+                          if r.resource is not None)
+    open_resources.add(app.router.add_static("/static/", WEB_DIR, show_index=False, follow_symlinks=False))
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/mesh", mesh_view)
     app.router.add_get("/metrics", metrics)

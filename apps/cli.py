@@ -117,20 +117,44 @@ def cmd_fetch(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_mesh_key_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mesh-key", default=None,
+                   help="shared secret every peer of the mesh must hold: signs every message and encrypts "
+                        "the ring (visible in ps: prefer TOGETHER_MESH_KEY or --mesh-key-file)")
+    p.add_argument("--mesh-key-file", default=None, metavar="PATH", help="read the mesh key from this file")
+
+
+def _resolve_keys(a: argparse.Namespace) -> None:
+    """Keys from the flag, else the file, else the environment, so they need not show in ps."""
+    from mesh.auth import read_key
+
+    for name, env in (("mesh_key", "TOGETHER_MESH_KEY"), ("api_key", "TOGETHER_API_KEY")):
+        if hasattr(a, name):
+            setattr(a, name, read_key(getattr(a, name), getattr(a, f"{name}_file", None), env,
+                                      "--" + name.replace("_", "-")))
+
+
 def _add_join_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     j = sub.add_parser("join", help="join (or start) a mesh and serve some of the model's layers")
     _add_model_args(j)
     j.add_argument("--backend", choices=["auto", "mlx", "torch"], default="auto")
-    j.add_argument("--host", default="127.0.0.1", help="address for the gRPC server and mDNS")
+    j.add_argument("--host", default="",
+                   help="the one address to listen on and advertise (default: every interface; mDNS "
+                        "advertises this machine's LAN addresses)")
     j.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
     j.add_argument("--api-port", type=int, default=None, help="serve the OpenAI API on this port")
     j.add_argument("--api-host", default="127.0.0.1")
-    j.add_argument("--api-key", default=None, help="require this bearer token on the API")
+    j.add_argument("--api-key", default=None,
+                   help="require this bearer token on the API (visible in ps: prefer TOGETHER_API_KEY or "
+                        "--api-key-file)")
+    j.add_argument("--api-key-file", default=None, metavar="PATH", help="read the API key from this file")
     j.add_argument("--cors-origin", default=None, help="allow browser calls from this origin (off by default)")
     j.add_argument("--max-kv-tokens", type=int, default=1 << 20,
                    help="cap on KV-cache tokens admitted at once (also bounded by the ring's memory)")
+    j.add_argument("--seq-lease", type=float, default=60.0, metavar="SECONDS",
+                   help="free a sequence's caches when no frame of it came for this long (its API peer is gone)")
     j.add_argument("--mesh", default="default", help="mesh name: peers of other meshes are ignored")
-    j.add_argument("--mesh-key", default=None, help="shared secret every peer of the mesh must hold")
+    _add_mesh_key_args(j)
     j.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
                    help="a peer to contact directly (where multicast is blocked)")
     j.add_argument("--no-mdns", action="store_true", help="do not use mDNS (use --peer)")
@@ -172,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="show a mesh's peers, layers and coordinator")
     st.add_argument("--peer", required=True, metavar="HOST:PORT")
-    st.add_argument("--mesh-key", default=None)
+    _add_mesh_key_args(st)
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
 
@@ -203,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     func: Callable[[argparse.Namespace], int] = a.func
     try:
+        _resolve_keys(a)
         return func(a)
     except TogetherError as e:
         print(f"error: {e}", file=sys.stderr)

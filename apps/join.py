@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from mesh.node import Node, NodeConfig
 
 log = logging.getLogger("together.join")
+OPEN_MESH = ("warning: no mesh key: this mesh is open to anyone on the network (any host can join, read "
+             "and alter its traffic, and run its model); set TOGETHER_MESH_KEY (or --mesh-key-file) on every peer")
 
 
 def render_plan(plan: pb.Plan, me: str = "") -> str:
@@ -80,6 +82,10 @@ def _node_config(a: argparse.Namespace) -> NodeConfig:
     if a.tp_group and a.adapter:
         raise TogetherError("LoRA adapters are not supported on a tensor-parallel stage: drop --adapter "
                             "or --tp-group")
+    if a.tp_group and not a.mesh_key:
+        from mesh.tpgroup import TP_NEEDS_KEY
+
+        raise TogetherError(TP_NEEDS_KEY)
     try:
         max_memory = parse_size(a.max_memory) if a.max_memory else None
     except ValueError as e:
@@ -89,7 +95,7 @@ def _node_config(a: argparse.Namespace) -> NodeConfig:
                      port=a.port, mesh=a.mesh, mesh_key=a.mesh_key, peers=list(a.peer), name=a.name,
                      max_memory=max_memory, layers=layers, dtype=a.dtype, wire_dtype=a.wire_dtype,
                      threads=a.threads, mdns=not a.no_mdns, adapters=list(a.adapter),
-                     tp_group=a.tp_group, tp_size=tp_size if a.tp_group else 0,
+                     tp_group=a.tp_group, tp_size=tp_size if a.tp_group else 0, seq_lease=a.seq_lease,
                      settle_s=a.settle if not a.no_mdns else 0.0,
                      interfaces=[a.host] if a.host not in ("0.0.0.0", "") else None)
 
@@ -130,6 +136,8 @@ async def run_join(a: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await node.start()
+        if not cfg.mesh_key:
+            print(OPEN_MESH, file=sys.stderr, flush=True)
         print(f"{node.name} joined mesh {a.mesh!r} at {node.address} ({cfg.backend}): {node.claim_reason}"
               + (f"; API on http://{node.api_address}" if runner else ""), file=sys.stderr, flush=True)
         await stop.wait()

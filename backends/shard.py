@@ -54,6 +54,7 @@ class SeqChunk:
     seq_id: str
     offset: int
     length: int
+    sample: bool = True  # False: more chunks of this prompt follow, the last slice draws no token yet
 
 
 @dataclass
@@ -133,6 +134,11 @@ class LayerShard(abc.ABC):
     def has_sequence(self, seq_id: str) -> bool:
         return seq_id in self.seqs
 
+    def position(self, seq_id: str) -> int | None:
+        """Tokens a sequence's cache holds (where its next chunk must start), None if unknown."""
+        st = self.seqs.get(seq_id)
+        return None if st is None else st.length
+
     @property
     def num_sequences(self) -> int:
         return len(self.seqs)
@@ -160,6 +166,8 @@ class LayerShard(abc.ABC):
         for c in chunks:
             self.seqs[c.seq_id].length += c.length
         if self.is_last:
+            drawn = {c.seq_id for c in chunks if c.sample}
+            out = [s for s in out if s.seq_id in drawn]  # a prompt's inner chunks yield no token
             for s in out:
                 self.seqs[s.seq_id].history.append(s.token)
         return out
@@ -224,6 +232,15 @@ class LayerShard(abc.ABC):
     @abc.abstractmethod
     def weight_nbytes(self) -> int:
         """Bytes held by this slice's weights."""
+
+
+def token_seed(seed: int, position: int) -> int:
+    """The seed of the token drawn at `position` of a sequence seeded with `seed` (splitmix64): a
+    replayed sequence draws the same numbers as an undisturbed one, whatever happened in between."""
+    z = (int(seed) * 0x9E3779B97F4A7C15 + (position + 1) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) >> 1  # 63 bits: both torch and MLX take it
 
 
 def default_dtype(backend: str, checkpoint: Checkpoint, device: str | None = None) -> str:

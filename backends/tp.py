@@ -9,8 +9,9 @@ and hidden states enter and leave the group through it. Ranks > 0 are workers
 (`python -m backends.tp --rank R ...`) that mirror every command of rank 0 on their own part:
 
 - control: a multiprocessing.connection channel from rank 0 to each worker, authenticated with the
-  group's key, carries small messages: add / free a sequence, forward a batch of chunks, stats,
-  close. A worker answers only stats, or reports its own failure just before it exits.
+  group's key (its HMAC challenge), carries small JSON messages as raw bytes (`send_msg`/`recv_msg`:
+  never pickle): add / free a sequence, forward a batch of chunks, stats, close. A worker answers
+  only stats, or reports its own failure just before it exits. Anything else is refused.
 - data: the backend's collectives. torch.distributed (gloo on CPU, NCCL on CUDA) over a TCPStore
   rendezvous, MLX's mx.distributed ring backend over TCP. Rank 0 broadcasts the hidden states it
   computes with; the row-parallel outputs are summed in place.
@@ -27,6 +28,7 @@ import abc
 import argparse
 import dataclasses
 import functools
+import json
 import os
 import queue
 import secrets
@@ -54,8 +56,43 @@ from backends.weights import Checkpoint, open_checkpoint
 from backends.wire import Hidden
 
 PROTO = 1
+MAX_MESSAGE = 16 * 1024 * 1024  # a command is a few KiB; a longer length prefix is garbage
 KEY_ENV = "TOGETHER_TP_KEY"  # a spawned worker's group key (hex); kept off its command line
 ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- the command channel's messages
+
+
+def send_msg(conn: Connection, *msg: object) -> None:
+    """One command as JSON bytes: [op, args...]. multiprocessing's send() would pickle, and
+    unpickling what arrives on a socket runs code."""
+    conn.send_bytes(json.dumps(list(msg), default=_plain).encode())
+
+
+def recv_msg(conn: Connection) -> list:
+    """The next command, [op, args...]; GroupError for anything that is not one."""
+    raw = conn.recv_bytes(MAX_MESSAGE)
+    try:
+        msg = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        msg = None
+    if not (isinstance(msg, list) and msg and isinstance(msg[0], str)):
+        raise GroupError(f"garbage on the tensor-parallel channel ({len(raw)} bytes that are not a "
+                         f"command): is another program or an older version connected?")
+    return msg
+
+
+def _said(msg: list) -> str:
+    """The text of an error or refusal message."""
+    return str(msg[1]) if len(msg) > 1 else f"{msg[0]} without a reason"
+
+
+def _plain(o: object) -> object:
+    item = getattr(o, "item", None)  # numpy scalars
+    if callable(item):
+        return item()
+    raise TypeError(f"{type(o).__name__} cannot travel on the tensor-parallel channel")
 
 
 # ---------------------------------------------------------------- partition
@@ -248,8 +285,10 @@ class RankLinks:
         if c is not None:
             try:
                 if c.poll():
-                    msg = c.recv()
-                    return msg[1] if msg[0] == "error" else f"sent {msg[0]!r} unasked"
+                    msg = recv_msg(c)
+                    return _said(msg) if msg[0] == "error" else f"sent {msg[0]!r} unasked"
+            except GroupError as e:
+                return str(e)
             except (EOFError, OSError):
                 p = self.procs.get(rank)
                 if p is not None:
@@ -279,7 +318,7 @@ class RankLinks:
                 raise self.fail(r, why)
 
     @_locked
-    def send(self, msg: tuple, quiet: bool = False) -> None:
+    def command(self, msg: tuple, quiet: bool = False) -> None:
         """Send a command to every worker; quiet: never raise (freeing a sequence must not fail)."""
         try:
             self.check()
@@ -289,7 +328,7 @@ class RankLinks:
             raise
         for r, c in self.conns.items():
             try:
-                c.send(msg)
+                send_msg(c, *msg)
             except (OSError, ValueError) as e:
                 err = self.fail(r, f"channel: {e}")
                 if not quiet:
@@ -313,17 +352,19 @@ class RankLinks:
     @_locked
     def request(self, msg: tuple) -> list:
         """Send a command that every worker answers; their answers in rank order."""
-        self.send(msg)
+        self.command(msg)
         out = []
         for r, c in self.conns.items():
             try:
                 if not c.poll(self.timeout):
                     raise self.fail(r, f"no answer within {self.timeout:.0f} s")
-                reply = c.recv()
+                reply = recv_msg(c)
+            except GroupError as e:
+                raise self.fail(r, str(e)) from None
             except (EOFError, OSError):
                 raise self.fail(r, self.gone(r) or "its connection closed") from None
-            if reply[0] == "error":
-                raise self.fail(r, reply[1])
+            if reply[0] == "error" or len(reply) < 2:
+                raise self.fail(r, _said(reply))
             out.append(reply[1])
         return out
 
@@ -331,7 +372,7 @@ class RankLinks:
     def close(self) -> None:
         for c in self.conns.values():
             try:
-                c.send(("close",))
+                send_msg(c, "close")
             except (OSError, ValueError):
                 pass
         for c in self.conns.values():
@@ -382,18 +423,18 @@ class TPRank(LayerShard):
     # super() below is the backend's shard, next in the MRO; mypy sees LayerShard's abstract hooks
     def _new_cache(self, seq_id: str, st: SeqState) -> None:
         if self.links is not None:
-            self.links.send(("add", seq_id))
+            self.links.command(("add", seq_id))
         super()._new_cache(seq_id, st)  # type: ignore[safe-super]
 
     def _free_cache(self, seq_id: str) -> None:
         super()._free_cache(seq_id)  # type: ignore[safe-super]
         if self.links is not None:
-            self.links.send(("free", seq_id), quiet=True)
+            self.links.command(("free", seq_id), quiet=True)
 
     def _forward(self, chunks: list[SeqChunk], x: np.ndarray | Hidden | None, want_logits: bool):
         if self.links is None:
             return super()._forward(chunks, x, want_logits)  # type: ignore[safe-super]
-        self.links.send(("fwd", [(c.seq_id, c.offset, c.length) for c in chunks]))
+        self.links.command(("fwd", [(c.seq_id, c.offset, c.length) for c in chunks]))
         try:
             return super()._forward(chunks, x, want_logits)  # type: ignore[safe-super]
         except RuntimeError as e:  # gloo / NCCL / the MLX ring: a peer left or timed out
@@ -593,8 +634,8 @@ class TPGroup:
             self._listener = None
             specs = self._collective_specs(hellos)
             for r, c in self.links.conns.items():
-                c.send(("go", {"part": dataclasses.asdict(self.parts[r]), "collective": specs[r],
-                               "timeout": self.timeout}))
+                send_msg(c, "go", {"part": dataclasses.asdict(self.parts[r]), "collective": specs[r],
+                                   "timeout": self.timeout})
             dev = self.rank_device(0)
             comm = _watched(lambda: self.mod.connect(0, self.world, specs[0], self.timeout, dev),
                             self.links, deadline, "joining the collective")
@@ -629,10 +670,12 @@ class TPGroup:
             while True:
                 try:
                     got.put(listener.accept())
-                except AuthenticationError:
-                    continue  # a wrong key is refused; keep waiting for the real workers
+                except (AuthenticationError, EOFError):
+                    continue  # a wrong key or a failed handshake is refused; wait for the real workers
                 except OSError:
-                    return
+                    if self._listener is not listener:
+                        return  # closed
+                    continue  # garbage during the handshake (e.g. a bogus length prefix)
 
         threading.Thread(target=loop, daemon=True, name="tp-accept").start()
         hellos: dict[int, dict] = {}
@@ -655,18 +698,22 @@ class TPGroup:
                 conn.close()
                 continue
             try:
-                kind, hello = conn.recv()
-            except (EOFError, OSError, ValueError, TypeError):
+                msg = recv_msg(conn)
+                kind, hello = msg[0], (msg[1] if len(msg) > 1 else None)
+            except (EOFError, OSError, GroupError) as e:
+                print(f"tensor-parallel group of {self.what}: dropped a connection: {e}", file=sys.stderr)
                 conn.close()
                 continue
-            err = self._refusal(hello, hellos) if kind == "hello" and isinstance(hello, dict) \
-                else f"expected a hello, got {kind!r}"
-            if err:
+            if not (kind == "hello" and isinstance(hello, dict)):
+                err: str | None = f"expected a hello, got {kind!r}"
+            else:
+                err = self._refusal(hello, hellos)
+            if err or not isinstance(hello, dict):
                 try:
-                    conn.send(("refuse", err))
+                    send_msg(conn, "refuse", err or "")
                 finally:
                     conn.close()
-                raise RequestError(err)
+                raise RequestError(err or "")
             hellos[hello["rank"]] = hello
             self.links.conns[hello["rank"]] = conn
         self.links.conns = dict(sorted(self.links.conns.items()))
@@ -700,11 +747,13 @@ class TPGroup:
                 if time.monotonic() > deadline:
                     raise GroupError(f"tensor-parallel rank {r} of {self.what} did not load its part in time")
             try:
-                msg = c.recv()
+                msg = recv_msg(c)
+            except GroupError as e:
+                raise self.links.fail(r, str(e)) from None
             except (EOFError, OSError):
                 raise self.links.fail(r, self.links.gone(r) or "its connection closed") from None
             if msg[0] != "ready":
-                raise self.links.fail(r, msg[1] if msg[0] == "error" else f"sent {msg[0]!r}")
+                raise self.links.fail(r, _said(msg) if msg[0] == "error" else f"sent {msg[0]!r}")
 
     def close(self) -> None:
         """Stop the workers (they exit when told, or when their channel closes)."""
@@ -732,20 +781,23 @@ def load_tp_shard(backend: str, checkpoint: Checkpoint, start: int, end: int, wo
 def serve(conn: Connection, shard: TPRank) -> None:
     """A worker's loop: run rank 0's commands until it says close or its channel closes."""
     while True:
-        msg = conn.recv()
+        msg = recv_msg(conn)
         op = msg[0]
-        if op == "fwd":
-            shard.serve_forward([SeqChunk(s, o, n) for s, o, n in msg[1]])
-        elif op == "add":
-            shard.add_sequence(msg[1])
-        elif op == "free":
-            shard.free_sequence(msg[1])
-        elif op == "stats":
-            conn.send(("stats", shard.stats()))
-        elif op == "close":
-            return
-        else:
-            raise GroupError(f"unknown command {op!r} from rank 0")
+        try:
+            if op == "fwd":
+                shard.serve_forward([SeqChunk(str(s), int(o), int(n)) for s, o, n in msg[1]])
+            elif op == "add":
+                shard.add_sequence(str(msg[1]))
+            elif op == "free":
+                shard.free_sequence(str(msg[1]))
+            elif op == "stats":
+                send_msg(conn, "stats", shard.stats())
+            elif op == "close":
+                return
+            else:
+                raise GroupError(f"unknown command {op!r} from rank 0")
+        except (IndexError, TypeError, ValueError) as e:
+            raise GroupError(f"a malformed {op!r} command from rank 0 ({e})") from None
 
 
 def _connect(host: str, port: int, key: bytes, timeout: float) -> Connection:
@@ -804,10 +856,10 @@ def worker_main(argv: list[str] | None = None) -> int:
         hello = {"proto": PROTO, "rank": a.rank, "world": a.world, "backend": a.backend, "dtype": a.dtype,
                  "layers": [int(start), int(end)], "model": _fingerprint(ck.config), "host": ip,
                  "port": free_port(ip)}
-        conn.send(("hello", hello))
-        msg = conn.recv()
-        if msg[0] != "go":
-            why = msg[1] if msg[0] == "refuse" else "rank 0 closed the group before it formed"
+        send_msg(conn, "hello", hello)
+        msg = recv_msg(conn)
+        if msg[0] != "go" or len(msg) < 2 or not isinstance(msg[1], dict):
+            why = _said(msg) if msg[0] == "refuse" else "rank 0 closed the group before it formed"
             print(f"tensor-parallel rank {a.rank}: refused: {why}", file=sys.stderr)
             return 2
         go = msg[1]
@@ -815,7 +867,7 @@ def worker_main(argv: list[str] | None = None) -> int:
         part = RankPart.from_dict(go["part"])
         comm = mod.connect(part.rank, part.world, go["collective"], go["timeout"], a.device)
         shard = mod.TPShard(ck, int(start), int(end), a.dtype, None, a.device, a.threads, part, comm)
-        conn.send(("ready", {}))
+        send_msg(conn, "ready", {})
         serve(conn, shard)
         return 0
     except (EOFError, ConnectionResetError, BrokenPipeError):
@@ -823,10 +875,10 @@ def worker_main(argv: list[str] | None = None) -> int:
         return 1
     except BaseException as e:
         traceback.print_exc()
-        msg = str(e) if isinstance(e, TogetherError) else f"{type(e).__name__}: {e}"
+        why = str(e) if isinstance(e, TogetherError) else f"{type(e).__name__}: {e}"
         if conn is not None:
             try:
-                conn.send(("error", f"rank {a.rank}: {msg}"))
+                send_msg(conn, "error", f"rank {a.rank}: {why}")
             except (OSError, ValueError):
                 pass
         return 1

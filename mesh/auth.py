@@ -9,15 +9,20 @@ sending it:
     x-together-auth   hex HMAC-SHA256(key, "method|ts|nonce|node")
 
 The server checks the MAC in constant time, the timestamp within a window, and refuses a
-nonce it has already seen inside that window.
+nonce it has already seen inside that window. Every request message, unary or streamed (each Frame
+on Forward, each Result on Deliver), also carries its own seal (mesh/seal.py: time, nonce and a MAC
+of its bytes, method and sender), checked on the raw bytes before parsing, so an altered byte, a
+message moved to another method or sender, or a replayed one is refused. And a keyed mesh speaks
+mutual TLS on certificates derived from the key (mesh/tls.py): without it there is no connection.
 """
-
 from __future__ import annotations
 
 import hashlib
 import hmac
 import logging
+import os
 import secrets
+import struct
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -27,14 +32,19 @@ import grpc
 import grpc.aio
 from google.protobuf.message import Message
 
+from backends.errors import TogetherError
+from mesh.seal import BAD_MESSAGE, REFUSAL, SEAL_LEN, SEAL_PREFIX, TAG_LEN, _seal_mac, seal, sealed, sealed_handler
+from mesh.tls import TLS_NAME, TLS_OPTIONS, ExplainRefusal, add_port, channel_credentials, tls_material
+
+__all__ = ["BAD_MESSAGE", "REFUSAL", "SEAL_LEN", "SEAL_PREFIX", "TLS_NAME", "TLS_OPTIONS", "add_port",
+           "channel_credentials", "seal", "tls_material"]
+
 log = logging.getLogger(__name__)
 
 TS_KEY = "x-together-ts"
 NONCE_KEY = "x-together-nonce"
 NODE_KEY = "x-together-node"
 AUTH_KEY = "x-together-auth"
-
-REFUSAL = "wrong or missing mesh key: start every peer with the same --mesh-key"
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 KEEPALIVE_TIME_MS = 10_000
@@ -72,6 +82,21 @@ def _key_bytes(mesh_key: MeshKey) -> bytes | None:
 
 def _method_str(method: str | bytes) -> str:
     return method.decode() if isinstance(method, bytes) else method
+
+
+def read_key(value: str | None, path: str | None, env: str, flag: str) -> str | None:
+    """A key from its flag, else its file (first line), else the environment variable `env`."""
+    if value and path:
+        raise TogetherError(f"give {flag} or {flag}-file, not both")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                value = f.readline().strip()
+        except OSError as e:
+            raise TogetherError(f"{flag}-file {path}: {e.strerror}") from None
+        if not value:
+            raise TogetherError(f"{flag}-file {path} is empty: write the key on its first line")
+    return value or os.environ.get(env) or None
 
 
 def _mac(key: bytes, method: str, ts: str, nonce: str, node: str) -> str:
@@ -116,7 +141,8 @@ class MeshKeyVerifier:
         self._key = key
         self._window_s = window_s
         self._max_nonces = max_nonces
-        self._seen: OrderedDict[str, float] = OrderedDict()  # nonce -> time it was accepted
+        self._seen: OrderedDict[str, tuple[float, float]] = OrderedDict()  # nonce -> (accepted at, its ts)
+        self._floor = 0.0  # newest ts forgotten for room: anything older could be a replay
 
     def verify(self, method: str | bytes, metadata: Iterable[tuple[str, str | bytes]] | None, *,
                now: float | None = None) -> str | None:
@@ -140,10 +166,27 @@ class MeshKeyVerifier:
             return f"timestamp {skew:.0f} s off from node {node!r} (clocks out of sync?)"
         if not nonce:
             return f"empty nonce from node {node!r}"
+        return self._fresh(nonce, float(ts), now, node)
+
+    def verify_seal(self, method: str | bytes, node: str, raw: bytes, *, now: float | None = None) -> str | None:
+        """None when `raw` ends with a valid, fresh seal of `method` from `node`, else why not."""
+        now = time.time() if now is None else now
+        if len(raw) < SEAL_LEN or raw[-SEAL_LEN:-SEAL_LEN + len(SEAL_PREFIX)] != SEAL_PREFIX:
+            return f"an unsealed message from node {node!r}"
+        head = raw[-SEAL_LEN + len(SEAL_PREFIX):-TAG_LEN]
+        expected = _seal_mac(self._key, _method_str(method), node, head, raw[:-SEAL_LEN])
+        if not hmac.compare_digest(expected, raw[-TAG_LEN:]):
+            return f"a message with a bad MAC from node {node!r} (altered in transit?)"
+        (ts,) = struct.unpack(">d", head[:8])
+        if not abs(now - ts) <= self._window_s:
+            return f"a message {abs(now - ts):.0f} s off from node {node!r} (clocks out of sync?)"
+        return self._fresh("m" + head[8:].hex(), ts, now, node)
+
+    def _fresh(self, nonce: str, ts: float, now: float, node: str) -> str | None:
         self._expire(now)
-        if nonce in self._seen:
+        if nonce in self._seen or ts < self._floor:
             return f"replayed nonce from node {node!r}"
-        self._seen[nonce] = now
+        self._seen[nonce] = (now, ts)
         return None
 
     def _expire(self, now: float) -> None:
@@ -151,9 +194,11 @@ class MeshKeyVerifier:
         # them is safe; the size cap bounds memory under a flood (oldest go first).
         horizon = now - 2 * self._window_s
         while self._seen:
-            nonce, seen_at = next(iter(self._seen.items()))
+            nonce, (seen_at, ts) = next(iter(self._seen.items()))
             if seen_at >= horizon and len(self._seen) < self._max_nonces:
                 break
+            if seen_at >= horizon:  # forgotten for room while it could still pass the clock check
+                self._floor = max(self._floor, ts)
             del self._seen[nonce]
 
 
@@ -194,16 +239,28 @@ class MeshKeyServerInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        method = handler_call_details.method
-        reason = self._verifier.verify(method, handler_call_details.invocation_metadata)
+        method = _method_str(handler_call_details.method)
+        metadata = handler_call_details.invocation_metadata
+        reason = self._verifier.verify(method, metadata)
         handler = await continuation(handler_call_details)
-        if reason is None:
+        if reason is not None:
+            return _refusing_handler(handler, method, reason)
+        if handler is None:
             return handler
-        return _refusing_handler(handler, method, reason)
+        node = next((v.decode() if isinstance(v, bytes) else v for k, v in metadata or () if k == NODE_KEY), "")
+        return sealed_handler(handler, method, lambda raw: self._open(method, node, raw, handler))
+
+    def _open(self, method: str, node: str, raw: bytes, handler: grpc.RpcMethodHandler) -> Any:
+        """The request parsed from its sealed bytes, or the reason it is refused (a str)."""
+        reason = self._verifier.verify_seal(method, node, raw)
+        if reason is not None:
+            return reason
+        body = raw[:-SEAL_LEN]
+        return handler.request_deserializer(body) if handler.request_deserializer else body
 
 
 class _Signer:
-    def __init__(self, mesh_key: str | bytes, node_id: str) -> None:
+    def __init__(self, mesh_key: bytes, node_id: str) -> None:
         self._key = mesh_key
         self._node_id = node_id
 
@@ -220,10 +277,21 @@ class _Signer:
         )
 
     async def signed(self, continuation: Callable[..., Any], call_details: grpc.aio.ClientCallDetails,
-                     request: Any) -> Any:
+                     request: Any, streaming: bool = False) -> Any:
         # grpc.aio's continuation is a coroutine function that returns the call, which grpc.aio takes
         # back from the interceptor; grpc-stubs types it as returning the call directly.
+        method = _method_str(call_details.method)
+        if not streaming:
+            request = sealed(self._key, method, self._node_id, request)
+        elif hasattr(request, "__aiter__"):  # a stream, also one fed by call.write()
+            request = self._seal_async(method, request)
+        elif request is not None:
+            request = (sealed(self._key, method, self._node_id, m) for m in request)
         return await continuation(self.details(call_details), request)
+
+    async def _seal_async(self, method: str, requests: AsyncIterable[Message]) -> AsyncIterator[Message]:
+        async for m in requests:
+            yield sealed(self._key, method, self._node_id, m)
 
 
 # grpc.aio's interceptor bases are not generic at run time: the classes below subclass them bare and
@@ -259,7 +327,7 @@ class _StreamUnaryAuth(_Signer, grpc.aio.StreamUnaryClientInterceptor):
         client_call_details: grpc.aio.ClientCallDetails,
         request_iterator: Requests,
     ) -> Responses | grpc.aio.UnaryStreamCall[Message, Message]:
-        return await self.signed(continuation, client_call_details, request_iterator)
+        return await self.signed(continuation, client_call_details, request_iterator, streaming=True)
 
 
 class _StreamStreamAuth(_Signer, grpc.aio.StreamStreamClientInterceptor):
@@ -269,7 +337,7 @@ class _StreamStreamAuth(_Signer, grpc.aio.StreamStreamClientInterceptor):
         client_call_details: grpc.aio.ClientCallDetails,
         request_iterator: Requests,
     ) -> Responses | grpc.aio.StreamStreamCall[Message, Message]:
-        return await self.signed(continuation, client_call_details, request_iterator)
+        return await self.signed(continuation, client_call_details, request_iterator, streaming=True)
 
 
 def client_interceptors(mesh_key: MeshKey, node_id: str) -> list[grpc.aio.ClientInterceptor]:
@@ -282,6 +350,13 @@ def client_interceptors(mesh_key: MeshKey, node_id: str) -> list[grpc.aio.Client
     return cast(list[grpc.aio.ClientInterceptor], signers)
 
 
+def sealed_request(mesh_key: MeshKey, method: str, node: str, msg: Message) -> Message:
+    """A copy of `msg` sealed for one call of `method` (what the channel of make_channel sends)."""
+    key = _key_bytes(mesh_key)
+    return msg if key is None else sealed(key, method, node, msg)
+
+
+
 def make_channel(
     address: str,
     mesh_key: MeshKey,
@@ -289,16 +364,19 @@ def make_channel(
     *,
     options: Options = (),
 ) -> grpc.aio.Channel:
-    """An insecure grpc.aio channel to `address` that signs every call with the mesh key.
-
-    Close it with `await channel.close()`.
+    """A grpc.aio channel to `address`: with a mesh key, mutual TLS on the key's certificates and
+    every call and message signed; without one, plaintext. Close it with `await channel.close()`.
     """
-    return grpc.aio.insecure_channel(
-        address,
-        options=list(CHANNEL_OPTIONS) + list(options),
-        compression=grpc.Compression.NoCompression,  # hidden states don't compress; gzip only adds latency
-        interceptors=client_interceptors(mesh_key, node_id),
-    )
+    key = _key_bytes(mesh_key)
+    opts = list(CHANNEL_OPTIONS) + list(options)
+    explain = cast(list[grpc.aio.ClientInterceptor], [ExplainRefusal(key is not None)])
+    # hidden states don't compress; gzip only adds latency
+    if key is None:
+        return grpc.aio.insecure_channel(address, options=opts, compression=grpc.Compression.NoCompression,
+                                         interceptors=explain)
+    return grpc.aio.secure_channel(address, channel_credentials(key), options=opts + list(TLS_OPTIONS),
+                                   compression=grpc.Compression.NoCompression,
+                                   interceptors=explain + client_interceptors(key, node_id))
 
 
 def make_server(

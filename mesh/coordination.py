@@ -20,7 +20,9 @@ from mesh.view import PlanView
 from protos import together_pb2 as pb
 
 log = logging.getLogger(__name__)
+STEPPED_DOWN = "this peer stopped coordinating; ask the new coordinator"
 PEER_TIMEOUT_S = 3.0  # a peer silent this long is gone: its layers are reassigned
+LOST_MEMORY_S = 600.0  # how long a coordinator keeps asking after dropped peers (partitions heal)
 
 Range = tuple[int, int] | None
 
@@ -36,6 +38,8 @@ class CoordinatorRole:
         self.layer_map: LayerMap | None = None  # only while this peer coordinates
         self._claim_batch: list[tuple[pb.PeerInfo, asyncio.Future[tuple[Range, str]]]] = []
         self._claim_timer: asyncio.TimerHandle | None = None
+        self._gone: dict[str, tuple[str, float]] = {}  # dropped peers: node id -> (address, when)
+        self._finding = False  # a find_lost round is under way
 
     @property
     def active(self) -> bool:
@@ -58,6 +62,9 @@ class CoordinatorRole:
     async def take_over(self, reports: list[pb.PeerInfo]) -> None:
         """The coordinator is gone: rebuild the map from the survivors' own reports, one epoch on."""
         log.warning("%s takes over as coordinator (the old one stopped answering)", self.view.name)
+        old = next((p for p in self.view.plan.peers if p.node_id == self.view.plan.coordinator), None)
+        if old is not None:  # if it was cut off rather than dead, the two meet once it is back
+            self._gone[old.node_id] = (old.address, time.monotonic())
         self.view.known = {r.node_id: r for r in reports}
         self.layer_map = LayerMap.rebuild(self.model, self.num_layers, self.view.node_id, self.kv_reserve,
                                           reports, self.view.plan.epoch + 1)
@@ -87,21 +94,58 @@ class CoordinatorRole:
         await asyncio.gather(*(self.push(i.address, plan) for i in others), return_exceptions=True)
 
     def meet(self, plan: pb.Plan, started_at: float) -> None:
-        """Another coordinator pushed its plan (peers started apart and found each other late): the
-        older one wins."""
+        """Another coordinator's plan reached this one (peers started apart, or a partition healed):
+        the older one wins and takes the other's peers, at an epoch above both sides'."""
         lm = self._map()
         theirs = next((p for p in plan.peers if p.node_id == plan.coordinator), None)
         if theirs is None:
             return
         self.view.known[theirs.node_id] = theirs
+        self._gone.pop(theirs.node_id, None)
         if (theirs.started_at, theirs.node_id) < (started_at, self.view.node_id):
             log.warning("%s steps down: %s coordinates this mesh", self.view.name, theirs.name)
+            mine = lm.plan()  # the winner merges our peers and bumps above our epoch
             self.layer_map = None
             self.view.set_plan(plan)
+            self.tasks.spawn(self.push(theirs.address, mine))
             self._rejoin()
-        else:
-            lm.upsert(theirs)
-            self.tasks.spawn(self.push(theirs.address, lm.plan()))
+            return
+        lm.epoch = max(lm.epoch, plan.epoch) + 1
+        for p in plan.peers:
+            if p.node_id not in lm.members and p.node_id != self.view.node_id:
+                lm.upsert(p)
+                self.view.known[p.node_id] = p
+        # no reassign here: the other side's peers claim their layers again under this plan (peers
+        # that started together may not have claimed at all yet: their --layers must stay free)
+        self.tasks.spawn(self.publish())
+
+    async def _find_lost_once(self) -> None:
+        try:
+            await self.find_lost()
+        finally:
+            self._finding = False
+
+    async def find_lost(self) -> None:
+        """Ask the peers dropped lately whether they are back (a partition healed): one that follows
+        another coordinator makes the two meet, so the two sides merge into one ring."""
+        now = time.monotonic()
+        for node_id, (address, when) in list(self._gone.items()):
+            if now - when > LOST_MEMORY_S:
+                self._gone.pop(node_id, None)
+                continue
+            try:
+                st = await self.links.stub(address).Status(pb.StatusRequest(), timeout=1.0)
+            except grpc.aio.AioRpcError:
+                continue
+            lm = self.layer_map
+            if lm is None:
+                return
+            self._gone.pop(node_id, None)
+            if st.plan.coordinator and st.plan.coordinator != self.view.node_id:
+                log.warning("%s hears %s again, under another coordinator: merging", self.view.name,
+                            st.peer.name)
+                me = lm.members.get(self.view.node_id)
+                self.meet(st.plan, me.info.started_at if me else time.time())
 
     # ---------------------------------------------------------------- requests from the members
 
@@ -129,14 +173,21 @@ class CoordinatorRole:
             if self._claim_timer is None:
                 self._claim_timer = loop.call_later(self.claim_window_s, self._settle_claims)
             rng, reason = await fut
+            if self.layer_map is None:
+                return pb.JoinReply(ok=False, reason=STEPPED_DOWN, start=-1, end=-1, plan=self.view.plan)
         log.info("claim by %s: %s", info.name, reason)
         await self.publish()
         return pb.JoinReply(ok=rng is not None, reason=reason, start=rng[0] if rng else -1,
                             end=rng[1] if rng else -1, plan=self._map().plan())
 
     def _settle_claims(self) -> None:
-        lm = self._map()
         batch, self._claim_batch, self._claim_timer = self._claim_batch, [], None
+        lm = self.layer_map
+        if lm is None:  # stepped down while the claims waited: their peers ask the new coordinator
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_result((None, STEPPED_DOWN))
+            return
         batch.sort(key=lambda b: (b[0].started_at, b[0].node_id))
         out = lm.claim_together([b[0] for b in batch])
         for info, fut in batch:
@@ -147,6 +198,7 @@ class CoordinatorRole:
         if self.layer_map is not None and node_id in self.layer_map.members:
             log.info("peer %s leaves; handing its layers over", node_id[:8])
             self.drop({node_id})
+            self._gone.pop(node_id, None)  # gone on purpose: nothing to look for
             await self.publish()
         return self.view.plan
 
@@ -180,6 +232,9 @@ class CoordinatorRole:
     async def expire_peers(self) -> None:
         """Drop the members silent for PEER_TIMEOUT_S that do not answer a direct question either."""
         lm = self._map()
+        if self._gone and not self._finding:
+            self._finding = True
+            self.tasks.spawn(self._find_lost_once())
         lost = set()
         for node_id in lm.stale(PEER_TIMEOUT_S):
             m = lm.members[node_id]
@@ -187,8 +242,12 @@ class CoordinatorRole:
                 st = await self.links.stub(m.info.address).Status(pb.StatusRequest(), timeout=2.0)
                 m.last_seen = time.monotonic()
                 if st.plan.coordinator != self.view.node_id:
-                    # it gave up on us and set up on its own: the older coordinator wins when they meet
+                    # it follows another coordinator (or set up on its own): tell that one too, so the
+                    # two meet and the older wins
                     self.tasks.spawn(self.push(m.info.address, lm.plan()))
+                    rival = next((p for p in st.plan.peers if p.node_id == st.plan.coordinator), None)
+                    if rival is not None and rival.address != m.info.address:
+                        self.tasks.spawn(self.push(rival.address, lm.plan()))
                 continue
             except grpc.aio.AioRpcError:
                 pass
@@ -198,12 +257,35 @@ class CoordinatorRole:
             self.drop(lost)
             await self.publish()
 
+    async def suspect(self, node_id: str, reason: str) -> None:
+        """A peer's stream to `node_id` broke: ask it now rather than wait PEER_TIMEOUT_S. Only a
+        refusal (nobody listens there) drops it; a slow answer is left to the heartbeat verdict."""
+        lm = self._map()
+        m = lm.members.get(node_id)
+        if m is None or node_id == self.view.node_id:
+            return
+        try:
+            await self.links.stub(m.info.address).Status(pb.StatusRequest(), timeout=1.0)
+            m.last_seen = time.monotonic()
+            return
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.UNAVAILABLE or lm.members.get(node_id) is not m:
+                return
+        log.warning("peer %s is gone (%s; it refuses connections); dropping it", m.info.name, reason)
+        self.drop({node_id})
+        await self.publish()
+
     def drop(self, lost: set[str]) -> None:
         lm = self._map()
+        held = False
         for node_id in lost:
-            lm.remove(node_id)
+            m = lm.members.get(node_id)
+            if m is not None:
+                self._gone[node_id] = (m.info.address, time.monotonic())
+            held = lm.remove(node_id) or held
             self.view.known.pop(node_id, None)
-        self.reassign(lost)
+        if held:  # only lost layers are covered: gaps nobody held yet are left to claims (peers starting)
+            self.reassign(lost)
 
     def reassign(self, lost: set[str]) -> None:
         """Cover the layers nobody holds: a standby first, else survivors with room."""

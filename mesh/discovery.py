@@ -46,14 +46,16 @@ def _label(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9-]+", "-", text).strip("-")[:40] or "together"
 
 
-def _is_specific_ip(host: str) -> bool:
+def is_specific_ip(host: str) -> bool:
+    """An address a peer can be reached at (not "", not 0.0.0.0)."""
     try:
         return not ipaddress.ip_address(host).is_unspecified
     except ValueError:
         return False
 
 
-def _local_ipv4_addresses() -> list[str]:
+def lan_addresses(prefer: str | None = None) -> list[str]:
+    """This machine's IPv4 addresses other than loopback (`prefer` first), else 127.0.0.1."""
     import ifaddr  # a zeroconf dependency; only needed when bound to every interface
 
     found = [
@@ -62,7 +64,24 @@ def _local_ipv4_addresses() -> list[str]:
         for ip in adapter.ips
         if isinstance(ip.ip, str) and not ipaddress.ip_address(ip.ip).is_loopback
     ]
+    found = list(dict.fromkeys(found))
+    if prefer in found:
+        found.remove(prefer)
+        found.insert(0, prefer)
     return found or ["127.0.0.1"]
+
+
+def primary_address() -> str:
+    """The address other machines most likely reach this one at: the source address of the default
+    route, else the first LAN address. A UDP connect only looks the route up; nothing is sent."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: never routed anywhere real
+            addr = str(s.getsockname()[0])
+        except OSError:
+            addr = ""
+    lan = lan_addresses()
+    return addr if addr in lan else lan[0]
 
 
 def _decode_properties(raw: Mapping[bytes, bytes | None]) -> dict[str, str]:
@@ -91,6 +110,7 @@ class Discovery:
         interfaces: list[str] | None = None,
         on_change: OnChange | None = None,
         name: str | None = None,
+        prefer: str | None = None,
     ) -> None:
         self.node_id = node_id
         self.mesh = mesh
@@ -100,11 +120,12 @@ class Discovery:
         self._on_change = on_change
         if interfaces is not None:
             self._interfaces: list[str] | InterfaceChoice = list(interfaces)
-        elif _is_specific_ip(host):
+        elif is_specific_ip(host):
             self._interfaces = [host]
         else:
             self._interfaces = InterfaceChoice.All
-        self._addresses = [host] if _is_specific_ip(host) else _local_ipv4_addresses()
+        # bound to every interface: advertise every LAN address, the one others most likely reach first
+        self._addresses = [host] if is_specific_ip(host) else lan_addresses(prefer)
         label = _label(name or socket.gethostname().split(".")[0])
         self.instance = f"{label}-{node_id[:8]}.{SERVICE_TYPE}"
         self._server = f"together-{_label(node_id)[:16]}.local."

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Literal
+from typing import Callable, Literal
 
 import grpc
 
@@ -23,6 +23,7 @@ class Peers:
         self.mesh_key, self.node_id = mesh_key, node_id
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._streams: dict[tuple[str, Kind], Stream] = {}
+        self.on_broken: Callable[[str], None] | None = None  # a stream to this address died (not closed by us)
 
     def stub(self, address: str) -> pbg.TogetherStub:
         ch = self._channels.get(address)
@@ -59,6 +60,7 @@ class Stream:
             for attempt in (0, 1):
                 if self._call is None or self._call.done():
                     self._call = getattr(self.peers.stub(self.address), self.kind)(wait_for_ready=False)
+                    self._call.add_done_callback(self._ended)
                 try:
                     await self._call.write(msg)
                     return
@@ -67,6 +69,12 @@ class Stream:
                     self.close()
                     if attempt:
                         raise ConnectionError(f"cannot reach {self.address}: {e}") from None
+
+    def _ended(self, call: grpc.aio.Call) -> None:
+        # the peer's process died or its link broke: say so at once rather than wait for heartbeats
+        if call.cancelled() or self.peers.on_broken is None:
+            return
+        self.peers.on_broken(self.address)
 
     def close(self) -> None:
         if self._call is not None:

@@ -20,10 +20,11 @@ from backends.net import free_port
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def http_json(url: str, timeout: float = 2.0) -> tuple[int, dict[str, Any]]:
+def http_json(url: str, timeout: float = 2.0, api_key: str | None = None) -> tuple[int, dict[str, Any]]:
     """(status, body) of a GET; status 0 when nothing answers."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         try:
@@ -43,6 +44,7 @@ class PeerProc:
         self.name, self.host = name, host
         self.port = port or free_port()
         self.api_port = int(args[args.index("--api-port") + 1]) if "--api-port" in args else None
+        self.api_key = args[args.index("--api-key") + 1] if "--api-key" in args else None
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "w")
         e = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
@@ -84,7 +86,7 @@ class PeerGroup:
         self.peers: dict[str, PeerProc] = {}
 
     def health(self, peer: PeerProc) -> tuple[int, dict[str, Any]]:
-        return http_json(f"{peer.api}/health")
+        return http_json(f"{peer.api}/health", api_key=peer.api_key)
 
     def logs(self, tail: int = 3000) -> str:
         return "\n".join(f"--- {p.name} ({p.address})\n{p.log()[-tail:]}" for p in self.peers.values())
@@ -105,6 +107,24 @@ class PeerGroup:
                 return body
             time.sleep(0.3)
         raise RuntimeError(f"ring not ready after {timeout:.0f}s: {body}\n{self.logs()}")
+
+    def wait_complete(self, peer: PeerProc, timeout: float) -> dict[str, Any]:
+        """Poll `peer`'s /health until its ring is complete and every stage ready, whatever its shape.
+        Any peer of the group that exits meanwhile is an error naming it, with the end of its log."""
+        deadline = time.time() + timeout
+        body: dict[str, Any] = {}
+        while time.time() < deadline:
+            for p in self.peers.values():
+                if p.proc.poll() is not None:
+                    tail = "\n".join(p.log().splitlines()[-15:])
+                    raise RuntimeError(f"peer {p.name} exited with status {p.proc.returncode}; the end of its "
+                                       f"log ({p.log_path}):\n{tail}")
+            code, body = self.health(peer)
+            if code == 200 and body.get("ring") and all(s.get("ready") for s in body["ring"]):
+                return body
+            time.sleep(0.3)
+        raise RuntimeError(f"the ring was not complete after {timeout:.0f} s "
+                           f"({body.get('missing') or 'the API did not answer'}):\n{self.logs(1500)}")
 
     def stop(self) -> None:
         """SIGINT every peer at once (they leave in parallel), then wait for each."""
@@ -128,7 +148,8 @@ class LocalMesh(PeerGroup):
 
     def add(self, name: str, *args: str, api: bool = False, mesh: str | None = None,
             key: str | None = "same", threads: int = 1) -> PeerProc:
-        a = ["--model", self.model, "--mesh", mesh or self.mesh, *args]
+        # peers of one host talk over loopback: their mDNS never leaves this machine
+        a = ["--host", "127.0.0.1", "--model", self.model, "--mesh", mesh or self.mesh, *args]
         k = self.mesh_key if key == "same" else key
         if k:
             a += ["--mesh-key", k]

@@ -1,5 +1,5 @@
-"""A peer's life in the mesh: it finds the others (mDNS or --peer), enters the mesh and claims layers
-from the coordinator, reports to it every HEARTBEAT_S, follows the plans it is pushed, and when the
+"""A peer's life in the mesh: it finds the others (mDNS or --peer; see finding.py), enters the mesh and
+claims layers from the coordinator, reports to it every HEARTBEAT_S, follows the plans it is pushed, and when the
 coordinator goes silent decides whether to take over (the oldest survivor does) or to wait."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from backends.errors import TogetherError
 from backends.shard import LayerShard
 from mesh import placement
 from mesh.coordination import PEER_TIMEOUT_S, CoordinatorRole
-from mesh.discovery import Peer
+from mesh.finding import Finding
 from mesh.links import Peers
 from mesh.stage import Stage
 from mesh.tasks import TaskSet
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 0.5
 
 
-class Membership:
+class Membership(Finding):
     def __init__(self, cfg: NodeConfig, view: PlanView, coord: CoordinatorRole, stage: Stage, tp: TPManager,
                  links: Peers, tasks: TaskSet, info: Callable[[], pb.PeerInfo],
                  make_shard: Callable[[int, int], LayerShard]) -> None:
@@ -44,67 +44,15 @@ class Membership:
         self._load_lock = asyncio.Lock()
         self._coord_ok = time.monotonic()  # when the coordinator last answered
         self._cut_off = False  # this peer reaches nobody: it waits rather than split the mesh
-
-    # ---------------------------------------------------------------- finding the others
-
-    async def on_discovery(self, peers: dict[str, Peer]) -> None:
-        for p in peers.values():
-            if p.node_id not in self.view.known:
-                self.tasks.spawn(self.probe(p.address))
-
-    async def probe_manual(self, address: str, wait_s: float = 30.0) -> None:
-        """A --peer may still be starting: keep asking for a while before going on without it."""
-        deadline = time.monotonic() + wait_s
-        while not await self.probe(address, attempts=1):
-            if address in self.refused:
-                raise TogetherError(f"peer {address} refused this peer's mesh key: start every peer "
-                                    f"with the same --mesh-key")
-            if time.monotonic() > deadline:
-                log.warning("--peer %s did not answer for %.0f s; going on without it", address, wait_s)
-                return
-            await asyncio.sleep(0.5)
-
-    async def probe(self, address: str, attempts: int = 3) -> bool:
-        """Ask a peer who it is; True if it belongs to this mesh."""
-        for attempt in range(attempts):
-            try:
-                st = await self.links.stub(address).Status(pb.StatusRequest(), timeout=3)
-                break
-            except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.UNAUTHENTICATED:
-                    self.refused.add(address)
-                    log.warning("ignoring peer %s: it refused our mesh key (%s)", address, e.details())
-                    return False
-                if attempt == attempts - 1:
-                    log.info("peer %s did not answer: %s", address, e.details())
-                    return False
-                await asyncio.sleep(0.5)
-        if st.peer.model != self.cfg.model:
-            log.warning("ignoring peer %s: it serves %s, not %s", address, st.peer.model, self.cfg.model)
-            return False
-        self.view.known[st.peer.node_id] = st.peer
-        if st.plan.epoch > self.view.plan.epoch and st.plan.coordinator:
-            self.view.set_plan(st.plan)
-        return True
+        self._reclaiming = False  # a claim under a new coordinator is under way
+        self._suspected: dict[str, float] = {}  # node id -> when this peer last reported it
 
     # ---------------------------------------------------------------- joining and claiming
 
     async def enter_mesh(self) -> None:
         """Find or become the coordinator, then claim layers."""
-        view = self.view
-        if not view.plan.coordinator:
-            oldest = placement.choose_coordinator([(i.node_id, i.started_at) for i in view.known.values()])
-            if oldest == view.node_id:
-                self.coord.become(epoch=0)
-            else:
-                try:
-                    plan = await self.links.stub(view.known[oldest].address).GetPlan(pb.PlanRequest(), timeout=3)
-                    if plan.coordinator:
-                        view.set_plan(plan)
-                except grpc.aio.AioRpcError:
-                    pass
-                if not view.plan.coordinator:  # the oldest has not set up yet: it will; ask it
-                    view.plan.coordinator = oldest
+        if not self.view.plan.coordinator:
+            await self._find_coordinator()
         await self.claim()
 
     async def claim(self, rejoin: bool = False) -> None:
@@ -138,26 +86,17 @@ class Membership:
             raise TogetherError(f"--layers {want[0]}-{want[1]} refused: {reply.reason}")
         else:
             log.warning("%s holds no layers: %s", self.view.name, reply.reason)
-        await self.report()
+        try:
+            await self.report()
+        except grpc.aio.AioRpcError as e:  # the heartbeats say it again every HEARTBEAT_S
+            log.info("report after the claim failed: %s", e.details())
 
-    async def _join(self, req: pb.JoinRequest) -> pb.JoinReply:
-        addr = self.view.coordinator_address()
-        if addr == self.view.address:
-            return await self.coord.join(req)
-        if addr is None:
-            raise TogetherError("this peer knows no coordinator")
-        return await self.links.stub(addr).Join(req, timeout=10)
-
-    async def _first_join(self, req: pb.JoinRequest) -> pb.JoinReply:
-        for _ in range(60):  # the coordinator may still be starting
-            try:
-                return await self._join(req)
-            except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.UNAUTHENTICATED:
-                    raise TogetherError(f"the coordinator refused this peer: {e.details()}") from None
-                log.info("join via %s failed (%s); retrying", self.view.coordinator_address(), e.details())
-                await asyncio.sleep(0.5)
-        raise TogetherError("could not reach the mesh's coordinator")
+    async def rejoin(self) -> None:
+        """Claim again under the coordinator now in charge (keeping what this peer holds if still free)."""
+        try:
+            await self.claim(rejoin=True)
+        except Exception as e:  # a background claim must not die with a traceback: say why, stand by
+            log.warning("%s could not claim layers again: %s", self.view.name, e)
 
     async def rejoin_alone(self) -> None:
         self.cfg.layers = None  # --layers was the group's request: alone, take what is free, or stand by
@@ -208,8 +147,42 @@ class Membership:
             await self.coord.take_handover(plan)
         elif self.coord.active and plan.coordinator != view.node_id:
             self.coord.meet(plan, started_at)
+        elif plan.coordinator != view.plan.coordinator and self._rival(plan):
+            # peers that started together may set up two coordinators: stay with the older one; the
+            # younger sees this peer follow it and makes the two meet (see expire_peers)
+            log.info("%s ignores a plan of %s: it follows an older coordinator", view.name, plan.coordinator[:8])
         elif plan.epoch >= view.plan.epoch or plan.coordinator != view.plan.coordinator:
+            new_boss = plan.coordinator != view.plan.coordinator
             view.set_plan(plan)
+            if new_boss:
+                self._claim_again_if_left_out()
+
+    def _rival(self, plan: pb.Plan) -> bool:
+        """The pushed plan comes from a younger coordinator that does not know the one this peer
+        follows, and that one answered lately: not a succession, a rival."""
+        cur = self.view.plan.coordinator
+        ours = next((p for p in self.view.plan.peers if p.node_id == cur), None)
+        theirs = next((p for p in plan.peers if p.node_id == plan.coordinator), None)
+        if ours is None or theirs is None or any(p.node_id == cur for p in plan.peers):
+            return False
+        alive = time.monotonic() - self._coord_ok < 3 * HEARTBEAT_S
+        return alive and (ours.started_at, ours.node_id) < (theirs.started_at, theirs.node_id)
+
+    def _claim_again_if_left_out(self) -> None:
+        """Two coordinators met and this peer now follows the winner, which does not list the layers
+        this peer holds or asked for: claim them from it (at most one claim at a time)."""
+        view = self.view
+        wants = self.stage.shard is not None or self.cfg.layers is not None
+        if wants and view.my_stage() is None and not self._reclaiming and not self.stopping \
+                and not self.tp.group_name:
+            self._reclaiming = True
+            self.tasks.spawn(self._reclaim())
+
+    async def _reclaim(self) -> None:
+        try:
+            await self.rejoin()
+        finally:
+            self._reclaiming = False
 
     # ---------------------------------------------------------------- heartbeats and verdicts
 
@@ -257,6 +230,30 @@ class Membership:
             except Exception:
                 log.exception("membership round failed")
 
+    def link_broken(self, address: str) -> None:
+        """A stream to `address` died: have the coordinator check that peer now (see Suspect)."""
+        view = self.view
+        node = next((p.node_id for p in list(view.known.values()) + list(view.plan.peers)
+                     if p.address == address and p.node_id != view.node_id), None)
+        now = time.monotonic()
+        if node is None or self.stopping or now - self._suspected.get(node, 0.0) < 1.0:
+            return
+        self._suspected[node] = now
+        if node == view.plan.coordinator and not self.coord.active:
+            self._coord_ok = 0.0  # the next heartbeat round decides, probing it first
+        else:
+            self.tasks.spawn(self.suspect(node, f"stream to {address} broke"))
+
+    async def suspect(self, node_id: str, reason: str) -> None:
+        if self.coord.active:
+            return await self.coord.suspect(node_id, reason)
+        addr = self.view.coordinator_address()
+        if addr is not None:
+            try:
+                await self.links.stub(addr).Suspect(pb.SuspectRequest(node_id=node_id, reason=reason), timeout=3)
+            except grpc.aio.AioRpcError as e:
+                log.info("could not report %s to the coordinator: %s", node_id[:8], e.details())
+
     async def coordinator_lost(self) -> None:
         """The coordinator stopped answering: the oldest surviving peer takes over and rebuilds the
         layer map from the peers' own reports."""
@@ -284,7 +281,7 @@ class Membership:
         if newer is not None:
             # The others still hear the coordinator (it moved on without us): follow it and rejoin.
             view.set_plan(newer)
-            self.tasks.spawn(self.claim(rejoin=True))
+            self.tasks.spawn(self.rejoin())
             return
         self._coord_ok = time.monotonic()
         await self.coord.take_over(reports)

@@ -23,7 +23,7 @@ class PeerMetrics:
         # the API peer's scheduler
         self.requests = Counter("together_requests", "Requests admitted by this API peer.", registry=r)
         self.tokens = Counter("together_tokens_generated",
-                              "Tokens generated for this API peer's requests (one per sequence per step).",
+                              "Tokens generated for this API peer's requests (one per sampled token).",
                               registry=r)
         self.errors = Counter("together_request_errors", "Sequences that failed.", registry=r)
         self.steps = Counter("together_ring_steps", "Frames this API peer sent around the ring.", registry=r)

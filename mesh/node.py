@@ -21,13 +21,13 @@ import grpc
 
 from backends.errors import TogetherError
 from backends.lora import Adapter, module_dims, open_adapter
-from backends.shard import LayerShard, estimate_layer_bytes, load_shard
+from backends.shard import LayerShard, backend_module, estimate_layer_bytes, load_shard
 from backends.tokenizer import Tokenizer
 from backends.weights import Checkpoint
-from mesh.auth import make_server
+from mesh.auth import add_port, make_server
 from mesh.coordination import PEER_TIMEOUT_S, CoordinatorRole
 from mesh.coordinator import LayerMap
-from mesh.discovery import Discovery
+from mesh.discovery import Discovery, primary_address
 from mesh.host import free_memory, measure_layer_ms, open_fds
 from mesh.links import Peers
 from mesh.membership import HEARTBEAT_S, Membership
@@ -56,7 +56,7 @@ class NodeConfig:
     model: str
     model_path: str
     backend: str
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # "" or 0.0.0.0: listen on every interface, advertise the LAN addresses
     port: int = 0
     mesh: str = "default"
     mesh_key: str | None = None
@@ -74,6 +74,7 @@ class NodeConfig:
     adapters: list[str] = field(default_factory=list)  # LoRA adapters to serve: [NAME=]PATH
     tp_group: str = ""  # serve one stage with the other peers of this tensor-parallel group
     tp_size: int = 0    # the group's number of peers (>= 2 with tp_group)
+    seq_lease: float = 60.0  # a sequence unseen in frames for this long is freed (its API peer is gone)
 
 
 class Node:
@@ -95,12 +96,14 @@ class Node:
         kv_reserve = checkpoint.config.kv_bytes_per_token(4) * KV_RESERVE_TOKENS
         self.layer_ms = measure_layer_ms(checkpoint)
 
-        self.view = PlanView(self.node_id, self.name, cfg.host, self.num_layers)
+        # the address others reach this peer at: the one given, else the LAN's
+        self.view = PlanView(self.node_id, self.name, primary_address() if self._wide() else cfg.host,
+                             self.num_layers)
         self.links = Peers(cfg.mesh_key, self.node_id)
         self.tasks = TaskSet()
         # roles that call each other both ways get late-bound callbacks (the other is built below)
         self.stage = Stage(self.view, self.links, self.metrics, deliver=lambda r: self.origin.deliver(r),
-                           group_failed=lambda why: self.tp.group_failed(why))
+                           group_failed=lambda why: self.tp.group_failed(why), lease=cfg.seq_lease)
         self.origin = Origin(self.view, self.stage, self.links, self.tasks)
         self.coordinator = CoordinatorRole(
             self.view, self.links, self.tasks, cfg.model, self.num_layers, kv_reserve, cfg.claim_window_s,
@@ -111,12 +114,15 @@ class Node:
         self.membership = Membership(cfg, self.view, self.coordinator, self.stage, self.tp, self.links,
                                      self.tasks, info=self.info, make_shard=self._make_shard)
         self.view.on_ring_change += [self.origin.ring_changed, self.membership.follow_plan]
+        self.links.on_broken = self.membership.link_broken
         self.servicer = Servicer(cfg.mesh_key, self.num_layers, self.started_at, self.view, self.membership,
                                  self.coordinator, self.stage, self.origin, status=self.status)
         self._server: grpc.aio.Server | None = None
         self._discovery: Discovery | None = None
 
     def _check_config(self) -> None:
+        if not self.cfg.seq_lease > 0:
+            raise TogetherError(f"--seq-lease must be a positive number of seconds, got {self.cfg.seq_lease}")
         names = [ad.name for ad in self.adapters]
         if len(set(names)) != len(names):
             raise TogetherError(f"two adapters named {sorted(n for n in names if names.count(n) > 1)[0]!r}; "
@@ -130,8 +136,12 @@ class Node:
 
             partition(self.ck.config, self.cfg.tp_size)  # heads that do not split: a clear error at start
 
+    def _wide(self) -> bool:
+        """No --host: listen on every interface."""
+        return self.cfg.host in ("", "0.0.0.0")
+
     def _rejoin(self) -> None:
-        self.tasks.spawn(self.membership.claim(rejoin=True))
+        self.tasks.spawn(self.membership.rejoin())
 
     def _make_shard(self, start: int, end: int) -> LayerShard:
         cfg = self.cfg
@@ -148,20 +158,27 @@ class Node:
         cfg = self.cfg
         self._server = make_server(cfg.mesh_key)
         pbg.add_TogetherServicer_to_server(self.servicer, self._server)
-        self.view.port = self._server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        bind = "0.0.0.0" if self._wide() else cfg.host
+        self.view.port = add_port(self._server, f"{bind}:{cfg.port}", cfg.mesh_key)
         if not self.view.port:
-            raise TogetherError(f"cannot listen on {cfg.host}:{cfg.port}; pick another --port")
+            raise TogetherError(f"cannot listen on {bind}:{cfg.port}; pick another --port (or --host)")
         await self._server.start()
         self.view.known[self.node_id] = self.info()
         if cfg.mdns:
-            self._discovery = Discovery(self.node_id, cfg.mesh, cfg.host, self.port, self._txt(),
+            self._discovery = Discovery(self.node_id, cfg.mesh, bind, self.port, self._txt(),
                                         interfaces=cfg.interfaces, on_change=self.membership.on_discovery,
-                                        name=self.name)
+                                        name=self.name, prefer=self.view.host)
             await self._discovery.start()
         for addr in cfg.peers:
             await self.membership.probe_manual(addr)
         await asyncio.sleep(cfg.settle_s)
         self.tasks.spawn(self.membership.heartbeat_loop())  # before loading, or the coordinator thinks we died
+        # pay the backend's one-time imports now, so a standby that takes over a stage loads in a second
+        if cfg.backend == "torch":
+            from backends.torch.model import warm
+            self.tasks.spawn(self.stage.call(warm))
+        else:
+            self.tasks.spawn(self.stage.call(lambda: backend_module(cfg.backend, "shard")))
         await self.membership.enter_mesh()
 
     async def stop(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 
 import grpc
@@ -15,6 +16,9 @@ from mesh.stage import Stage
 from mesh.tasks import TaskSet
 from mesh.view import PlanView
 from protos import together_pb2 as pb
+
+log = logging.getLogger(__name__)
+RELEASE_RETRY_S, RELEASE_RETRY_MAX_S = 0.5, 10.0  # a lost Release is asked again, backing off
 
 
 class Origin:
@@ -59,15 +63,34 @@ class Origin:
                                          error_code=grpc.StatusCode.UNAVAILABLE.value[0]))
 
     async def release(self, seq_ids: list[str]) -> int:
-        """Free these sequences' caches on every stage."""
-        calls = []
-        for st in self.view.plan.stages:
-            if st.node_id == self.view.node_id:
-                calls.append(self._release_here(seq_ids))
-            elif (p := self.view.known.get(st.node_id)) is not None:
-                calls.append(self.links.stub(p.address).Release(pb.ReleaseRequest(seq_ids=seq_ids), timeout=5))
-        out = await asyncio.gather(*calls, return_exceptions=True)
-        return sum(r.freed for r in out if isinstance(r, pb.ReleaseReply))
+        """Free these sequences' caches on every stage; how many the stages that answered held. A
+        stage that did not answer is asked again in the background until it acknowledges (or leaves
+        the plan); one that never hears frees them when their lease runs out."""
+        stages = [st.node_id for st in self.view.plan.stages]
+        out = await asyncio.gather(*(self._release_at(n, seq_ids) for n in stages), return_exceptions=True)
+        for node_id, r in zip(stages, out):
+            if isinstance(r, grpc.aio.AioRpcError):
+                self.tasks.spawn(self._retry_release(node_id, seq_ids, r))
+        return sum(n for n in out if isinstance(n, int))
 
-    async def _release_here(self, seq_ids: list[str]) -> pb.ReleaseReply:
-        return pb.ReleaseReply(freed=await self.stage.release(seq_ids))
+    async def _release_at(self, node_id: str, seq_ids: list[str]) -> int:
+        if node_id == self.view.node_id:
+            return await self.stage.release(seq_ids)
+        p = self.view.known.get(node_id)
+        if p is None:
+            return 0
+        reply = await self.links.stub(p.address).Release(pb.ReleaseRequest(seq_ids=seq_ids), timeout=5)
+        return int(reply.freed)
+
+    async def _retry_release(self, node_id: str, seq_ids: list[str], e: grpc.aio.AioRpcError) -> None:
+        delay = RELEASE_RETRY_S
+        while any(st.node_id == node_id for st in self.view.plan.stages):  # gone from the ring: caches too
+            log.info("release of %d sequence(s) at %s failed (%s); retrying in %.1f s",
+                     len(seq_ids), node_id[:8], e.code().name, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RELEASE_RETRY_MAX_S)
+            try:
+                await self._release_at(node_id, seq_ids)
+                return
+            except grpc.aio.AioRpcError as again:
+                e = again

@@ -67,6 +67,11 @@ class Servicer(pbg.TogetherServicer):
         await self._check_info(request.peer, context)
         return await self.coord.heartbeat(request)
 
+    async def Suspect(self, request: pb.SuspectRequest, context: Context) -> pb.Ack:
+        if self.coord.active:  # the coordinator probes before it believes anyone
+            self.membership.tasks.spawn(self.coord.suspect(request.node_id, request.reason[:200]))
+        return pb.Ack()
+
     async def GetPlan(self, request: pb.PlanRequest, context: Context) -> pb.Plan:
         return self.view.plan
 

@@ -24,20 +24,31 @@ from protos import together_pb2 as pb
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+DEFAULT_LEASE_S = 60.0  # a sequence unseen for this long is freed (its API peer is gone)
+# a sequence a stage cannot continue is replayed from its history by its API peer (retryable)
+_DROPPED = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class Stage:
     """The loaded shard (if any) and the one compute thread every call into it runs on."""
 
     def __init__(self, view: PlanView, links: Peers, metrics: PeerMetrics,
-                 deliver: Callable[[pb.Result], None], group_failed: Callable[[str], None]) -> None:
+                 deliver: Callable[[pb.Result], None], group_failed: Callable[[str], None],
+                 lease: float = DEFAULT_LEASE_S) -> None:
         # deliver: hand a Result to this peer's own origin; group_failed: a rank of the TP group is gone
         self.view, self.links, self.metrics = view, links, metrics
         self._deliver, self._group_failed = deliver, group_failed
         self.shard: LayerShard | None = None
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="compute")  # one worker per backend
         self.hop_ms: list[float] = []  # recent compute time of frames at this stage
+        self._hop_tokens: list[int] = []  # tokens (frame positions) of those frames
         self.bytes_per_token_hop = 0  # serialized size of a one-token frame to the next stage
+        # the lease: a sequence not seen in a frame for `lease` seconds lost its API peer (or its
+        # release): the sweep frees it
+        self.lease = lease
+        self.seen: dict[str, tuple[str, float]] = {}  # seq id -> (its origin, last frame here)
+        self._busy: set[str] = set()  # sequences of the frame being computed now
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def call(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the compute thread: loading and forwards never overlap, the loop stays free."""
@@ -48,47 +59,85 @@ class Stage:
         self.shard = await self.call(make)
 
     def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         self._compute.shutdown(wait=False, cancel_futures=True)
 
     def tokens_per_s(self) -> float:
-        recent = self.hop_ms[-32:]
-        return 1000.0 / (sum(recent) / len(recent)) if recent else 0.0
+        """Tokens (frame positions) per second of compute over the recent frames, not frames."""
+        ms, n = sum(self.hop_ms[-32:]), sum(self._hop_tokens[-32:])
+        return 1000.0 * n / ms if ms > 0 else 0.0
 
     async def release(self, seq_ids: list[str]) -> int:
         """Free these sequences' caches here; how many this stage held."""
+        for s in seq_ids:
+            self.seen.pop(s, None)
         sh = self.shard
         if sh is None:
             return 0
         return await self.call(lambda: sum(sh.free_sequence(s) for s in seq_ids))
 
+    def _renew(self, seq_ids: list[str], origin: str) -> None:
+        now = time.monotonic()
+        for s in seq_ids:
+            self.seen[s] = (origin, now)
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.ensure_future(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Free sequences idle past the lease: their API peer is gone, or their release was lost."""
+        while self.seen:
+            await asyncio.sleep(max(0.05, self.lease / 4))
+            now = time.monotonic()
+            idle = [s for s, (_, t) in self.seen.items() if now - t > self.lease and s not in self._busy]
+            freed = await self.release(idle) if idle else 0
+            if freed:
+                log.warning("freed %d sequence(s) idle for over %.1f s (their API peer is gone?)",
+                            freed, self.lease)
+
     # ---------------------------------------------------------------- frames
 
     async def handle_frame(self, frame: pb.Frame) -> None:
-        """Run one frame through this stage, then pass it on (or return the tokens to its origin)."""
-        sh, index, chunks, x = self._check(frame)
+        """Run one frame through this stage, then pass it on (or return the tokens to its origin).
+        A sequence this stage cannot run (unknown here, out of step) leaves the frame alone."""
+        sh, index, entries, x = self._check(frame)
+        ids = [e.seq_id for e in entries]
+        self._renew(ids, frame.origin)
+        self._busy = set(ids)
         t0 = time.perf_counter()
-        out = await self._forward(sh, frame, chunks, x)
+        try:
+            kept, dropped, out = await self._forward(sh, frame, entries, x)
+        finally:
+            self._busy = set()
+        self._renew([e.seq_id for e in kept], frame.origin)  # idle time counts from the frame's end
         seconds = time.perf_counter() - t0
         self.metrics.stage_compute_seconds.observe(seconds)
         self.hop_ms.append(seconds * 1000)
-        del self.hop_ms[:-64]
+        self._hop_tokens.append(sum(e.length for e in kept))
+        del self.hop_ms[:-64], self._hop_tokens[:-64]
         hops = list(frame.hop_ms) + [seconds * 1000]
+        failed, error, code = list(frame.failed_seqs), frame.error, frame.error_code
+        if dropped:
+            failed += [s for s, _ in dropped]
+            error, code = "; ".join([e for e in (error,) if e] + [why for _, why in dropped]), _DROPPED.value[0]
         if isinstance(out, list):  # the last stage sampled: tokens go back to the origin
             self.metrics.stage_tokens.inc(len(out))
-            res = pb.Result(frame_id=frame.frame_id, hop_ms=hops, results=[
+            res = pb.Result(frame_id=frame.frame_id, hop_ms=hops, failed_seqs=failed, error=error,
+                            error_code=code, results=[
                 pb.TokenResult(seq_id=s.seq_id, token=s.token, logprob=s.logprob,
                                top_tokens=[t for t, _ in s.top_logprobs],
                                top_logprobs=[lp for _, lp in s.top_logprobs]) for s in out])
             await self.send_result(frame.origin, res)
             return
         addr, _ = self.view.stage_of(index + 1)
-        nxt = pb.Frame(frame_id=frame.frame_id, epoch=frame.epoch, seqs=frame.seqs, dtype=out.dtype,
-                       shape=list(out.shape), data=bytes(out.data), origin=frame.origin, hop_ms=hops)
-        if len(frame.seqs) == 1 and frame.seqs[0].length == 1:
+        nxt = pb.Frame(frame_id=frame.frame_id, epoch=frame.epoch, seqs=kept, dtype=out.dtype,
+                       shape=list(out.shape), data=bytes(out.data), origin=frame.origin, hop_ms=hops,
+                       failed_seqs=failed, error=error, error_code=code)
+        if len(kept) == 1 and kept[0].length == 1:
             self.bytes_per_token_hop = nxt.ByteSize()
         await self.send_frame(addr, nxt)
 
-    def _check(self, frame: pb.Frame) -> tuple[LayerShard, int, list[SeqChunk], np.ndarray | Hidden]:
+    def _check(self, frame: pb.Frame) -> tuple[LayerShard, int, list[pb.SeqEntry], np.ndarray | Hidden]:
         """Refuse a frame of another plan, for a peer that is no stage, or with inconsistent contents."""
         view = self.view
         if frame.epoch != view.plan.epoch:
@@ -100,8 +149,8 @@ class Stage:
         index = view.my_index()
         if index is None:
             raise FrameError(grpc.StatusCode.FAILED_PRECONDITION, f"{view.name} is not a stage of the plan")
-        chunks = [SeqChunk(e.seq_id, e.offset, e.length) for e in frame.seqs]
-        if not chunks or len({c.seq_id for c in chunks}) != len(chunks):
+        entries = list(frame.seqs)
+        if not entries or len({e.seq_id for e in entries}) != len(entries):
             raise FrameError(grpc.StatusCode.INVALID_ARGUMENT,
                              "corrupt frame: no sequences, or a sequence twice in one frame")
         x: np.ndarray | Hidden
@@ -112,12 +161,14 @@ class Stage:
                 x = Hidden(frame.data, frame.dtype, tuple(frame.shape))
         except WireError as e:
             raise FrameError(grpc.StatusCode.INVALID_ARGUMENT, f"corrupt frame: {e}") from None
-        return sh, index, chunks, x
+        return sh, index, entries, x
 
-    async def _forward(self, sh: LayerShard, frame: pb.Frame, chunks: list[SeqChunk],
-                       x: np.ndarray | Hidden) -> Hidden | list[Sample]:
+    async def _forward(self, sh: LayerShard, frame: pb.Frame, entries: list[pb.SeqEntry],
+                       x: np.ndarray | Hidden) -> tuple[list[pb.SeqEntry], list[tuple[str, str]], Hidden | list[Sample]]:
         try:
-            return await self.call(lambda: _run(sh, frame, chunks, x))
+            return await self.call(lambda: _run(sh, entries, x))
+        except FrameError:
+            raise
         except GroupError as e:  # a rank of this peer's group is gone: the stage is lost
             if sh is self.shard:
                 self._group_failed(str(e))
@@ -146,8 +197,8 @@ class Stage:
 
     async def fail(self, frame: pb.Frame, e: FrameError) -> None:
         """Tell the frame's origin that its sequences failed here, and why."""
-        res = pb.Result(frame_id=frame.frame_id, error=str(e),
-                        error_code=e.code.value[0], failed_seqs=e.seqs or [s.seq_id for s in frame.seqs])
+        failed = (e.seqs or [s.seq_id for s in frame.seqs]) + list(frame.failed_seqs)  # and earlier stages' drops
+        res = pb.Result(frame_id=frame.frame_id, error=str(e), error_code=e.code.value[0], failed_seqs=failed)
         await self.send_result(frame.origin, res)
 
     async def send_result(self, origin: str, res: pb.Result) -> None:
@@ -160,15 +211,46 @@ class Stage:
                 log.warning("cannot return results to %s: %s", origin, e)
 
 
-def _run(sh: LayerShard, frame: pb.Frame, chunks: list[SeqChunk], x: np.ndarray | Hidden) -> Hidden | list[Sample]:
-    """On the compute thread: open the caches of the sequences this frame starts, then run it."""
-    started = [e.seq_id for e in frame.seqs if e.start]
-    for e in frame.seqs:
+def _run(sh: LayerShard, entries: list[pb.SeqEntry], x: np.ndarray | Hidden
+         ) -> tuple[list[pb.SeqEntry], list[tuple[str, str]], Hidden | list[Sample]]:
+    """On the compute thread: drop the rows of sequences this shard cannot continue (each fails
+    alone), open the caches of the sequences this frame starts, then run the rest."""
+    kept, dropped, rows = [], [], []
+    pos = 0
+    for e in entries:
+        at = sh.position(e.seq_id)
+        if e.start or at == e.offset:
+            kept.append(e)
+            rows.append((pos, pos + e.length))
+        elif at is None:
+            dropped.append((e.seq_id, f"unknown sequence {e.seq_id!r} (released, or its cache expired)"))
+        else:
+            dropped.append((e.seq_id, f"sequence {e.seq_id!r}: chunk at position {e.offset} but the cache "
+                                      f"holds {at} tokens"))
+        pos += e.length
+    if not kept:
+        raise FrameError(_DROPPED, "; ".join(why for _, why in dropped), [s for s, _ in dropped])
+    if dropped:
+        x = _rows(x, rows, pos)
+    started = [e.seq_id for e in kept if e.start]
+    for e in kept:
         if e.start:
             sh.add_sequence(e.seq_id, params_from_pb(e.sampling), list(e.history), e.adapter)
     try:
-        return sh.forward(chunks, x)
+        return kept, dropped, sh.forward([SeqChunk(e.seq_id, e.offset, e.length, not e.more) for e in kept], x)
     except Exception:
         for s in started:  # a refused frame must not leave caches behind
             sh.free_sequence(s)
         raise
+
+
+def _rows(x: np.ndarray | Hidden, rows: list[tuple[int, int]], total: int) -> np.ndarray | Hidden:
+    """The kept rows [a, b) of a frame's input (token ids, or hidden states of `total` rows)."""
+    if isinstance(x, np.ndarray):
+        return np.concatenate([x[a:b] for a, b in rows])
+    if len(x.shape) != 2 or x.shape[0] != total:
+        raise WireError(f"hidden states of shape {x.shape} for a frame of {total} tokens")
+    width = x.nbytes // max(1, total)
+    buf = memoryview(x.data).cast("B")
+    data = b"".join(buf[a * width:b * width] for a, b in rows)
+    return Hidden(data, x.dtype, (sum(b - a for a, b in rows), x.shape[1]))

@@ -5,6 +5,7 @@ command channel. A group that loses a member is over: every member serves as an 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import os
 import subprocess
@@ -27,6 +28,9 @@ if TYPE_CHECKING:
     from mesh.node import NodeConfig
 
 log = logging.getLogger(__name__)
+TP_NEEDS_KEY = ("a tensor-parallel group needs a mesh key (its command channel is keyed by it; without one "
+                "anyone on the network could drive its ranks): start every peer with the same --mesh-key "
+                "or TOGETHER_MESH_KEY")
 
 
 class TPManager:
@@ -44,9 +48,11 @@ class TPManager:
         self.worker_stage: tuple[str, int, int] | None = None  # (leader, start, end) of that worker
 
     def key(self, leader: str) -> bytes:
-        """The group's channel key: every peer of the mesh can derive it (with the mesh key, only they)."""
-        return hashlib.sha256(f"together-tp|{self.cfg.mesh_key or ''}|{self.cfg.mesh}|{self.group_name}|"
-                              f"{leader}".encode()).digest()
+        """The group's channel key, derived from the mesh key: only peers holding it can derive it."""
+        if not self.cfg.mesh_key:  # join refuses --tp-group without it; never key a channel with public facts
+            raise TogetherError(TP_NEEDS_KEY)
+        return hmac.new(self.cfg.mesh_key.encode(), f"together-tp|{self.cfg.mesh}|{self.group_name}|{leader}".encode(),
+                        hashlib.sha256).digest()
 
     def serves(self, start: int, end: int) -> bool:
         """This peer's group (or its absence) is what the plan gives its stage [start, end)."""
@@ -68,7 +74,9 @@ class TPManager:
         except TogetherError as e:
             return self.lost(f"cannot form the group: {e}")
         self.group, self.members = grp, members
-        self.address = f"{grp.address[0]}:{grp.address[1]}"
+        # listening on every interface (no --host): the members reach it at this peer's address
+        ip = self.view.host if grp.address[0] in ("", "0.0.0.0") else grp.address[0]
+        self.address = f"{ip}:{grp.address[1]}"
         self.tasks.spawn(self.report_quietly())
         try:
             shard = await self.stage.call(lambda: grp.start(spawn=False, form_timeout=120))

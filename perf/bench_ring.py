@@ -43,16 +43,20 @@ def run_config(model: str, backend: str, dtype: str, stages: int, tokens: int, r
         mesh.wait_ready(api, stages=stages)
         client = OpenAI(base_url=f"{api.api}/v1", api_key="x", max_retries=0, timeout=300)
 
-        def stream(prompt: str, max_tokens: int) -> tuple[float, list[float]]:
+        def stream(prompt: str, max_tokens: int) -> tuple[float, list[float], int]:
+            """(start, arrival of each text chunk, tokens generated per the answer's usage)."""
             t0 = time.perf_counter()
-            times = []
+            times, n = [], 0
             s = client.chat.completions.create(
                 model="smollm2-135m", messages=[{"role": "user", "content": prompt}], temperature=0,
-                max_tokens=max_tokens, stream=True, extra_body={"ignore_eos": True})
+                max_tokens=max_tokens, stream=True, extra_body={"ignore_eos": True},
+                stream_options={"include_usage": True})
             for ch in s:
                 if ch.choices and ch.choices[0].delta.content:
                     times.append(time.perf_counter())
-            return t0, times
+                if ch.usage:
+                    n = ch.usage.completion_tokens
+            return t0, times, n
 
         stream("warm up", 8)
         prefill, decode = [], []
@@ -60,10 +64,10 @@ def run_config(model: str, backend: str, dtype: str, stages: int, tokens: int, r
             model="smollm2-135m", messages=[{"role": "user", "content": PROMPT}], max_tokens=1,
             temperature=0).usage.prompt_tokens
         for _ in range(rounds):
-            t0, times = stream(PROMPT, 1)
+            t0, times, _ = stream(PROMPT, 1)
             prefill.append(prompt_tokens / (times[0] - t0))
-            t0, times = stream("Count from one to one hundred.", tokens)
-            decode.append((len(times) - 1) / (times[-1] - times[0]))
+            t0, times, n = stream("Count from one to one hundred.", tokens)
+            decode.append((n - 1) / (times[-1] - times[0]))  # tokens, not text chunks (a chunk may hold several)
         _, mesh_view = http_json(f"{api.api}/v1/mesh")
         sched = mesh_view.get("scheduler", {})
         return {"stages": stages, "split": cuts, "prompt_tokens": prompt_tokens,

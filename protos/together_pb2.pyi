@@ -33,7 +33,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., penalty_context: _Optional[int] = ..., has_seed: _Optional[bool] = ..., seed: _Optional[int] = ..., logprobs: _Optional[int] = ...) -> None: ...
 
 class SeqEntry(_message.Message):
-    __slots__ = ("seq_id", "offset", "length", "start", "sampling", "history", "adapter")
+    __slots__ = ("seq_id", "offset", "length", "start", "sampling", "history", "adapter", "more")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class SeqEntry(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     offset: int
     length: int
@@ -48,10 +49,11 @@ class SeqEntry(_message.Message):
     sampling: SamplingParams
     history: _containers.RepeatedScalarFieldContainer[int]
     adapter: str
-    def __init__(self, seq_id: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., start: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., history: _Optional[_Iterable[int]] = ..., adapter: _Optional[str] = ...) -> None: ...
+    more: bool
+    def __init__(self, seq_id: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., start: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., history: _Optional[_Iterable[int]] = ..., adapter: _Optional[str] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("frame_id", "epoch", "seqs", "dtype", "shape", "data", "tokens", "origin", "hop_ms")
+    __slots__ = ("frame_id", "epoch", "seqs", "dtype", "shape", "data", "tokens", "origin", "hop_ms", "failed_seqs", "error", "error_code")
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SEQS_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +63,9 @@ class Frame(_message.Message):
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
     HOP_MS_FIELD_NUMBER: _ClassVar[int]
+    FAILED_SEQS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     frame_id: int
     epoch: int
     seqs: _containers.RepeatedCompositeFieldContainer[SeqEntry]
@@ -70,7 +75,10 @@ class Frame(_message.Message):
     tokens: _containers.RepeatedScalarFieldContainer[int]
     origin: str
     hop_ms: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, frame_id: _Optional[int] = ..., epoch: _Optional[int] = ..., seqs: _Optional[_Iterable[_Union[SeqEntry, _Mapping]]] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., tokens: _Optional[_Iterable[int]] = ..., origin: _Optional[str] = ..., hop_ms: _Optional[_Iterable[float]] = ...) -> None: ...
+    failed_seqs: _containers.RepeatedScalarFieldContainer[str]
+    error: str
+    error_code: int
+    def __init__(self, frame_id: _Optional[int] = ..., epoch: _Optional[int] = ..., seqs: _Optional[_Iterable[_Union[SeqEntry, _Mapping]]] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., tokens: _Optional[_Iterable[int]] = ..., origin: _Optional[str] = ..., hop_ms: _Optional[_Iterable[float]] = ..., failed_seqs: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ..., error_code: _Optional[int] = ...) -> None: ...
 
 class TokenResult(_message.Message):
     __slots__ = ("seq_id", "token", "logprob", "top_tokens", "top_logprobs")
@@ -225,6 +233,14 @@ class HeartbeatReply(_message.Message):
 class PlanRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class SuspectRequest(_message.Message):
+    __slots__ = ("node_id", "reason")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    reason: str
+    def __init__(self, node_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("seq_ids",)

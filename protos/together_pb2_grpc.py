@@ -69,6 +69,11 @@ class TogetherStub:
                 request_serializer=together__pb2.PlanRequest.SerializeToString,
                 response_deserializer=together__pb2.Plan.FromString,
                 _registered_method=True)
+        self.Suspect = channel.unary_unary(
+                '/together.Together/Suspect',
+                request_serializer=together__pb2.SuspectRequest.SerializeToString,
+                response_deserializer=together__pb2.Ack.FromString,
+                _registered_method=True)
         self.PushPlan = channel.unary_unary(
                 '/together.Together/PushPlan',
                 request_serializer=together__pb2.Plan.SerializeToString,
@@ -129,6 +134,12 @@ class TogetherServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Suspect(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PushPlan(self, request, context):
         """plan push from the coordinator to every peer
         """
@@ -179,6 +190,11 @@ def add_TogetherServicer_to_server(servicer, server):
                     servicer.GetPlan,
                     request_deserializer=together__pb2.PlanRequest.FromString,
                     response_serializer=together__pb2.Plan.SerializeToString,
+            ),
+            'Suspect': grpc.unary_unary_rpc_method_handler(
+                    servicer.Suspect,
+                    request_deserializer=together__pb2.SuspectRequest.FromString,
+                    response_serializer=together__pb2.Ack.SerializeToString,
             ),
             'PushPlan': grpc.unary_unary_rpc_method_handler(
                     servicer.PushPlan,
@@ -380,6 +396,33 @@ class Together:
             '/together.Together/GetPlan',
             together__pb2.PlanRequest.SerializeToString,
             together__pb2.Plan.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Suspect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/together.Together/Suspect',
+            together__pb2.SuspectRequest.SerializeToString,
+            together__pb2.Ack.FromString,
             options,
             channel_credentials,
             insecure,

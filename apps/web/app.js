@@ -230,13 +230,15 @@ async function send() {
 }
 
 function showSpeed(tokens, tFirst, tLast, approx) {
+  // tokens per second of the answer (the server's usage count, else text chunks): the tokens after
+  // the first, over the time from the first to the last
   const tps = $("tps");
-  if (tFirst === null || tLast === null || tLast <= tFirst || !tokens) {
+  if (tFirst === null || tLast === null || tLast <= tFirst || tokens < 2) {
     tps.textContent = "– tok/s";
     tps.dataset.value = "";
     return;
   }
-  const secs = (tLast - tFirst) / 1000, rate = tokens / secs;
+  const secs = (tLast - tFirst) / 1000, rate = (tokens - 1) / secs;
   tps.dataset.value = rate.toFixed(2);
   tps.textContent = `${rate.toFixed(1)} tok/s${approx ? " (approx.)" : ""} · ${tokens} tokens in ${secs.toFixed(2)} s`;
 }

@@ -1,7 +1,9 @@
 """Per-sequence samplers for the MLX backend, built from mlx_lm.sample_utils.
 
-Unlike mlx_lm's samplers, the random stream is a key kept in the sequence's `SeqState.rng` and
-split every step, so seeded sampling is reproducible per sequence whatever else shares the batch.
+Unlike mlx_lm's samplers, the random stream is a key kept in the sequence's `SeqState.rng`: for a
+seeded sequence the shard derives it from (seed, position) before each draw, so seeded sampling is
+reproducible per sequence whatever else shares the batch, and a replayed sequence draws the same
+numbers; an unseeded one splits its key every step.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
 
 from backends.sampling import SamplingParams
-from backends.shard import SeqState
+from backends.shard import SeqState, token_seed
 
 
 class Drawn(NamedTuple):
@@ -28,9 +30,9 @@ class Drawn(NamedTuple):
 Sampler = Callable[[mx.array, SeqState], Drawn]
 
 
-def new_key(seed: int | None) -> mx.array:
-    """A PRNG key for one sequence: from its seed, else from the OS."""
-    return mx.random.key(seed if seed is not None else secrets.randbits(63))
+def new_key(seed: int | None, position: int = 0) -> mx.array:
+    """A PRNG key: of the draw at `position` of a seeded sequence, else a fresh one from the OS."""
+    return mx.random.key(token_seed(seed, position) if seed is not None else secrets.randbits(63))
 
 
 def make_sampler(params: SamplingParams) -> Sampler:

@@ -265,6 +265,8 @@ class MLXShard(LayerShard):
         pending: list[mx.array] = []
         for i, c in enumerate(chunks):
             st = self.seqs[c.seq_id]
+            if st.params.seed is not None and not st.params.greedy:  # the draw of position offset+length
+                st.rng = new_key(st.params.seed, c.offset + c.length)
             d = self.samplers[c.seq_id](logits[i:i + 1], st)
             drawn.append(d)
             pending.extend(a for a in (d.token, d.logprob, d.top_ids, d.top_logprobs) if a is not None)

@@ -59,6 +59,13 @@ class ModelArgs:
         return self.edges and self.end == self.n_total
 
 
+def warm() -> None:
+    """Pay torch's one-time imports now (the first op under a device context pulls in torch._dynamo,
+    ~2 s), not when a standby must load a lost stage's layers in a hurry."""
+    with torch.device("meta"):
+        torch.ones(2) / 2
+
+
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     """Inverse frequencies exactly as transformers computes them (default, linear, llama3)."""
     dim = args.head_dim

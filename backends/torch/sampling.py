@@ -7,17 +7,19 @@ from typing import Callable
 import torch
 
 from backends.sampling import SamplingParams
-from backends.shard import SeqState
+from backends.shard import SeqState, token_seed
 
 # (logits (vocab,) float32, state) -> (token, logprob, top_logprobs)
 Sampler = Callable[[torch.Tensor, SeqState], tuple[int, float, list[tuple[int, float]]]]
 
 
-def make_generator(params: SamplingParams, device: str | torch.device = "cpu") -> torch.Generator:
-    """A per-sequence RNG: seeded when asked (reproducible), else from fresh entropy."""
+def make_generator(params: SamplingParams, device: str | torch.device = "cpu",
+                   position: int = 0) -> torch.Generator:
+    """The RNG of one draw: for a seeded sequence, a function of (seed, position) of the token drawn,
+    so a replay draws the same numbers; else a per-sequence stream from fresh entropy."""
     g = torch.Generator(device=device)
     if params.seed is not None:
-        g.manual_seed(int(params.seed))
+        g.manual_seed(token_seed(params.seed, position))
     else:
         g.seed()
     return g

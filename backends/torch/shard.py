@@ -32,12 +32,17 @@ class TorchShard(LayerShard):
         self.caches: dict[str, list[KVCache]] = {}
         self.samplers: dict[str, Sampler] = {}
 
+    @property
+    def _rng_device(self) -> torch.device:
+        # torch's CPU generator serves every device but CUDA, whose sampling draws on the GPU
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
     # ---- caches
 
     def _new_cache(self, seq_id: str, st: SeqState) -> None:
         self.caches[seq_id] = self.model.new_cache()
         if self.is_last:
-            st.rng = make_generator(st.params, self.device if self.device.type == "cuda" else "cpu")
+            st.rng = make_generator(st.params, self._rng_device)
             self.samplers[seq_id] = make_sampler(st.params)
 
     def _free_cache(self, seq_id: str) -> None:
@@ -101,6 +106,9 @@ class TorchShard(LayerShard):
         logits = self.model.head(last).float()  # (n_chunks, vocab)
         samples = []
         for c, row in zip(chunks, logits):
-            tok, lp, top = self.samplers[c.seq_id](row, self.seqs[c.seq_id])
+            st = self.seqs[c.seq_id]
+            if st.params.seed is not None and not st.params.greedy:  # the draw of position offset+length
+                st.rng = make_generator(st.params, self._rng_device, c.offset + c.length)
+            tok, lp, top = self.samplers[c.seq_id](row, st)
             samples.append(Sample(c.seq_id, tok, lp, top))
         return samples

@@ -89,15 +89,29 @@ def test_v1_needs_the_bearer_key(peers):
 
 
 def test_what_is_reachable_without_the_key(peers):
-    """/health (liveness for load balancers and `together demo`), the web page and /metrics are open.
-    Only /health and the page's static files are meant to be: /metrics is reported as a finding."""
+    """Without the key: a bare /health (up or not: no peers, no addresses) and the page's own files
+    (no data in them; the page asks for the key). Everything else, /metrics and /v1/mesh included, is 401."""
     p = peers.peers["locked"]
     code, _, raw = request(p, "GET", "/health")
-    assert code == 200 and json.loads(raw)["status"] == "ok"
-    code, _, raw = request(p, "GET", "/")
-    assert code == 200 and b"<html" in raw.lower()
-    code, _, _ = request(p, "GET", "/metrics")
-    print(f"/metrics without the API key: {code}")
+    assert code == 200 and json.loads(raw).keys() == {"status", "epoch"} and json.loads(raw)["status"] == "ok"
+    assert b"127.0.0.1" not in raw and b"locked" not in raw
+    code, _, raw = request(p, "GET", "/health", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert code == 200 and [s["name"] for s in json.loads(raw)["ring"]] == ["locked"]
+    for path in ("/", "/static/index.html", "/static/app.js", "/static/style.css"):
+        code, _, raw = request(p, "GET", path)
+        assert code == 200 and raw, path
+    for path in ("/metrics", "/v1/mesh", "/v1/models", "/nothing", "/health/", "/health?x", "/static/../metrics",
+                 "/%6detrics", "//metrics", "/metrics/"):
+        code, _, raw = request(p, "GET", path)
+        assert code == 401 or (code == 200 and path.startswith("/health")  # the same bare /health
+                               and json.loads(raw).keys() == {"status", "epoch"}), (path, code, raw[:200])
+    code, _, raw = request(p, "GET", "/metrics", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert code == 200 and b"together_" in raw
+
+
+def test_an_open_mesh_says_so(peers):
+    for p in peers.peers.values():  # neither has a mesh key
+        assert "this mesh is open to anyone on the network" in p.log(), p.log()[-2000:]
 
 
 def _loopback(ip: str) -> bool:
@@ -167,7 +181,7 @@ def test_no_endpoint_reads_files_outside_the_web_page(peers):
     secrets = [b"root:", b"def make_app", b"import ", b"[project]", b"PYTHONPATH", b"--api-key"]
     for path in TRAVERSALS:
         code, _, raw = request(p, "GET", path)
-        assert code in (400, 403, 404), (path, code, raw[:200])
+        assert code in (400, 401, 403, 404), (path, code, raw[:200])
         assert not any(s in raw for s in secrets), (path, raw[:200])
     code, _, raw = request(p, "GET", "/static/index.html")
     assert code == 200 and b"<html" in raw.lower()  # the page's own files are served
@@ -185,3 +199,37 @@ def test_no_endpoint_runs_code_or_takes_other_methods(peers):
     for method in ("PUT", "DELETE", "PATCH", "TRACE"):
         code, _, _ = request(p, method, "/v1/chat/completions", CHAT, ok)
         assert code in (404, 405), (method, code)
+
+
+def test_the_page_works_behind_the_api_key(peers):
+    """The page's own files load without the key; it shows that the mesh needs one; once the key is
+    typed in its field it reads the ring and the models and answers, sending the key as a bearer header."""
+    from tests.apps.test_web import ARGS, CHROMIUM, LAST_ANSWER, need_browser, wait_idle
+
+    need_browser()
+    from playwright.sync_api import sync_playwright
+
+    p = peers.peers["locked"]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(20_000)
+            auth: list[str | None] = []
+            page.on("request", lambda r: auth.append(r.headers.get("authorization"))
+                    if "/v1/" in r.url else None)
+            page.goto(f"http://127.0.0.1:{p.api_port}/")
+            page.wait_for_selector("#banner:not([hidden])")
+            assert "API key" in page.text_content("#banner")
+            page.fill("#api_key", API_KEY)
+            page.dispatch_event("#api_key", "change")
+            page.wait_for_selector("#ring .peer[data-name=locked][data-state=ready]")
+            page.wait_for_function("() => document.querySelector('#model').value !== ''")
+            page.fill("#prompt", "Hi")
+            page.click("#send")
+            page.wait_for_selector("#messages .msg.assistant")
+            wait_idle(page)
+            assert page.evaluate(LAST_ANSWER)
+            assert f"Bearer {API_KEY}" in auth and None in auth  # first without, then with the key
+        finally:
+            browser.close()

@@ -380,3 +380,90 @@ def test_mlx_tp_tiny_with_biases_and_batch(tiny):
 if __name__ == "__main__" and sys.argv[1:2] == ["mlx-driver"]:
     model, layers, n, prompt = sys.argv[2], sys.argv[3], int(sys.argv[4]), json.loads(sys.argv[5])
     print(json.dumps(mlx_driver(model, layers, n, prompt, "--batch" in sys.argv)))
+
+
+# ---------------------------------------------------------------- the command channel: JSON, never pickle
+
+
+class _RunsCode:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):  # unpickling this creates a file: proof that received bytes ran code
+        return (Path.touch, (self.path,))
+
+
+def test_the_channel_refuses_garbage_and_keeps_forming(embedded, tmp_path, capfd):
+    """Test 6, second half: rank 0 accepting its workers meets raw garbage, a bogus length, a wrong
+    key, a pickle that would run code, bytes that are not JSON and a command that is not a hello: it
+    refuses each (a pickle is never unpickled), keeps listening, and forms with the real worker."""
+    import pickle
+    import socket
+    import threading
+    from multiprocessing import AuthenticationError
+    from multiprocessing.connection import Client
+
+    from backends.tp import PROTO, TPGroup, _fingerprint, recv_msg, send_msg
+
+    g = TPGroup(embedded, 0, 30, "torch", 2, dtype="float32")
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.update(hellos=g._accept(time.monotonic() + 60)), daemon=True)
+    t.start()
+    addr = g.address
+    marker = tmp_path / "pwned"
+    try:
+        for junk in (os.urandom(300), b"\xff\xff\xff\xff" + b"x" * 64, b"\x00\x00\x00\x05#CHAL"):
+            with socket.create_connection(addr) as s:
+                s.sendall(junk)
+                s.settimeout(2)
+                try:
+                    s.recv(100)
+                except OSError:
+                    pass
+        with pytest.raises((AuthenticationError, EOFError, OSError)):
+            Client(addr, authkey=b"wrong key").close()
+        for payload in (pickle.dumps(("hello", _RunsCode(marker))), b"not json \xff", b'{"op": "hello"}', b"[]"):
+            c = Client(addr, authkey=g.key)
+            c.send_bytes(payload)
+            time.sleep(0.2)
+            c.close()
+        assert t.is_alive() and not marker.exists()
+        worker = Client(addr, authkey=g.key)
+        hello = {"proto": PROTO, "rank": 1, "world": 2, "backend": "torch", "dtype": g.dtype, "layers": [0, 30],
+                 "model": _fingerprint(g.ck.config), "host": "127.0.0.1", "port": 1}
+        send_msg(worker, "hello", hello)
+        t.join(30)
+        assert result["hellos"] == {1: hello} and not marker.exists()
+        assert "garbage on the tensor-parallel channel" in capfd.readouterr().err
+        # rank 0 answers in JSON too: the worker reads it with recv_msg
+        send_msg(g.links.conns[1], "close")
+        assert recv_msg(worker) == ["close"]
+        worker.close()
+    finally:
+        g.close()
+
+
+class _Untouched:
+    def __getattr__(self, name):
+        return lambda *a: pytest.fail(f"a refused command reached the shard ({name})")
+
+
+def test_a_worker_refuses_garbage_from_rank_0(tmp_path):
+    """A worker's loop meets bytes that are not a command, or a malformed one: a clear GroupError
+    (worker_main reports it to rank 0 and exits), never an unpickled object."""
+    import pickle
+    from multiprocessing import Pipe
+
+    from backends.tp import serve
+
+    marker = tmp_path / "pwned"
+    for raw, msg in ((pickle.dumps(("fwd", _RunsCode(marker))), "garbage on the tensor-parallel channel"),
+                     (b"\x00" * 40, "garbage"), (b'"fwd"', "garbage"), (b'["fwd", 5]', "malformed 'fwd' command"),
+                     (b'["launch", 1]', "unknown command 'launch'")):
+        a, b = Pipe()
+        a.send_bytes(raw)
+        with pytest.raises(GroupError, match=msg):
+            serve(b, _Untouched())  # type: ignore[arg-type]
+        a.close()
+        b.close()
+    assert not marker.exists()

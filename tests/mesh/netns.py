@@ -46,7 +46,7 @@ class NsPeer(PeerProc):
 
     def __init__(self, name: str, ns: str, host: str, args: list[str], log_dir: Path, api: bool,
                  threads: int = 1):
-        a = ["--host", host, *args]
+        a = list(args)  # no --host: a peer listens and advertises on its namespace's LAN address by itself
         if api:
             a += ["--api-host", host, "--api-port", str(API_PORT)]
         super().__init__(name, a, log_dir, threads=threads, host=host, port=GRPC_PORT,
@@ -164,7 +164,7 @@ class NetnsMesh(PeerGroup):
     # ------------------------------------------------------------------ peers and links
 
     def add(self, i: int, name: str, *args: str, api: bool = False, threads: int = 1) -> NsPeer:
-        """Start `together join` in namespace `i`, bound to its address."""
+        """Start `together join` in namespace `i` as the README tells users to (it finds its address)."""
         a = ["--model", self.model, "--mesh", self.mesh, *args]
         p = NsPeer(name, self.ns[i], self.host(i), a, self.dir, api, threads)
         self.peers[name] = p

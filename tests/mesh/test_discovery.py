@@ -114,3 +114,35 @@ def test_stop_is_idempotent_and_start_twice_refused() -> None:
         await d.stop()
 
     run(main())
+
+
+def test_a_peer_bound_to_every_interface_advertises_its_lan_addresses_preferred_first() -> None:
+    """The default of `together join` (no --host): others must see addresses they can reach, never
+    0.0.0.0 or loopback (unless the machine has nothing else). mDNS itself stays on loopback here."""
+    from mesh.discovery import lan_addresses, primary_address
+
+    lan = lan_addresses()
+    primary = primary_address()
+    assert primary in lan and "0.0.0.0" not in lan
+    assert lan == ["127.0.0.1"] or "127.0.0.1" not in lan
+    prefer = lan[-1]
+
+    async def main() -> None:
+        mesh = f"m-{uuid.uuid4().hex[:10]}"
+        seen = Watcher()
+        wide = Discovery(uuid.uuid4().hex, mesh, "0.0.0.0", 50100, {}, interfaces=LOOPBACK, name="wide",
+                         prefer=prefer)
+        watcher = _node(mesh, 1, seen)
+        try:
+            await wide.start()
+            await watcher.start()
+            await seen.wait_for(lambda p: wide.node_id in p)
+            peer = seen.peers[wide.node_id]
+            # every LAN address (mDNS does not keep their order: a peer tries each, see Membership)
+            assert sorted(peer.addresses) == sorted(lan), (peer, lan)
+            assert lan_addresses(prefer=prefer)[0] == prefer and peer.port == 50100
+        finally:
+            await watcher.stop()
+            await wide.stop()
+
+    run(main())

@@ -143,3 +143,39 @@ def test_after_the_partition_heals_the_cut_peer_is_a_standby_of_the_one_mesh(rin
             break
         assert time.time() < deadline, f"b: {b.log()[-2500:]}\nmesh at a: {mesh}"
         time.sleep(0.5)
+
+
+def test_two_namespaces_with_the_readmes_flags_only_form_one_ring_that_chats_like_one_process(embedded_path):
+    """Two machines of one LAN, each running the README's command (no --host, no --peer, no --layers):
+    they listen on and advertise their LAN address, meet over mDNS and answer like one process."""
+    from tests.helpers import together
+
+    prompt = "Name three colours of the rainbow."
+    try:
+        m = NetnsMesh(2, str(embedded_path)).__enter__()
+    except NetnsUnavailable as e:
+        pytest.skip(f"network namespaces unavailable: {e}")
+    try:
+        first = m.add(0, "first", api=True)  # `together join --api-port 8000` (--api-host: reached from here)
+        m.add(1, "second")                    # `together join`
+        m.wait_ready(first)
+        # one mesh of both (a split, or one stage and a standby: whoever claims first may take all)
+        deadline = time.time() + 30
+        while sorted(p["address"] for p in http_json(f"{first.api}/v1/mesh")[1].get("peers", [])) \
+                != sorted(p.address for p in m.peers.values()):
+            assert time.time() < deadline, m.logs()
+            time.sleep(0.3)
+        r = client(first).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
+                                                  temperature=0, max_tokens=24)
+        # each peer's table shows the address the other reaches it at, never 0.0.0.0 or loopback
+        st = together("status", "--peer", m.peers["second"].address, timeout=60)
+        assert st.returncode == 0, st.stderr
+        for p in m.peers.values():
+            assert p.address in st.stdout, st.stdout
+        assert "0.0.0.0" not in st.stdout and "127.0.0.1" not in st.stdout, st.stdout
+    finally:
+        m.close()
+    alone = together("generate", "--model", str(embedded_path), "--backend", "torch", "--dtype", "float32",
+                     "--prompt", prompt, "--max-tokens", "24")
+    assert alone.returncode == 0, alone.stderr
+    assert r.choices[0].message.content.strip() == alone.stdout.strip()

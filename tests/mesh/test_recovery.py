@@ -75,6 +75,8 @@ def test_kill_the_middle_stage_a_standby_takes_over_then_the_survivors_and_the_t
         assert "t" in st and got == want and finish == "length"
         m = wait_log(a, r"resumed after ([0-9.]+) s")
         assert float(m.group(1)) < 20
+        # found by the broken Forward stream (the coordinator probed it then), not by heartbeat silence
+        assert any("b is gone (stream to" in p.log() for p in c.peers.values()), c.logs()
         body = c.wait_ready(a, stages=3)
         assert "spare" in [s["name"] for s in body["ring"]]
 
@@ -151,5 +153,35 @@ def test_coordinator_lost_or_leaving_mid_request(embedded_path, sig):
         assert len(heirs) == 1
         if sig == signal.SIGINT:
             assert "hands the mesh to" in boss.log() and "(handed over)" in heirs[0].log()
+    finally:
+        c.stop()
+
+
+def test_a_seeded_answer_survives_the_loss_of_the_sampling_stage_unchanged(embedded_path):
+    """Seeded, temperature 1: the last stage (the one that samples) is killed mid-answer and the
+    standby takes over; the replayed sequence draws the same numbers, so the text is unchanged."""
+    c = Cluster(str(embedded_path))
+    try:
+        a = torch_peer(c, "a", "--layers", "0-15", api=True)
+        torch_peer(c, "b", "--layers", "15-30")
+        c.wait_ready(a, stages=2)
+        spare = torch_peer(c, "spare")
+        wait_log(spare, "standing by")
+
+        def seeded(on_token=None) -> str:
+            s = client(a).chat.completions.create(model=MODEL, messages=QUESTION, temperature=1.0, seed=7,
+                                                  max_tokens=80, stream=True, extra_body={"ignore_eos": True})
+            parts = []
+            for ch in s:
+                if ch.choices and ch.choices[0].delta.content:
+                    parts.append(ch.choices[0].delta.content)
+                    if on_token:
+                        on_token(len(parts))
+            return "".join(parts)
+
+        want = seeded()
+        cb, st = kill_at(c.peers["b"], 40)
+        assert seeded(cb) == want and "t" in st
+        wait_log(a, r"resumed after")
     finally:
         c.stop()

@@ -201,6 +201,79 @@ def test_middle_stage_passes_hidden_states_to_the_next_stage(tiny_ck):
     assert metric(st.metrics, "together_stage_tokens_total") == 0  # only the last stage samples
 
 
+def hidden_frame(rows: int, seqs: list[pb.SeqEntry], seed: int = 0) -> pb.Frame:
+    x = np.random.default_rng(seed).standard_normal((rows, 128), dtype=np.float32)
+    return pb.Frame(frame_id=5, epoch=7, origin="10.0.0.9:1", dtype="float32", shape=[rows, 128],
+                    data=x.tobytes(), seqs=seqs)
+
+
+def test_a_sequence_unknown_at_a_stage_fails_alone_and_the_rest_of_the_frame_runs(tiny_ck):
+    # the last stage of two: "a" decodes, "gone" was released here (its client left), "c" starts
+    def last_stage():
+        links = FakeLinks()
+        st, _, _ = make_stage(make_view(stages=[("up", 0, 1), ("me", 1, 3)]), links, torch_shard(tiny_ck, 1, 3))
+        st.shard.add_sequence("a", prompt=[1])
+        asyncio.run(st.handle_frame(hidden_frame(1, [pb.SeqEntry(seq_id="a", offset=0, length=1)], seed=1)))
+        links.sent.clear()
+        return st, links
+
+    st, links = last_stage()
+    x = np.random.default_rng(2).standard_normal((4, 128), dtype=np.float32)
+    with_gone = hidden_frame(4, [pb.SeqEntry(seq_id="a", offset=1, length=1),
+                                 pb.SeqEntry(seq_id="gone", offset=7, length=1),
+                                 pb.SeqEntry(seq_id="c", offset=0, length=2, start=True)])
+    with_gone.data = x.tobytes()
+    asyncio.run(st.handle_frame(with_gone))
+    ((_, kind, res),) = links.sent
+    assert kind == "Deliver" and list(res.failed_seqs) == ["gone"] and "unknown sequence 'gone'" in res.error
+    assert res.error_code == grpc.StatusCode.FAILED_PRECONDITION.value[0]  # its API peer may replay it
+    alone, links2 = last_stage()  # the same frame without the unknown row gives the same tokens
+    without = hidden_frame(3, [with_gone.seqs[0], with_gone.seqs[2]])
+    without.data = np.concatenate([x[:1], x[2:]]).tobytes()
+    asyncio.run(alone.handle_frame(without))
+    ((_, _, want),) = links2.sent
+    assert [(r.seq_id, r.token) for r in res.results] == [(r.seq_id, r.token) for r in want.results]
+    assert not want.error and st.shard.position("a") == 2 and st.shard.position("c") == 2
+
+
+def test_a_middle_stage_drops_the_unknown_row_and_passes_the_rest_with_the_failure(tiny_ck):
+    nxt = peer("next", "10.0.0.2:7000")
+    links = FakeLinks()
+    st, delivered, _ = make_stage(make_view(stages=[("me", 0, 1), ("next", 1, 3)], peers=[nxt]), links,
+                                  torch_shard(tiny_ck, 0, 1))
+    f = pb.Frame(frame_id=9, epoch=7, origin=ME, tokens=[4, 5, 6, 7], seqs=[
+        pb.SeqEntry(seq_id="gone", offset=3, length=1),
+        pb.SeqEntry(seq_id="b", offset=0, length=3, start=True, more=True)])
+    asyncio.run(st.handle_frame(f))
+    ((_, kind, out),) = links.sent
+    assert kind == "Forward" and [e.seq_id for e in out.seqs] == ["b"] and out.seqs[0].more
+    assert tuple(out.shape) == (3, 128) and list(out.failed_seqs) == ["gone"] and "unknown" in out.error
+    # a frame whose every sequence is unknown fails whole, naming them
+    with pytest.raises(FrameError) as e:
+        asyncio.run(st.handle_frame(pb.Frame(frame_id=10, epoch=7, origin=ME, tokens=[1],
+                                             seqs=[pb.SeqEntry(seq_id="gone", offset=3, length=1)])))
+    assert e.value.seqs == ["gone"] and not delivered
+
+
+def test_a_stage_frees_sequences_idle_past_their_lease(tiny_ck):
+    st, _, _ = make_stage(make_view(), shard=torch_shard(tiny_ck, 0, 3))
+    st.lease = 0.3
+
+    async def main() -> list[int]:
+        await st.handle_frame(token_frame(seq="orphan"))
+        seen = [st.shard.num_sequences]
+        await asyncio.sleep(1.0)  # no frame and no release: its API peer is gone
+        return seen + [st.shard.num_sequences, len(st.seen)]
+
+    assert asyncio.run(main()) == [1, 0, 0]
+
+
+def test_the_stage_rate_counts_tokens_not_frames(tiny_ck):
+    st, _, _ = make_stage(make_view(), shard=torch_shard(tiny_ck, 0, 3))
+    st.hop_ms, st._hop_tokens = [100.0, 100.0], [8, 8]  # two frames of eight tokens, 0.1 s each
+    assert st.tokens_per_s() == pytest.approx(80.0)
+
+
 def test_send_frame_returns_failures_to_the_origin():
     links = FakeLinks()
     links.down.add("10.0.0.2:7000")
@@ -225,6 +298,9 @@ class GroupShard:
 
     def free_sequence(self, s):
         return True
+
+    def position(self, s):
+        return 0
 
     def forward(self, chunks, x):
         raise GroupError("rank 1 is gone")
@@ -317,6 +393,22 @@ def test_release_asks_every_stage_and_sums_what_answers():
     o, _ = make_origin(view, links=links)
     assert asyncio.run(o.release(["x", "y"])) == 2 + 2  # c does not answer: not counted, no error
     assert {(a, m) for a, m, _ in links.calls} == {("10.0.0.2:1", "Release"), ("10.0.0.3:1", "Release")}
+
+
+def test_a_release_is_asked_again_until_the_stage_acknowledges():
+    links = FakeLinks()
+    c = peer("c", "10.0.0.3:1")
+    view = make_view(stages=[("me", 0, 1), ("c", 1, 3)], peers=[c])
+    o, _ = make_origin(view, links=links)
+
+    async def main() -> None:
+        await o.release(["x"])  # c's first answer is lost
+        links.answers[("10.0.0.3:1", "Release")] = pb.ReleaseReply(freed=1)
+        await asyncio.sleep(1.2)
+
+    asyncio.run(main())
+    asks = [m for a, m, _ in links.calls if a == "10.0.0.3:1"]
+    assert asks == ["Release", "Release"]  # asked again, then acknowledged: no more asks
 
 
 # ---------------------------------------------------------------- coordinator and membership

@@ -15,6 +15,7 @@ from backends.generation import Delta
 from backends.sampling import SamplingParams
 from backends.weights import Checkpoint
 from mesh.metrics import PeerMetrics
+from mesh.protocol import FrameError
 from mesh.scheduler import Scheduler
 from protos import together_pb2 as pb
 
@@ -45,7 +46,8 @@ class FakeRing:
         if failed is not None:
             return failed
         return pb.Result(frame_id=frame.frame_id, hop_ms=[1.0],
-                         results=[pb.TokenResult(seq_id=s.seq_id, token=TOKEN, logprob=-0.5) for s in frame.seqs])
+                         results=[pb.TokenResult(seq_id=s.seq_id, token=TOKEN, logprob=-0.5)
+                                  for s in frame.seqs if not s.more])  # a prompt's inner chunk draws nothing
 
     async def release(self, seq_ids: list[str]) -> int:
         self.released += seq_ids
@@ -118,11 +120,13 @@ def test_a_failing_step_fails_only_its_sequences(embedded, tokenizer) -> None:
     victim: list[str] = []
 
     def fault(frame: pb.Frame) -> pb.Result | None:
-        # the second step fails for the first sequence only, with an error that is not retried
+        # the second step fails for the first sequence only, with an error that is not retried;
+        # the rest of the frame ran on, and its tokens come back in the same Result
         if frame.frame_id == 2:
             victim.append(frame.seqs[0].seq_id)
             return pb.Result(frame_id=frame.frame_id, error="bad adapter", failed_seqs=victim,
-                             error_code=grpc.StatusCode.INVALID_ARGUMENT.value[0])
+                             error_code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                             results=[pb.TokenResult(seq_id=s.seq_id, token=TOKEN) for s in frame.seqs[1:]])
         return None
 
     ring = FakeRing(embedded, fault)
@@ -147,3 +151,156 @@ def test_a_retryable_failure_replays_the_sequence(embedded, tokenizer) -> None:
     m = ring.metrics
     assert counts(m) == {"requests": 1, "tokens": 3, "steps": 3, "errors": 0}
     assert m.registry.get_sample_value("together_recovery_seconds_count") == 1
+
+
+def test_a_cancelled_sequence_leaves_between_steps_and_is_released_only_after_its_frame(embedded, tokenizer) -> None:
+    # a client drops its stream while a frame carrying its sequence is in the ring: releasing its caches
+    # then would fail that frame at the next stage ("unknown sequence") for everyone in it
+    gate = asyncio.Event()
+    released_during: list[list[str]] = []
+
+    class SlowRing(FakeRing):
+        async def run_frame(self, frame: pb.Frame, timeout: float = 120.0) -> pb.Result:
+            if frame.frame_id == 2:
+                gate.set()
+                await asyncio.sleep(0.2)
+                released_during.append(list(self.released))
+            return await super().run_frame(frame, timeout)
+
+    ring = SlowRing(embedded)
+
+    async def main() -> tuple[list[Delta], Exception | None]:
+        sched = Scheduler(ring, tokenizer)
+        await sched.start()
+        try:
+            keep = sched.submit([1, 2, 3], SamplingParams(temperature=0, max_tokens=5))
+            drop = sched.submit([4, 5], SamplingParams(temperature=0, max_tokens=5))
+            await gate.wait()
+            sched.cancel(drop)  # mid-flight
+            out = await drain(keep.queue)
+            await asyncio.sleep(0.05)
+            return out
+        finally:
+            await sched.stop()
+
+    deltas, err = asyncio.run(main())
+    assert err is None and len(deltas) == 5
+    dropped = ring.frames[0].seqs[1].seq_id
+    assert released_during == [[]]  # not under the frame in flight
+    assert dropped in ring.released  # but once it came back
+    assert all(dropped not in [e.seq_id for e in f.seqs] for f in ring.frames[2:])  # and out of the next frames
+
+
+def test_the_loop_survives_any_exception_and_fails_only_the_step_involved(embedded, tokenizer) -> None:
+    class BuggyRing(FakeRing):
+        async def run_frame(self, frame: pb.Frame, timeout: float = 120.0) -> pb.Result:
+            if any(list(e.history) == [6, 6, 6] for e in frame.seqs):
+                raise RuntimeError("a bug in dispatch")
+            return await super().run_frame(frame, timeout)
+
+    ring = BuggyRing(embedded)
+
+    async def main() -> list[tuple[list[Delta], Exception | None]]:
+        sched = Scheduler(ring, tokenizer)
+        await sched.start()
+        try:
+            bad = sched.submit([6, 6, 6], SamplingParams(temperature=0, max_tokens=3))
+            first = await drain(bad.queue)
+            good = sched.submit([1, 2], SamplingParams(temperature=0, max_tokens=3))
+            return [first, await drain(good.queue)]
+        finally:
+            await sched.stop()
+
+    (d1, e1), (d2, e2) = asyncio.run(main())
+    assert isinstance(e1, RequestError) and "RuntimeError: a bug in dispatch" in str(e1) and not d1
+    assert e2 is None and len(d2) == 3
+
+
+def test_long_prompts_and_replays_go_in_chunks_under_the_frame_budget(embedded, tokenizer) -> None:
+    hidden = embedded.config.hidden_size
+    budget = 2 << 20  # 2 MiB frames: ~900 tokens of float32 hidden states of this model
+    sizes: list[int] = []
+    replayed = {"done": False}
+
+    def fault(frame: pb.Frame) -> pb.Result | None:
+        # what the frame weighs between stages: its header plus float32 hidden states of every token
+        n = sum(e.length for e in frame.seqs)
+        sizes.append(pb.Frame(seqs=frame.seqs, shape=[n, hidden], dtype="float32",
+                              data=b"\0" * (n * hidden * 4)).ByteSize())
+        if sum(e.length == 1 for e in frame.seqs) >= 30 and not replayed["done"]:
+            replayed["done"] = True  # 30 long sequences decoding: a stage is lost, they all replay at once
+            return pb.Result(frame_id=frame.frame_id, error="the ring changed",
+                             error_code=grpc.StatusCode.UNAVAILABLE.value[0])
+        return None
+
+    ring = FakeRing(embedded, fault)
+
+    async def main() -> list[tuple[list[Delta], Exception | None]]:
+        sched = Scheduler(ring, tokenizer, max_frame_bytes=budget, max_prefill_tokens=1 << 20)
+        await sched.start()
+        try:
+            reqs = [sched.submit([7] * 6000, SamplingParams(temperature=0, max_tokens=40))]
+            reqs += [sched.submit([8 + i] * 700, SamplingParams(temperature=0, max_tokens=40)) for i in range(32)]
+            return await asyncio.gather(*(drain(r.queue) for r in reqs))
+        finally:
+            await sched.stop()
+
+    out = asyncio.run(main())
+    assert all(err is None and len(d) == 40 for d, err in out)
+    assert replayed["done"] and max(sizes) <= budget
+    # the 6000-token prompt went in order, chunk after chunk; it drew its first token only on the last
+    long_id = ring.frames[0].seqs[0].seq_id
+    chunks = [(e.offset, e.length, e.more, e.start) for f in ring.frames[:12] for e in f.seqs if e.seq_id == long_id]
+    assert chunks[0][0] == 0 and chunks[0][3] and len(chunks) >= 7
+    assert all(a[0] + a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+    assert [c[2] for c in chunks if c[0] + c[1] <= 6000] == [True] * (len([c for c in chunks if c[0] + c[1] < 6000])) + [False]
+
+
+def test_a_lost_frame_is_noticed_within_a_few_step_times(embedded, tokenizer) -> None:
+    timeouts: list[float] = []
+
+    class LossyRing(FakeRing):
+        async def run_frame(self, frame: pb.Frame, timeout: float = 120.0) -> pb.Result:
+            timeouts.append(timeout)
+            if frame.frame_id == 3:  # dropped on the floor: nobody ever answers
+                await asyncio.sleep(timeout)
+                raise FrameError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout:.1f} s")
+            return await super().run_frame(frame, timeout)
+
+    ring = LossyRing(embedded)
+
+    async def main() -> tuple[list[Delta], Exception | None, float]:
+        sched = Scheduler(ring, tokenizer, frame_timeout_floor=0.3)
+        await sched.start()
+        try:
+            t0 = asyncio.get_running_loop().time()
+            out = await drain(sched.submit([1, 2, 3], SamplingParams(temperature=0, max_tokens=4)).queue)
+            return (*out, asyncio.get_running_loop().time() - t0)
+        finally:
+            await sched.stop()
+
+    deltas, err, took = asyncio.run(main())
+    assert err is None and len(deltas) == 4 and took < 3.0  # floor + a 1 s pause before the replay
+    assert timeouts[2] < 1.0 and ring.frames[2].seqs[0].start  # the lost frame (not recorded) is replayed
+
+
+def test_a_request_that_cannot_be_put_on_the_wire_fails_alone(embedded, tokenizer) -> None:
+    ring = FakeRing(embedded)
+    bad_params = SamplingParams(temperature=1.0, seed=2**70, max_tokens=3)  # no int64 holds this seed
+    (d1, e1), (d2, e2) = serve_params(ring, tokenizer, [([1, 2, 3], bad_params),
+                                                        ([4, 5], SamplingParams(temperature=0, max_tokens=3))])
+    assert isinstance(e1, RequestError) and "cannot send this request into the ring" in str(e1) and not d1
+    assert e2 is None and len(d2) == 3
+
+
+def serve_params(ring: FakeRing, tokenizer, jobs: list[tuple[list[int], SamplingParams]]):
+    async def main() -> list[tuple[list[Delta], Exception | None]]:
+        sched = Scheduler(ring, tokenizer)
+        await sched.start()
+        try:
+            reqs = [sched.submit(p, params) for p, params in jobs]
+            return list(await asyncio.gather(*(drain(r.queue) for r in reqs)))
+        finally:
+            await sched.stop()
+
+    return asyncio.run(main())

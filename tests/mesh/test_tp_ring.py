@@ -14,6 +14,7 @@ pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m"
 QUESTION = "What is the capital of France?"
 TOKENS = 12
+KEY = "tp mesh key"  # a TP group's command channel is keyed by the mesh key: no group without one
 
 
 def torch_peer(c, name, *args, api=False):
@@ -29,7 +30,7 @@ def want(embedded, tokenizer) -> str:
 def ring(embedded_path):
     """Layers 0-15 on a torch TP=2 group of g0 and g1 (the older leads), 15-30 on b (the API). Both
     group peers ask for 0-15: the leader's claim counts, a rank > 0 holds no range of its own."""
-    c = Cluster(str(embedded_path))
+    c = Cluster(str(embedded_path), mesh_key=KEY)
     try:
         g0 = torch_peer(c, "g0", "--layers", "0-15", "--tp-group", "g", "--tp-size", "2")
         torch_peer(c, "b", "--layers", "15-30", "--peer", g0.address, api=True)
@@ -64,7 +65,7 @@ def test_an_mlx_tp_group_is_a_stage_of_a_ring_with_torch(embedded_path, want):
     """torch 0-25 (the API) and an MLX TP=2 group on 25-30 (MLX is slow on these CPUs: few layers,
     few tokens): the same greedy text as one torch process, in float32."""
     pytest.importorskip("mlx.core")
-    c = Cluster(str(embedded_path))
+    c = Cluster(str(embedded_path), mesh_key=KEY)
     try:
         t = torch_peer(c, "t", "--layers", "0-25", api=True)
         for name in ("m0", "m1"):
@@ -91,8 +92,10 @@ def test_invalid_groupings_are_clear_errors(ring, embedded_path, capsys):
     assert main(["join", "--tp-group", "g", "--adapter", "x", "--model", str(embedded_path)]) == 2
     assert "LoRA adapters are not supported on a tensor-parallel stage" in capsys.readouterr().err
     # SmolLM2 has 3 KV heads: 4 ranks cannot each hold whole ones
+    assert main(["join", "--tp-group", "g", "--backend", "torch", "--no-mdns", "--model", str(embedded_path)]) == 2
+    assert "a tensor-parallel group needs a mesh key" in capsys.readouterr().err
     assert main(["join", "--tp-group", "g", "--tp-size", "4", "--backend", "torch", "--no-mdns",
-                 "--model", str(embedded_path)]) == 2
+                 "--mesh-key", KEY, "--model", str(embedded_path)]) == 2
     assert "3 KV heads cannot be split across 4 ranks" in capsys.readouterr().err
     # a peer of another backend cannot join the (torch) group: it is refused and exits
     bad = ring.add("bad", "--backend", "mlx", "--dtype", "float32", "--no-mdns", "--tp-group", "g",
