@@ -273,18 +273,25 @@ def _gauges(node: Node, sched: Scheduler) -> None:
 
 
 def cors_middleware(origin: str) -> Middleware:
+    """Preflights answered here; the headers themselves go on in `cors_headers`."""
     @web.middleware
     async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.method == "OPTIONS":
-            resp: web.StreamResponse = web.Response(status=204)
-        else:
-            resp = await handler(request)
+            return web.Response(status=204)
+        return await handler(request)
+
+    return cors
+
+
+def cors_headers(origin: str) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    """Set on response prepare, not after the handler: a stream's headers are sent before its
+    handler returns."""
+    async def add(request: web.Request, resp: web.StreamResponse) -> None:
         resp.headers["Access-Control-Allow-Origin"] = origin
         resp.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
         resp.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
-        return resp
 
-    return cors
+    return add
 
 
 def bearer_middleware(api_key: str, open_resources: set[web.AbstractResource]) -> Middleware:
@@ -312,6 +319,8 @@ def make_app(node: Node, sched: Scheduler, api_key: str | None = None,
         ([bearer_middleware(api_key, open_resources)] if api_key else [])
     app = web.Application(middlewares=mws, client_max_size=8 * 1024 * 1024)
     app[NODE], app[SCHED] = node, sched
+    if cors_origin:
+        app.on_response_prepare.append(cors_headers(cors_origin))
     _gauges(node, sched)
 
     async def scheduler_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -155,6 +155,10 @@ def test_cors_is_off_by_default_and_on_only_for_the_given_origin(peers):
     assert "POST" in headers.get("access-control-allow-methods", "")
     code, headers, raw = request(cors, "POST", "/v1/chat/completions", CHAT, {"Origin": ORIGIN})
     assert code == 200 and headers.get("access-control-allow-origin") == ORIGIN
+    # a stream sends its headers before its handler returns: they must carry CORS too
+    stream = json.dumps({**json.loads(CHAT), "stream": True}).encode()
+    code, headers, raw = request(cors, "POST", "/v1/chat/completions", stream, {"Origin": ORIGIN})
+    assert code == 200 and b"[DONE]" in raw and headers.get("access-control-allow-origin") == ORIGIN, headers
     code, headers, _ = request(cors, "GET", "/v1/models", None, {"Origin": "http://evil.test"})
     # one fixed origin, never a reflected or wildcard one
     assert headers.get("access-control-allow-origin") == ORIGIN
