@@ -21,6 +21,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="compute dtype (auto: float16 on MLX, float32 on torch CPU, bfloat16 on CUDA)")
     p.add_argument("--threads", type=int, default=None, help="compute threads for this process")
+    p.add_argument("--device", default="auto",
+                   help="torch device: auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda[:N] or mps; "
+                        "MLX picks Metal or its CPU by itself")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -66,7 +69,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         prompt = tok.apply_chat(msgs)
     check_prompt(len(prompt), ck.config.max_position_embeddings)
     t = time.perf_counter()
-    pipe = Pipeline.load(ck, slices, dtype=a.dtype, threads=a.threads)
+    pipe = Pipeline.load(ck, slices, dtype=a.dtype, threads=a.threads, device=a.device)
     for ad in adapters:
         pipe.load_adapter(ad)
     load_s = time.perf_counter() - t

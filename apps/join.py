@@ -93,7 +93,7 @@ def _node_config(a: argparse.Namespace) -> NodeConfig:
     path = resolve_model(a.model)
     return NodeConfig(model=model_label(a.model), model_path=str(path), backend=backend, host=a.host,
                      port=a.port, mesh=a.mesh, mesh_key=a.mesh_key, peers=list(a.peer), name=a.name,
-                     max_memory=max_memory, layers=layers, dtype=a.dtype, wire_dtype=a.wire_dtype,
+                     max_memory=max_memory, layers=layers, dtype=a.dtype, wire_dtype=a.wire_dtype, device=a.device,
                      threads=a.threads, mdns=not a.no_mdns, adapters=list(a.adapter),
                      tp_group=a.tp_group, tp_size=tp_size if a.tp_group else 0, seq_lease=a.seq_lease,
                      settle_s=a.settle if not a.no_mdns else 0.0,

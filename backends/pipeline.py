@@ -77,7 +77,8 @@ class Pipeline:
 
     @classmethod
     def load(cls, ck: Checkpoint, slices: list[SliceSpec], dtype: str = "auto",
-             wire_dtype: str | None = None, threads: int | None = None) -> "Pipeline":
+             wire_dtype: str | None = None, threads: int | None = None,
+             device: str | None = None) -> "Pipeline":
         from backends.tp import load_tp_shard
 
         shards: list[LayerShard] = []
@@ -88,7 +89,7 @@ class Pipeline:
                                                 wire_dtype=wire_dtype, threads=threads))
                 else:
                     shards.append(load_shard(s.backend, ck, s.start, s.end, dtype=dtype,
-                                             wire_dtype=wire_dtype, threads=threads))
+                                             wire_dtype=wire_dtype, device=device, threads=threads))
         except BaseException:
             cls(shards).close()
             raise

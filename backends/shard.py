@@ -243,6 +243,37 @@ def token_seed(seed: int, position: int) -> int:
     return (z ^ (z >> 31)) >> 1  # 63 bits: both torch and MLX take it
 
 
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def resolve_device(backend: str, device: str | None) -> str | None:
+    """The torch device a `--device` choice means here (None: MLX picks its own), or a clear error.
+    auto: CUDA when torch sees a GPU, else the CPU; MLX runs on Metal or its CPU by itself."""
+    dev = (device or "auto").lower()
+    base = dev.split(":", 1)[0]
+    if base not in DEVICES:
+        raise RequestError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}")
+    if backend == "mlx":
+        if base not in ("auto", "cpu"):
+            raise RequestError(f"--device {device} is for torch peers: MLX runs on Metal or its CPU by "
+                               "itself; use --backend torch for CUDA or MPS")
+        mx = backend_module("mlx", "shard").mx
+        if base == "cpu" and mx.default_device().type != mx.cpu:
+            raise RequestError("--device cpu: MLX runs on Metal here and picks its device itself; "
+                               "--device is for torch peers")
+        return None
+    torch = backend_module("torch", "shard").torch
+    if base == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if base == "cuda" and not torch.cuda.is_available():
+        raise RequestError(f"--device {device}: torch sees no CUDA GPU here (torch {torch.__version__}); "
+                           "use --device cpu, or install a CUDA build of torch")
+    if base == "mps" and not torch.backends.mps.is_available():
+        raise RequestError(f"--device {device}: torch has no MPS (Apple GPU) here; use --device cpu, "
+                           "or --backend mlx on a Mac")
+    return dev
+
+
 def default_dtype(backend: str, checkpoint: Checkpoint, device: str | None = None) -> str:
     """MLX computes in float16 on a GPU (as mlx-lm does for quantized/half checkpoints) and in
     float32 on a CPU, where its half-precision kernels are ~50x slower; torch in float32 on CPU
@@ -292,7 +323,9 @@ def available_backends() -> list[str]:
 def load_shard(backend: str, checkpoint: Checkpoint, start: int, end: int, dtype: str = "auto",
                wire_dtype: str | None = None, device: str | None = None,
                threads: int | None = None) -> LayerShard:
-    """Load layers [start, end) of `checkpoint` on `backend` ('mlx' or 'torch')."""
+    """Load layers [start, end) of `checkpoint` on `backend` ('mlx' or 'torch'), on `device`
+    (auto, cpu, cuda[:N], mps: see `resolve_device`)."""
+    device = resolve_device(backend, device)
     if dtype == "auto":
         dtype = default_dtype(backend, checkpoint, device)
     shard = backend_module(backend, "shard")

@@ -21,7 +21,8 @@ import grpc
 
 from backends.errors import TogetherError
 from backends.lora import Adapter, module_dims, open_adapter
-from backends.shard import LayerShard, backend_module, estimate_layer_bytes, load_shard
+from backends.shard import (LayerShard, backend_module, default_dtype, estimate_layer_bytes, load_shard,
+                            resolve_device)
 from backends.tokenizer import Tokenizer
 from backends.weights import Checkpoint
 from mesh.auth import add_port, make_server
@@ -66,6 +67,7 @@ class NodeConfig:
     layers: tuple[int, int] | None = None
     dtype: str = "auto"
     wire_dtype: str | None = None
+    device: str | None = None  # torch: auto, cpu, cuda[:N] or mps (see backends.shard.resolve_device)
     threads: int | None = None
     mdns: bool = True
     interfaces: list[str] | None = None
@@ -91,8 +93,11 @@ class Node:
         self.api_address = ""  # host:port of this peer's HTTP API, if it serves one
         self.scheduler: Scheduler | None = None  # set when this peer serves the API
         self.metrics = PeerMetrics()
-        self.layer_bytes = estimate_layer_bytes(checkpoint, cfg.backend, cfg.dtype)
-        self.head_bytes = estimate_layer_bytes(checkpoint, cfg.backend, cfg.dtype, head=True)
+        self.device = resolve_device(cfg.backend, cfg.device)  # a GPU that is not there fails here
+        # bytes per layer depend on the dtype, which on auto depends on the device (bf16 on CUDA)
+        self.dtype = cfg.dtype if cfg.dtype != "auto" else default_dtype(cfg.backend, checkpoint, self.device)
+        self.layer_bytes = estimate_layer_bytes(checkpoint, cfg.backend, self.dtype)
+        self.head_bytes = estimate_layer_bytes(checkpoint, cfg.backend, self.dtype, head=True)
         kv_reserve = checkpoint.config.kv_bytes_per_token(4) * KV_RESERVE_TOKENS
         self.layer_ms = measure_layer_ms(checkpoint)
 
@@ -145,8 +150,8 @@ class Node:
 
     def _make_shard(self, start: int, end: int) -> LayerShard:
         cfg = self.cfg
-        sh = load_shard(cfg.backend, self.ck, start, end, dtype=cfg.dtype, wire_dtype=cfg.wire_dtype,
-                        threads=cfg.threads)
+        sh = load_shard(cfg.backend, self.ck, start, end, dtype=self.dtype, wire_dtype=cfg.wire_dtype,
+                        device=self.device, threads=cfg.threads)
         for ad in self.adapters:  # only this slice's layers of each adapter are read
             sh.load_adapter(ad)
         return sh

@@ -72,3 +72,21 @@ def test_hub_id_without_network_is_a_clear_error():
     r = together("generate", "--model", "HuggingFaceTB/SmolLM2-360M-Instruct", "--prompt", "x",
                  env={"HF_HUB_OFFLINE": "1"})
     _one_line_error(r, "could not download 'HuggingFaceTB/SmolLM2-360M-Instruct' from the Hugging Face hub")
+
+
+def test_device_is_wired_through_and_a_missing_gpu_is_a_clear_error(embedded_path):
+    import torch
+
+    r = together("generate", "--model", str(embedded_path), "--backend", "torch", "--device", "cpu",
+                 "--prompt", "Hi", "--max-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    if not torch.cuda.is_available():
+        _one_line_error(together("generate", "--model", str(embedded_path), "--backend", "torch",
+                                 "--device", "cuda", "--prompt", "Hi"), "no CUDA GPU")
+        # a peer refuses at start, before it joins anything
+        _one_line_error(together("join", "--model", str(embedded_path), "--backend", "torch",
+                                 "--device", "cuda", "--no-mdns", "--host", "127.0.0.1"), "no CUDA GPU")
+    _one_line_error(together("generate", "--model", str(embedded_path), "--backend", "torch",
+                             "--device", "tpu", "--prompt", "Hi"), "unknown device")
+    _one_line_error(together("generate", "--model", str(embedded_path), "--backend", "mlx",
+                             "--device", "cuda", "--prompt", "Hi"), "for torch peers")

@@ -254,3 +254,20 @@ def test_sampler_filters_and_penalties():
     # only the last penalty_context tokens count
     assert make_sampler(SamplingParams(frequency_penalty=2.0, penalty_context=1))(bump, SeqState(
         SamplingParams(), history=[3, 0]))[0] == 3
+
+
+def test_resolve_device_and_its_dtype() -> None:
+    from backends.errors import RequestError
+    from backends.shard import default_dtype, resolve_device
+
+    auto = resolve_device("torch", None)
+    assert auto == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("torch", "cpu") == "cpu" and resolve_device("mlx", "auto") is None
+    assert default_dtype("torch", None, "cuda:1") == "bfloat16"  # type: ignore[arg-type]
+    assert default_dtype("torch", None, "cpu") == "float32"  # type: ignore[arg-type]
+    for backend, dev in (("torch", "tpu"), ("mlx", "cuda"), ("mlx", "mps")):
+        with pytest.raises(RequestError):
+            resolve_device(backend, dev)
+    if not torch.cuda.is_available():
+        with pytest.raises(RequestError, match="no CUDA GPU"):
+            resolve_device("torch", "cuda:0")
