@@ -64,6 +64,9 @@ def test_kill_the_middle_stage_a_standby_takes_over_then_the_survivors_and_the_t
     c = Cluster(str(embedded_path))
     try:
         a = torch_peer(c, "a", "--layers", "0-10", api=True)
+        # a coordinates (peers started together may elect any of them): b's loss is then found by
+        # the broken stream and the coordinator's probe, which the log check below relies on
+        wait_log(a, "joined mesh")
         torch_peer(c, "b", "--layers", "10-20")
         torch_peer(c, "c", "--layers", "20-30")
         c.wait_ready(a, stages=3)
