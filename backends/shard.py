@@ -9,6 +9,7 @@ numpy and bytes at its edges, never framework tensors:
 from __future__ import annotations
 
 import abc
+import functools
 import importlib
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -106,6 +107,12 @@ class LayerShard(abc.ABC):
     @property
     def num_layers(self) -> int:
         return self.end - self.start
+
+    @property
+    def weight_format(self) -> str:
+        """What the slice's weights are held as, for tables: the compute dtype unless the backend
+        keeps them packed (e.g. 'int4/g32+int8/g32': layers in 4-bit groups of 32, head in 8-bit)."""
+        return self.dtype
 
     # ---- sequences
 
@@ -274,10 +281,22 @@ def resolve_device(backend: str, device: str | None) -> str | None:
     return dev
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (x86 AVX512-BF16 or AMX), read from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def default_dtype(backend: str, checkpoint: Checkpoint, device: str | None = None) -> str:
     """MLX computes in float16 on a GPU (as mlx-lm does for quantized/half checkpoints) and in
-    float32 on a CPU, where its half-precision kernels are ~50x slower; torch in float32 on CPU
-    (fastest there) and bfloat16 on CUDA."""
+    float32 on a CPU, where its half-precision kernels are ~50x slower; torch in bfloat16 on CUDA and
+    on a CPU with native bfloat16 (where 4-bit weights stay packed: backends/torch/quant.py), else
+    float32."""
     if backend == "mlx":
         try:
             import mlx.core as mx
@@ -286,26 +305,33 @@ def default_dtype(backend: str, checkpoint: Checkpoint, device: str | None = Non
         except ImportError:
             gpu = False
         return "float16" if gpu else "float32"
-    return "bfloat16" if (device or "cpu").startswith("cuda") else "float32"
+    dev = device or "cpu"
+    return "bfloat16" if dev.startswith("cuda") or (dev == "cpu" and cpu_has_bf16()) else "float32"
 
 
-def estimate_layer_bytes(ck: Checkpoint, backend: str, dtype: str = "auto", head: bool = False) -> int:
+def estimate_layer_bytes(ck: Checkpoint, backend: str, dtype: str = "auto", head: bool = False,
+                         device: str | None = None) -> int:
     """Bytes one decoder layer (or, with head=True, the embedding/head) takes on a backend:
-    MLX keeps affine-quantized tensors packed, torch dequantizes everything to its dtype."""
+    MLX keeps affine-quantized tensors packed, torch on a CPU too when it computes in bfloat16 (4-bit
+    groups in one int4 plane, 8-bit in two; a bfloat16 scale and zero per group and plane), and
+    dequantizes everything else to its dtype."""
     if dtype == "auto":
-        dtype = default_dtype(backend, ck)
+        dtype = default_dtype(backend, ck, device)
     size = DTYPES[dtype]
+    packs = backend == "mlx" or (dtype == "bfloat16" and (device or "cpu") == "cpu")
     names = [n for n in ck.tensors if n.startswith("model.layers.0.")] if not head else \
         [n for n in ("model.embed_tokens.weight", "lm_head.weight") if ck.has(n)]
     total = 0
     for n in names:
         t = ck.get(n)
         elems = int(np.prod(t.shape))
-        a = t.affine() if backend == "mlx" else None  # MLX keeps affine tensors packed
-        if a is not None:
+        a = t.affine() if packs else None
+        if a is None:
+            total += elems * size
+        elif backend == "mlx":
             total += a.packed.nbytes + (a.scales.size + a.biases.size) * size
         else:
-            total += elems * size
+            total += a.packed.nbytes + a.scales.size * 4 * (2 if a.bits == 8 else 1)
     return total
 
 

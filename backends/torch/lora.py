@@ -8,6 +8,7 @@ from torch import nn
 
 from backends.lora import Route
 from backends.torch.model import Block, SliceModel
+from backends.torch.quant import PackedLinear
 
 # torch module -> the mlx-lm / HF modules fused in it, in output order
 FUSED = {"attention.wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -19,17 +20,17 @@ FUSED = {"attention.wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v
 class MultiLoRALinear(nn.Module):
     """A (fused) linear layer plus LoRA adapters, each added to the rows routed to it."""
 
-    def __init__(self, base: nn.Linear, route: Route, parts: list[int]):
+    def __init__(self, base: nn.Module, route: Route, parts: list[int]):
         super().__init__()
         self.base, self.route, self.parts = base, route, parts  # parts: output sizes of the fused modules
         self.loras: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
 
     def add(self, name: str, pairs: list[tuple | None], scale: float) -> None:
         """pairs[i] = (a (in, r), b (r, out_i)) numpy arrays for part i, or None."""
-        w = self.base.weight
+        dtype, device = _dtype_device(self.base)
         ranks = [p[0].shape[1] if p is not None else 0 for p in pairs]
-        A = torch.zeros(self.base.in_features, sum(ranks), dtype=w.dtype, device=w.device)
-        B = torch.zeros(sum(ranks), sum(self.parts), dtype=w.dtype, device=w.device)
+        A = torch.zeros(int(getattr(self.base, "in_features")), sum(ranks), dtype=dtype, device=device)
+        B = torch.zeros(sum(ranks), sum(self.parts), dtype=dtype, device=device)
         r0 = c0 = 0
         for p, r, out in zip(pairs, ranks, self.parts):
             if p is not None:
@@ -37,10 +38,6 @@ class MultiLoRALinear(nn.Module):
                 B[r0:r0 + r, c0:c0 + out] = torch.from_numpy(p[1])
             r0, c0 = r0 + r, c0 + out
         self.loras[name] = (A, B, scale)
-
-    @property
-    def weight(self) -> torch.Tensor:  # the model reads its dtype and device from here
-        return self.base.weight
 
     @property
     def lora_nbytes(self) -> int:
@@ -79,11 +76,20 @@ def apply_adapter(model: SliceModel, start: int, name: str, weights: dict, scale
             mod.add(name, [mods.get(n) for n in names], scale)
 
 
+def _dtype_device(base: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The compute dtype and device of a dense (nn.Linear) or packed (PackedLinear) projection."""
+    if isinstance(base, PackedLinear):
+        return base.dtype, base.device
+    w = base.weight
+    assert isinstance(w, torch.Tensor)
+    return w.dtype, w.device
+
+
 def _part_sizes(block: Block, path: str) -> list[int]:
     if path == "attention.wqkv":
         return list(block.attention.sizes)
     if path == "feed_forward.w13":
-        half = block.feed_forward.w13.out_features // 2
+        half = int(getattr(block.feed_forward.w13, "out_features")) // 2
         return [half, half]
     parent, attr = path.split(".")
-    return [getattr(getattr(block, parent), attr).out_features]
+    return [int(getattr(getattr(block, parent), attr).out_features)]

@@ -9,11 +9,11 @@ from typing import Callable, cast
 
 import torch
 import torch.nn.functional as F
-from torch.nn.utils.rnn import pad_sequence
 from torch import nn
 
 from backends.config import ModelConfig
 from backends.errors import ModelError
+from backends.torch.quant import Loader, weight_format
 from backends.weights import Checkpoint, expected_shapes, validate_slice
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -95,49 +95,127 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-class KVCache:
-    """One layer's keys and values for one sequence, preallocated and grown in steps."""
+class KVPool:
+    """Every sequence's keys and values on a slice: sequence i is row (slot) i of one buffer per layer,
+    (layers, slots, Hkv, capacity, D), so a batched decode step attends over the rows in place,
+    with no per-step gather. Capacity follows the longest live sequence in steps of `step`; slots
+    are reused; the buffer shrinks when sequences leave and goes when the last one does."""
 
     step = 256
 
-    def __init__(self, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
-        self.shape, self.dtype, self.device = (1, n_kv_heads, 0, head_dim), dtype, device
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.dims, self.dtype, self.device = (n_layers, n_kv_heads, head_dim), dtype, device
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
-        self.offset = 0
+        self.lens: list[int] = []  # tokens held per slot; -1: free
 
-    def _grow(self, need: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The key and value buffers, grown to hold at least `need` positions."""
-        if self.k is not None and self.v is not None and need <= self.k.shape[2]:
-            return self.k, self.v
-        b, h, _, d = self.shape
-        new = ((need + self.step - 1) // self.step) * self.step
-        # zeros, not empty: padded batched attention reads (masked) slots past the offset
-        k = torch.zeros(b, h, new, d, dtype=self.dtype, device=self.device)
+    @property
+    def capacity(self) -> int:
+        return 0 if self.k is None else self.k.shape[3]
+
+    def alloc(self) -> int:
+        """A free slot for a new sequence (the lowest, so that live slots stay contiguous)."""
+        if -1 not in self.lens:
+            n = len(self.lens)
+            self.lens += [-1] * max(1, n // 2)  # grow by half: a join copies the pool rarely
+            self._resize(len(self.lens), max(self.capacity, self.step))
+        slot = self.lens.index(-1)
+        self.lens[slot] = 0
+        return slot
+
+    def free(self, slot: int) -> None:
+        self.lens[slot] = -1
+        live = [i for i, n in enumerate(self.lens) if n >= 0]
+        if not live:
+            self.k = self.v = None
+            self.lens = []
+            return
+        slots, cap = live[-1] + 1, self._round(max(self.lens))
+        if slots * cap * 2 <= len(self.lens) * self.capacity:  # half of it idle: give it back
+            del self.lens[slots:]
+            self._resize(slots, cap)
+
+    def reserve(self, slot: int, end: int) -> None:
+        """Room for positions [0, end) of `slot`; the slot then holds `end` tokens."""
+        if end > self.capacity:
+            self._resize(len(self.lens), self._round(end))
+        self.lens[slot] = end
+
+    def _round(self, n: int) -> int:
+        return max(self.step, (n + self.step - 1) // self.step * self.step)
+
+    def _resize(self, slots: int, cap: int) -> None:
+        layers, h, d = self.dims
+        # zeros, not empty: batched attention reads (masked) positions past a row's end, and 0 * NaN is NaN
+        k = torch.zeros(layers, slots, h, cap, d, dtype=self.dtype, device=self.device)
         v = torch.zeros_like(k)
         if self.k is not None and self.v is not None:
-            k[:, :, :self.offset] = self.k[:, :, :self.offset]
-            v[:, :, :self.offset] = self.v[:, :, :self.offset]
+            n, c = min(slots, self.k.shape[1]), min(cap, self.capacity)
+            k[:, :n, :, :c] = self.k[:, :n, :, :c]
+            v[:, :n, :, :c] = self.v[:, :n, :, :c]
         self.k, self.v = k, v
-        return k, v
-
-    def update_and_fetch(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # k, v: (1, Hkv, L, D) -> all keys/values so far, (1, Hkv, offset + L, D)
-        end = self.offset + k.shape[2]
-        keys, values = self._grow(end)
-        keys[:, :, self.offset:end] = k
-        values[:, :, self.offset:end] = v
-        self.offset = end
-        return keys[:, :, :end], values[:, :, :end]
-
-    def trim(self, n: int) -> int:
-        n = min(n, self.offset)
-        self.offset -= n
-        return n
 
     @property
     def nbytes(self) -> int:
         return 0 if self.k is None or self.v is None else self.k.nbytes + self.v.nbytes
+
+
+class StepKV:
+    """One forward's attention over the pool: one sequence's chunk at `offset` (B == 1), or one token
+    per sequence in slots `slots` (a batched decode step, L == 1). Rows stay in the caller's order
+    outside attention (TP ranks sum them row by row); inside, a batch whose slots are adjacent is
+    permuted into slot order and reads the pool's rows in place, others are gathered (one copy)."""
+
+    def __init__(self, pool: KVPool, slots: list[int], pos: torch.Tensor):
+        B, L = pos.shape
+        dev = pool.device
+        self.pool, self.slots, self.offset = pool, slots, int(pos[0, 0])
+        ends = [int(p) + 1 for p in pos[:, -1].tolist()]
+        for s, e in zip(slots, ends):
+            pool.reserve(s, e)
+        self.S = S = max(ends)
+        self.mask: torch.Tensor | None = None
+        self.first, self.gather = slots[0], False
+        self.perm: torch.Tensor | None = None
+        self.unperm: torch.Tensor | None = None
+        if B == 1:
+            if L > 1 and self.offset > 0:  # a chunk after a prefix: causal with an offset, (L, S)
+                self.mask = torch.arange(S, device=dev)[None, :] <= torch.arange(self.offset, S, device=dev)[:, None]
+            return
+        self.rows, self.at = torch.tensor(slots, device=dev), pos[:, 0].to(dev)
+        order = sorted(range(B), key=slots.__getitem__)
+        self.first = slots[order[0]]
+        if [slots[i] for i in order] != list(range(self.first, self.first + B)):
+            self.gather = True  # not a run of slots: gather the rows (one copy), in the caller's order
+        elif order != list(range(B)):  # a run out of order: attend in slot order, over a view
+            self.perm = torch.tensor(order, device=dev)
+            self.unperm = torch.argsort(self.perm)
+            ends = [ends[i] for i in order]
+        # key padding: each row attends over its own sequence's length, (B, 1, 1, S); additive, so
+        # that SDPA does not convert a boolean mask on every layer
+        pad = torch.arange(S, device=dev)[None, :] >= torch.tensor(ends, device=dev)[:, None]
+        self.mask = torch.zeros(pad.shape, dtype=pool.dtype, device=dev).masked_fill_(pad, float("-inf"))[:, None, None]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
+        """Store `layer`'s k, v (B, Hkv, L, D); attention of q (B, H, L, D) over each row's keys so far."""
+        assert self.pool.k is not None and self.pool.v is not None
+        pk, pv, B, S, s0 = self.pool.k[layer], self.pool.v[layer], q.shape[0], self.S, self.first
+        if B == 1:  # one sequence: its chunk lands at [offset, offset + L)
+            pk[s0, :, self.offset:S] = k[0]
+            pv[s0, :, self.offset:S] = v[0]
+            causal = self.mask is None and q.shape[2] > 1
+            return F.scaled_dot_product_attention(q, pk[s0:s0 + 1, :, :S], pv[s0:s0 + 1, :, :S],
+                                                  attn_mask=self.mask, is_causal=causal, enable_gqa=gqa)
+        pk[self.rows, :, self.at] = k[:, :, 0]  # one token per row, each at its own position
+        pv[self.rows, :, self.at] = v[:, :, 0]
+        if self.gather:
+            keys, values = pk[self.rows, :, :S], pv[self.rows, :, :S]
+        else:
+            keys, values = pk[s0:s0 + B, :, :S], pv[s0:s0 + B, :, :S]
+        if self.perm is not None:
+            q = q[self.perm]
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, enable_gqa=gqa)
+        return o if self.unperm is None else o[self.unperm]
 
 
 class RMSNorm(nn.Module):
@@ -147,9 +225,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()  # as HF: normalise in fp32, cast back, then scale
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # as HF: normalise in fp32, cast back, then scale (F.rms_norm: one op instead of five)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -157,40 +234,27 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = a.n_heads, a.n_kv_heads, a.head_dim
         self.sizes = [a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim]
-        self.wqkv = nn.Linear(a.hidden_size, sum(self.sizes), bias=a.qkv_bias)
-        self.wo = nn.Linear(self.sizes[0], a.hidden_size, bias=a.o_bias and a.row_bias)
+        self.wqkv: nn.Module = nn.Linear(a.hidden_size, sum(self.sizes), bias=a.qkv_bias)
+        self.wo: nn.Module = nn.Linear(self.sizes[0], a.hidden_size, bias=a.o_bias and a.row_bias)
         self.reduce = a.reduce
 
-    def forward(self, x, cos, sin, caches: list[KVCache], mask):
+    def forward(self, x, cos, sin, kv: StepKV, layer: int):
         B, L, _ = x.shape  # (B, L, C)
-        q, k, v = self.wqkv(x).split(self.sizes, dim=-1)
-        q = apply_rope(q.view(B, L, self.n_heads, self.hd), cos, sin).transpose(1, 2)  # (B, H, L, D)
-        k = apply_rope(k.view(B, L, self.n_kv, self.hd), cos, sin).transpose(1, 2)  # (B, Hkv, L, D)
-        v = v.view(B, L, self.n_kv, self.hd).transpose(1, 2)
-        if B == 1:
-            k, v = caches[0].update_and_fetch(k, v)  # (1, Hkv, S, D)
-        else:  # batched decode: per-sequence caches gathered into one padded (B, Hkv, S, D)
-            S = mask.shape[-1]
-            ks, vs = [], []
-            for i, c in enumerate(caches):
-                ki, vi = c.update_and_fetch(k[i:i + 1], v[i:i + 1])
-                ks.append(ki[0].transpose(0, 1))  # (S_i, Hkv, D), a view
-                vs.append(vi[0].transpose(0, 1))
-            # one padding copy per tensor instead of one per sequence: (B, S, Hkv, D) -> (B, Hkv, S, D)
-            k = pad_sequence(ks, batch_first=True).transpose(1, 2)[:, :, :S]
-            v = pad_sequence(vs, batch_first=True).transpose(1, 2)[:, :, :S]
-        causal = mask is None and L > 1
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           enable_gqa=self.n_kv != self.n_heads)  # (B, H, L, D)
-        o = self.wo(o.transpose(1, 2).reshape(B, L, -1))
+        qkv = self.wqkv(x).to(cos.dtype)  # attention runs in the dtype of the caches (SliceModel.kv_dtype)
+        nq = self.n_heads + self.n_kv  # one RoPE call for the heads of q and k together
+        qk = apply_rope(qkv[..., :nq * self.hd].view(B, L, nq, self.hd), cos, sin).transpose(1, 2)
+        q, k = qk[:, :self.n_heads], qk[:, self.n_heads:]  # (B, H, L, D), (B, Hkv, L, D)
+        v = qkv[..., nq * self.hd:].view(B, L, self.n_kv, self.hd).transpose(1, 2)
+        o = kv.attend(layer, q, k, v, self.n_kv != self.n_heads)  # (B, H, L, D)
+        o = self.wo(o.transpose(1, 2).reshape(B, L, -1).to(x.dtype))
         return o if self.reduce is None else self.reduce(o)
 
 
 class MLP(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
-        self.w13 = nn.Linear(a.hidden_size, 2 * a.intermediate_size, bias=a.mlp_bias)  # gate ; up
-        self.w2 = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias and a.row_bias)
+        self.w13: nn.Module = nn.Linear(a.hidden_size, 2 * a.intermediate_size, bias=a.mlp_bias)  # gate ; up
+        self.w2: nn.Module = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias and a.row_bias)
         self.reduce = a.reduce
 
     def forward(self, x):
@@ -207,8 +271,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(a.hidden_size, a.norm_eps)
         self.feed_forward = MLP(a)
 
-    def forward(self, x, cos, sin, caches, mask):
-        h = x + self.attention(self.attention_norm(x), cos, sin, caches, mask)
+    def forward(self, x, cos, sin, kv, layer):
+        h = x + self.attention(self.attention_norm(x), cos, sin, kv, layer)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -216,46 +280,41 @@ class SliceModel(nn.Module):
     """Layers [start, end); the first slice embeds, the last applies the final norm (see `head`)."""
 
     inv_freq: torch.Tensor  # a buffer (not a parameter): RoPE's inverse frequencies
+    compute_dtype = torch.float32  # set by load_slice; packed weights have no float dtype to read
+    # keys, values and attention: float32 on a CPU, whose bfloat16 SDPA decodes ~8x slower than float32
+    kv_dtype = torch.float32
+    weight_format = "float32"  # what the layers' projections hold: a dtype, or e.g. "int4/g32"
 
     def __init__(self, a: ModelArgs):
         super().__init__()
         self.args = a
-        self.embed = nn.Embedding(a.vocab_size, a.hidden_size) if a.first else None
+        self.embed: nn.Module | None = nn.Embedding(a.vocab_size, a.hidden_size) if a.first else None
         self.layers = nn.ModuleList(Block(a) for _ in range(a.start, a.end))
         self.norm = RMSNorm(a.hidden_size, a.norm_eps) if a.last else None
-        self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False) if a.last else None
+        self.lm_head: nn.Module | None = nn.Linear(a.hidden_size, a.vocab_size, bias=False) if a.last else None
         self.register_buffer("inv_freq", rope_inv_freq(a), persistent=False)
 
     def block(self, i: int) -> Block:
         """Block i of the slice (0 = layer `start`)."""
         return cast(Block, self.layers[i])
 
-    def new_cache(self) -> list[KVCache]:
-        p = self.block(0).attention.wqkv.weight
-        return [KVCache(self.args.n_kv_heads, self.args.head_dim, p.dtype, p.device) for _ in self.layers]
+    def new_pool(self) -> KVPool:
+        a = self.args
+        return KVPool(len(self.layers), a.n_kv_heads, a.head_dim, self.kv_dtype, self.inv_freq.device)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, caches: list[list[KVCache]]) -> torch.Tensor:
-        """x: token ids (B, L) or hidden (B, L, C); pos: (B, L) positions; caches[b] per layer.
-        B > 1 only for decode (L == 1). Returns hidden (B, L, C), final-normed on the last slice."""
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, pool: KVPool, slots: list[int]) -> torch.Tensor:
+        """x: token ids (B, L) or hidden (B, L, C); pos: (B, L) positions; row b's keys and values in
+        slot slots[b] of `pool`. B > 1 only for decode (L == 1). Returns hidden (B, L, C),
+        final-normed on the last slice."""
         if self.embed is not None and not x.is_floating_point():
             x = self.embed(x)
-        dtype = self.block(0).attention.wqkv.weight.dtype
+        dtype = self.compute_dtype
         x = x.to(dtype)
-        B, L = pos.shape
         freqs = pos.to(self.inv_freq.device, torch.float32)[..., None] * self.inv_freq  # (B, L, D/2)
-        cos, sin = freqs.cos().to(dtype)[:, :, None], freqs.sin().to(dtype)[:, :, None]
-        mask = None
-        if B > 1:  # key-padding mask over the padded caches: (B, 1, 1, S)
-            ends = pos[:, -1] + 1
-            S = int(ends.max())
-            mask = (torch.arange(S, device=pos.device)[None, :] < ends[:, None])[:, None, None, :]
-            mask = mask.to(x.device)
-        elif L > 1 and int(pos[0, 0]) > 0:  # chunk after a prefix: causal with an offset, (L, S)
-            off = int(pos[0, 0])
-            mask = (torch.arange(off + L, device=x.device)[None, :]
-                    <= torch.arange(off, off + L, device=x.device)[:, None])
+        cos, sin = freqs.cos().to(self.kv_dtype)[:, :, None], freqs.sin().to(self.kv_dtype)[:, :, None]
+        kv = StepKV(pool, slots, pos)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, [c[i] for c in caches], mask)
+            x = layer(x, cos, sin, kv, i)
         return self.norm(x) if self.norm is not None else x
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
@@ -265,47 +324,42 @@ class SliceModel(nn.Module):
 
 
 def load_slice(ck: Checkpoint, start: int, end: int, dtype: str = "float32",
-               device: str | torch.device = "cpu", *, edges: bool = True, row_bias: bool = True,
-               reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SliceModel:
-    """Build layers [start, end) of `ck`, reading (and dequantizing) only the slice's tensors.
-    A tensor-parallel rank passes its part of the checkpoint and the ModelArgs TP fields."""
+               device: str | torch.device = "cpu", *, packed: bool = True, edges: bool = True,
+               row_bias: bool = True, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SliceModel:
+    """Build layers [start, end) of `ck`, reading only the slice's tensors. Quantized projections stay
+    packed for bfloat16 compute on a CPU (backends/torch/quant.py) unless packed=False; all else is
+    dequantized to `dtype`. A tensor-parallel rank passes its part of the checkpoint and the TP fields."""
     cfg = ck.config
     if cfg.model_type not in ("llama", "mistral", "qwen2"):
         raise ModelError(f"{ck.path}: the torch backend does not support {cfg.model_type!r}")
-    expect = expected_shapes(cfg, start, end, ck.tied_head)
-    validate_slice(ck, start, end, expect)
+    validate_slice(ck, start, end, expected_shapes(cfg, start, end, ck.tied_head))
     a = replace(ModelArgs.from_config(cfg, start, end), edges=edges, row_bias=row_bias, reduce=reduce)
     tdt, dev = DTYPES[dtype], torch.device(device)
     with torch.device("meta"):
         model = SliceModel(a)
-
-    def t(name: str) -> torch.Tensor:
-        return torch.from_numpy(ck.get(name).numpy()).to(dev, tdt)
-
-    sd: dict[str, torch.Tensor] = {}
+    ld = Loader(ck, tdt, dev, packed)
     for j, layer in enumerate(range(start, end)):
-        p, o = f"model.layers.{layer}.", f"layers.{j}."
-        sd[o + "attention_norm.weight"] = t(p + "input_layernorm.weight")
-        sd[o + "ffn_norm.weight"] = t(p + "post_attention_layernorm.weight")
+        p, blk = f"model.layers.{layer}.", model.block(j)
+        blk.attention_norm.weight = nn.Parameter(ld.dense(p + "input_layernorm.weight"), requires_grad=False)
+        blk.ffn_norm.weight = nn.Parameter(ld.dense(p + "post_attention_layernorm.weight"), requires_grad=False)
         qkv = [p + f"self_attn.{n}_proj." for n in "qkv"]
-        sd[o + "attention.wqkv.weight"] = torch.cat([t(n + "weight") for n in qkv])
-        if a.qkv_bias:
-            sd[o + "attention.wqkv.bias"] = torch.cat([t(n + "bias") for n in qkv])
-        sd[o + "attention.wo.weight"] = t(p + "self_attn.o_proj.weight")
-        if a.o_bias and a.row_bias:
-            sd[o + "attention.wo.bias"] = t(p + "self_attn.o_proj.bias")
-        sd[o + "feed_forward.w13.weight"] = torch.cat([t(p + "mlp.gate_proj.weight"), t(p + "mlp.up_proj.weight")])
-        sd[o + "feed_forward.w2.weight"] = t(p + "mlp.down_proj.weight")
-        if a.mlp_bias:
-            sd[o + "feed_forward.w13.bias"] = torch.cat([t(p + "mlp.gate_proj.bias"), t(p + "mlp.up_proj.bias")])
-        if a.mlp_bias and a.row_bias:
-            sd[o + "feed_forward.w2.bias"] = t(p + "mlp.down_proj.bias")
-    emb = t("model.embed_tokens.weight") if (a.first or (a.last and ck.tied_head)) else None
-    if a.first and emb is not None:
-        sd["embed.weight"] = emb
-    if a.last:
-        sd["norm.weight"] = t("model.norm.weight")
-        sd["lm_head.weight"] = emb if ck.tied_head and emb is not None else t("lm_head.weight")
-    model.load_state_dict(sd, strict=True, assign=True)
+        blk.attention.wqkv = ld.linear([n + "weight" for n in qkv], [n + "bias" for n in qkv] if a.qkv_bias else None)
+        o = p + "self_attn.o_proj."
+        blk.attention.wo = ld.linear([o + "weight"], [o + "bias"] if a.o_bias and a.row_bias else None)
+        gu = [p + "mlp.gate_proj.", p + "mlp.up_proj."]
+        blk.feed_forward.w13 = ld.linear([n + "weight" for n in gu], [n + "bias" for n in gu] if a.mlp_bias else None)
+        d = p + "mlp.down_proj."
+        blk.feed_forward.w2 = ld.linear([d + "weight"], [d + "bias"] if a.mlp_bias and a.row_bias else None)
+    if a.first:
+        model.embed = ld.embedding("model.embed_tokens.weight")
+    if a.last and model.norm is not None:
+        model.norm.weight = nn.Parameter(ld.dense("model.norm.weight"), requires_grad=False)
+        model.lm_head = ld.head("model.embed_tokens.weight" if ck.tied_head else "lm_head.weight", model.embed)
     model.inv_freq = rope_inv_freq(a).to(dev)
+    model.compute_dtype = tdt
+    model.kv_dtype = torch.float32 if dev.type == "cpu" else tdt
+    blocks = [model.block(j) for j in range(end - start)]
+    projs = [m for b in blocks for m in (b.attention.wqkv, b.attention.wo, b.feed_forward.w13, b.feed_forward.w2)]
+    projs += [model.lm_head] if model.lm_head is not None else []
+    model.weight_format = "+".join(dict.fromkeys(weight_format(m) for m in projs))
     return model.eval().requires_grad_(False)

@@ -12,7 +12,7 @@ from backends.lora import Adapter
 from backends.errors import RequestError
 from backends.shard import LayerShard, Sample, SeqChunk, SeqState
 from backends.torch.lora import MultiLoRALinear, apply_adapter
-from backends.torch.model import DTYPES, KVCache, load_slice
+from backends.torch.model import DTYPES, load_slice
 from backends.torch.sampling import Sampler, make_generator, make_sampler
 from backends.weights import Checkpoint
 from backends.wire import Hidden
@@ -23,13 +23,18 @@ class TorchShard(LayerShard):
 
     def __init__(self, checkpoint: Checkpoint, start: int, end: int, dtype: str,
                  wire_dtype: str | None = None, device: str | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, packed: bool = True):
         super().__init__(checkpoint, start, end, dtype, wire_dtype)
         if threads:
             torch.set_num_threads(int(threads))  # peers sharing a host split its cores on purpose
         self.device = torch.device(device or "cpu")
-        self.model = load_slice(checkpoint, start, end, dtype, self.device)
-        self.caches: dict[str, list[KVCache]] = {}
+        # packed=False: every weight dense in `dtype` (the reference the packed path is checked against)
+        self.model = load_slice(checkpoint, start, end, dtype, self.device, packed=packed)
+        self._open_caches()
+
+    def _open_caches(self) -> None:
+        self.pool = self.model.new_pool()  # every sequence's KV cache, one slot (row) each
+        self.slots: dict[str, int] = {}
         self.samplers: dict[str, Sampler] = {}
 
     @property
@@ -40,24 +45,30 @@ class TorchShard(LayerShard):
     # ---- caches
 
     def _new_cache(self, seq_id: str, st: SeqState) -> None:
-        self.caches[seq_id] = self.model.new_cache()
+        self.slots[seq_id] = self.pool.alloc()
         if self.is_last:
             st.rng = make_generator(st.params, self._rng_device)
             self.samplers[seq_id] = make_sampler(st.params)
 
     def _free_cache(self, seq_id: str) -> None:
-        self.caches.pop(seq_id, None)
+        slot = self.slots.pop(seq_id, None)
+        if slot is not None:
+            self.pool.free(slot)
         self.samplers.pop(seq_id, None)
 
     def _apply_adapter(self, adapter: Adapter, weights: dict) -> None:
         apply_adapter(self.model, self.start, adapter.name, weights, adapter.scale, self.route)
 
     def cache_nbytes(self) -> int:
-        return sum(c.nbytes for cs in self.caches.values() for c in cs)
+        return self.pool.nbytes
+
+    @property
+    def weight_format(self) -> str:
+        return self.model.weight_format
 
     def weight_nbytes(self) -> int:
         seen: dict[int, int] = {}
-        for p in self.model.parameters():
+        for p in [*self.model.parameters(), *self.model.buffers()]:  # packed weights are buffers
             seen[p.data_ptr()] = p.nbytes
         return sum(seen.values()) + sum(m.lora_nbytes for m in self.model.modules()
                                         if isinstance(m, MultiLoRALinear))
@@ -86,14 +97,14 @@ class TorchShard(LayerShard):
             idx = torch.tensor(starts[single], device=self.device)
             pos = torch.tensor([[chunks[i].offset] for i in single], device=self.device)
             self._route([chunks[i].seq_id for i in single])
-            h = self.model(x[idx][:, None], pos, [self.caches[chunks[i].seq_id] for i in single])
+            h = self.model(x[idx][:, None], pos, self.pool, [self.slots[chunks[i].seq_id] for i in single])
             for j, i in enumerate(single):
                 outs[i] = h[j]
         for i, c in enumerate(chunks):
             if outs[i] is None:  # prefill chunks: one sequence at a time
                 pos = torch.arange(c.offset, c.offset + c.length, device=self.device)[None]
                 self._route([c.seq_id])
-                outs[i] = self.model(x[starts[i]:starts[i + 1]][None], pos, [self.caches[c.seq_id]])[0]
+                outs[i] = self.model(x[starts[i]:starts[i + 1]][None], pos, self.pool, [self.slots[c.seq_id]])[0]
         done = cast(list[torch.Tensor], outs)  # every chunk has its output now
         if not self.is_last:
             h = torch.cat(done) if len(done) > 1 else done[0]  # (T, C)

@@ -92,8 +92,7 @@ class TPShard(TPRank, TorchShard):
         self.model = load_slice(rank_checkpoint(checkpoint, start, end, part), start, end, dtype,
                                 self.device, edges=part.edges, row_bias=part.rank == 0,
                                 reduce=comm.all_sum)
-        self.caches = {}
-        self.samplers = {}
+        self._open_caches()
 
     def _input(self, x: np.ndarray | Hidden | None) -> torch.Tensor:
         dt = DTYPES[self.dtype]
@@ -107,5 +106,5 @@ class TPShard(TPRank, TorchShard):
 
     def stats(self) -> dict:
         return {"rank": self.part.rank, "weight_nbytes": self.weight_nbytes(),
-                "layer_nbytes": sum(p.nbytes for p in self.model.layers.parameters()),
+                "layer_nbytes": sum(p.nbytes for p in [*self.model.layers.parameters(), *self.model.layers.buffers()]),
                 "cache_nbytes": self.cache_nbytes()}

@@ -177,6 +177,91 @@ def test_batch_matches_alone(full):
     assert full.cache_nbytes() == 0 and full.num_sequences == 0
 
 
+def decode_alone(shard, prompt, n, seq="alone"):
+    """Greedy tokens and each step's logits of one sequence decoded by itself."""
+    shard.add_sequence(seq)
+    x, off, toks, rows = np.asarray(prompt, np.int32), 0, [], []
+    for _ in range(n):
+        rows.append(shard.logits([SeqChunk(seq, off, len(x))], x)[-1])
+        off += len(x)
+        toks.append(int(rows[-1].argmax()))
+        x = np.array([toks[-1]], np.int32)
+    shard.free_sequence(seq)
+    return toks, np.stack(rows)
+
+
+def test_batched_decode_joins_and_leaves(tmp_path):
+    # sequences of different lengths join (prefilling beside a decode step) and leave mid-way; every
+    # step is one batch; each sequence's tokens and logits must be those it gets decoded alone. A
+    # small pool step makes the rows grow, get reused by a newcomer (a batch of non-adjacent slots)
+    # and shrink while the batch runs
+    tiny_model("llama", tmp_path)
+    shard = TorchShard(open_checkpoint(tmp_path), 0, 3, "float32")
+    shard.pool.step = 4
+    rng = np.random.default_rng(7)
+    prompts = {k: rng.integers(0, 128, n).astype(np.int32) for k, n in zip("abcde", (5, 11, 3, 8, 2))}
+    steps = {"a": 14, "b": 4, "c": 9, "d": 6, "e": 5}
+    alone = {k: decode_alone(shard, p, steps[k]) for k, p in prompts.items()}
+    joins = {0: "ab", 2: "c", 5: "d", 6: "e"}  # step -> sequences that start then
+    toks: dict[str, list[int]] = {}
+    rows: dict[str, list[np.ndarray]] = {}
+    sizes = []
+    for t in range(14):
+        chunks, xs = [], []
+        for k in joins.get(t, ""):
+            shard.add_sequence(k)
+            toks[k], rows[k] = [], []
+            chunks.append(SeqChunk(k, 0, len(prompts[k])))
+            xs.append(prompts[k])
+        for k in [k for k in toks if 0 < len(toks[k]) < steps[k]]:
+            chunks.append(SeqChunk(k, shard.seqs[k].length, 1))
+            xs.append(np.array([toks[k][-1]], np.int32))
+        chunks.sort(key=lambda c: c.seq_id, reverse=t % 2 == 1)  # the batch's order is the caller's
+        xs = [prompts[c.seq_id] if c.offset == 0 else np.array([toks[c.seq_id][-1]], np.int32) for c in chunks]
+        out = shard.logits(chunks, np.concatenate(xs))
+        ends = np.cumsum([c.length for c in chunks]) - 1
+        for c, e in zip(chunks, ends):
+            rows[c.seq_id].append(out[e])
+            toks[c.seq_id].append(int(out[e].argmax()))
+            if len(toks[c.seq_id]) == steps[c.seq_id]:
+                shard.free_sequence(c.seq_id)  # it leaves; its slot goes to the next newcomer
+        sizes.append(shard.cache_nbytes())
+    for k in prompts:
+        assert toks[k] == alone[k][0], k
+        np.testing.assert_allclose(np.stack(rows[k]), alone[k][1], atol=1e-5, rtol=1e-5)
+    assert max(sizes) > sizes[-2] > 0 and sizes[-1] == 0  # grown with the batch, shrunk, then gone
+    assert shard.num_sequences == 0 and shard.pool.lens == []
+
+
+def test_batched_attention_over_the_pool(tmp_path):
+    # rows of adjacent slots, in any order, attend over a view of the pool; others gather; each row
+    # sees exactly its own sequence's keys and values, as attention over that sequence alone
+    import torch.nn.functional as F
+
+    from backends.torch.model import StepKV
+
+    tiny_model("mistral", tmp_path)
+    pool = TorchShard(open_checkpoint(tmp_path), 0, 1, "float32").pool
+    assert [pool.alloc() for _ in range(3)] == [0, 1, 2] and pool.capacity == pool.step
+    torch.manual_seed(0)
+    for slots, pos, gather, perm in (([0, 1, 2], [4, 0, 9], False, False), ([2, 0, 1], [11, 5, 2], False, True),
+                                      ([2, 0], [12, 6], True, False)):
+        assert pool.k is not None and pool.v is not None
+        pool.k.normal_(), pool.v.normal_()
+        B = len(slots)
+        q, k, v = torch.randn(B, 4, 1, 16), torch.randn(B, 2, 1, 16), torch.randn(B, 2, 1, 16)
+        kv = StepKV(pool, slots, torch.tensor(pos)[:, None])
+        assert kv.gather == gather and (kv.perm is not None) == perm
+        got = kv.attend(0, q, k, v, gqa=True)
+        for i, (s, p) in enumerate(zip(slots, pos)):
+            assert torch.equal(pool.k[0, s, :, p], k[i, :, 0]) and pool.lens[s] == p + 1
+            want = F.scaled_dot_product_attention(q[i:i + 1], pool.k[0, s:s + 1, :, :p + 1], pool.v[0, s:s + 1, :, :p + 1],
+                                                  enable_gqa=True)
+            torch.testing.assert_close(got[i:i + 1], want)
+    pool.free(1)
+    assert pool.alloc() == 1  # the lowest free slot: live rows stay adjacent
+
+
 def test_split_matches_single(gguf_ck, full):
     want = greedy([full], PROMPT, 5)
     for cuts in [(1, 29), (10, 20)]:
@@ -258,13 +343,16 @@ def test_sampler_filters_and_penalties():
 
 def test_resolve_device_and_its_dtype() -> None:
     from backends.errors import RequestError
-    from backends.shard import default_dtype, resolve_device
+    from backends.shard import cpu_has_bf16, default_dtype, resolve_device
 
     auto = resolve_device("torch", None)
     assert auto == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device("torch", "cpu") == "cpu" and resolve_device("mlx", "auto") is None
     assert default_dtype("torch", None, "cuda:1") == "bfloat16"  # type: ignore[arg-type]
-    assert default_dtype("torch", None, "cpu") == "float32"  # type: ignore[arg-type]
+    # a CPU computes in bfloat16 where it does so natively (AVX512-BF16, AMX), else float32
+    want = "bfloat16" if cpu_has_bf16() else "float32"
+    assert default_dtype("torch", None, "cpu") == want  # type: ignore[arg-type]
+    assert default_dtype("torch", None, "mps") == "float32"  # type: ignore[arg-type]
     for backend, dev in (("torch", "tpu"), ("mlx", "cuda"), ("mlx", "mps")):
         with pytest.raises(RequestError):
             resolve_device(backend, dev)

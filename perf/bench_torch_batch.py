@@ -1,0 +1,107 @@
+"""Batched decode on one torch shard, in process, one compute thread: B streams' aggregate decode tok/s
+against one stream's, and (with --profile) where a batched step's time goes.
+
+Every round decodes each batch size once (B sequences, prompts of different lengths prefilled one by
+one, then `--steps` decode steps of all B together through `TorchShard.forward`, as a peer's decode
+step runs them); medians over the rounds. No HTTP, no ring: the model's own cost of a batched step,
+timed by this thread's CPU time (the machines we measure on are shared: other processes' load
+would swamp wall time; `--wall` for wall time).
+
+    .venv/bin/python perf/bench_torch_batch.py [--batches 1,4,8,16] [--steps 32] [--prompt 64]
+        [--rounds 3] [--dtype auto] [--profile 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from backends.models import EMBEDDED, cache_dir  # noqa: E402
+from backends.shard import SeqChunk, default_dtype  # noqa: E402
+from backends.torch.shard import TorchShard  # noqa: E402
+from backends.weights import open_checkpoint  # noqa: E402
+
+
+def decode(shard: TorchShard, b: int, steps: int, prompt: int, prof: object = None,
+           clock: Callable[[], float] = time.thread_time) -> float:
+    """Aggregate decode tok/s of `b` sequences decoded together for `steps` steps, by `clock`
+    (under the profiler `prof`, if given: the decode steps only)."""
+    rng = np.random.default_rng(b)
+    ids = [f"s{i}" for i in range(b)]
+    last = {}
+    for i, s in enumerate(ids):  # prompts of different lengths: the batch's caches are ragged
+        p = rng.integers(100, 40000, prompt + 3 * i).astype(np.int32)
+        shard.add_sequence(s, prompt=list(p))
+        last[s] = shard.forward([SeqChunk(s, 0, len(p))], p)[0].token
+    if prof is not None:
+        prof.start()  # type: ignore[attr-defined]
+    t0 = clock()
+    for _ in range(steps):
+        chunks = [SeqChunk(s, shard.seqs[s].length, 1) for s in ids]
+        out = shard.forward(chunks, np.array([last[s] for s in ids], np.int32))
+        last = {o.seq_id: o.token for o in out}
+    dt = clock() - t0
+    if prof is not None:
+        prof.stop()  # type: ignore[attr-defined]
+    for s in ids:
+        shard.free_sequence(s)
+    return b * steps / dt
+
+
+def profile(shard: TorchShard, b: int, steps: int, prompt: int) -> None:
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    decode(shard, b, 2, prompt)
+    p = prof(activities=[ProfilerActivity.CPU])
+    rate = decode(shard, b, steps, prompt, p)
+    print(f"{b} streams: {rate:.1f} tok/s under the profiler; the decode steps' ops:")
+    print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", default="1,4,8,16")
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=64, help="prompt tokens of the first stream (others +3 each)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--profile", type=int, default=0, help="profile a batch of this size instead")
+    ap.add_argument("--wall", action="store_true", help="time by the wall clock, not this thread's CPU time")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    ck = open_checkpoint(cache_dir() / "models" / EMBEDDED["smollm2-135m"]["file"])
+    dtype = default_dtype("torch", ck, "cpu") if args.dtype == "auto" else args.dtype
+    shard = TorchShard(ck, 0, ck.config.num_hidden_layers, dtype)
+    if args.profile:
+        profile(shard, args.profile, args.steps, args.prompt)
+        return 0
+    batches = [int(b) for b in args.batches.split(",")]
+    decode(shard, max(batches), 2, args.prompt)  # warm up
+    clock = time.perf_counter if args.wall else time.thread_time
+    runs: dict[int, list[float]] = {b: [] for b in batches}
+    for _ in range(args.rounds):
+        for b in batches:
+            runs[b].append(decode(shard, b, args.steps, args.prompt, clock=clock))
+    med = {b: statistics.median(r) for b, r in runs.items()}
+    print(f"torch shard, {dtype} ({shard.weight_format}), 1 thread, prompt {args.prompt}+, "
+          f"{args.steps} decode steps, median of {args.rounds}, {'wall' if args.wall else 'CPU'} time")
+    print("| streams | aggregate decode tok/s | per stream tok/s | vs 1 stream |")
+    print("|---|---|---|---|")
+    base = med.get(1)
+    for b in batches:
+        ratio = f"{med[b] / base:.2f}x" if base else "-"
+        print(f"| {b} | {med[b]:.1f} | {med[b] / b:.1f} | {ratio} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
