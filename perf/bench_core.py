@@ -2,17 +2,21 @@
 
     .venv/bin/python perf/bench_core.py [--quick] [--models embedded,llama1b] [--threads N]
                                         [--tokens N] [--prompt N] [--repeats N] [--dtype D]
-                                        [--json PATH]
+                                        [--only mlx,torch,split] [--json PATH]
 
 Contenders, per model, each loaded alone (and freed before the next), warmed up, then timed:
-  together mlx     one MLXShard 0-N, our greedy loop (prompt chunk, then one token per step)
+  together mlx     one MLXShard 0-N, our greedy loop (prompt chunk, then one token per step); the
+                   shard computes each decode step ahead asynchronously, as mlx_lm does
+  together mlx sync  the same with the step ahead off (each step evaluated before it returns)
   mlx_lm           mlx_lm.generate.generate_step on the same weights (the converted MLX dir of the
                    GGUF; the same safetensors dir for the synthetic model), same dtype
   together torch   one TorchShard 0-N, the same loop
   transformers     LlamaForCausalLM.generate (greedy, use_cache=True) on the same weights and dtype
   together split   Pipeline mlx:0-N/2 + torch:N/2-N, hidden states through the wire codec
 Prefill tok/s = prompt tokens / time to the first generated token (call to first token);
-decode tok/s = (tokens - 1) / time from the first to the last generated token. EOS is ignored
+decode tok/s = (tokens - 1) / time from the first to the last generated token; cpu ms/tok = the
+process's CPU time (all threads) over the same span per token, steadier than wall time when other
+processes share the cores (the cpu time ratio is theirs/ours: above 1, ours spends less). EOS is ignored
 everywhere: every contender produces exactly --tokens tokens. With --repeats > 1 the best run
 of each metric is kept (these machines are shared; the best run is the one least disturbed).
 The embedded model's contenders are loaded together and timed round-robin; the 1B model's are
@@ -218,15 +222,15 @@ def ours_runner(pipe):
         pipe.add(seq, SamplingParams(), prompt)
         try:
             (s,) = pipe.step([SeqChunk(seq, 0, len(prompt))], np.asarray(prompt, np.int32))
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.process_time()
             toks = [s.token]
             for i in range(n - 1):
                 (s,) = pipe.step([SeqChunk(seq, len(prompt) + i, 1)], np.array([toks[-1]], np.int32))
                 toks.append(s.token)
-            t2 = time.perf_counter()
+            t2, c2 = time.perf_counter(), time.process_time()
         finally:
             pipe.free(seq)
-        return t1 - t0, t2 - t1, toks
+        return t1 - t0, t2 - t1, toks, c2 - c1
 
     return run
 
@@ -242,10 +246,10 @@ def mlx_lm_runner(model):
         for y, _ in gen:
             toks.append(int(y))
             if t1 is None:
-                t1 = time.perf_counter()
-        t2 = time.perf_counter()
+                t1, c1 = time.perf_counter(), time.process_time()
+        t2, c2 = time.perf_counter(), time.process_time()
         mx.synchronize()
-        return t1 - t0, t2 - t1, toks
+        return t1 - t0, t2 - t1, toks, c2 - c1
 
     return run
 
@@ -257,10 +261,11 @@ def transformers_runner(model):
 
     class Clock(BaseStreamer):
         def __init__(self):
-            self.times = []
+            self.times, self.cpu = [], []
 
         def put(self, value):
             self.times.append(time.perf_counter())
+            self.cpu.append(time.process_time())
 
         def end(self):
             pass
@@ -279,7 +284,8 @@ def transformers_runner(model):
         toks = out[0, len(prompt):].tolist()
         assert len(toks) == n, f"transformers generated {len(toks)} tokens, expected {n}"
         # times[0]: the prompt handed to the streamer; times[1]: the first token; times[-1]: the last
-        return clock.times[1] - t0, clock.times[-1] - clock.times[1], toks
+        return (clock.times[1] - t0, clock.times[-1] - clock.times[1], toks,
+                clock.cpu[-1] - clock.cpu[1])
 
     return run
 
@@ -288,10 +294,13 @@ def transformers_runner(model):
 # each loader returns (runner, handle to drop)
 
 
-def load_ours(ck, slices, dtype, threads):
+def load_ours(ck, slices, dtype, threads, ahead=True):
     from backends.pipeline import Pipeline, SliceSpec
 
     pipe = Pipeline.load(ck, [SliceSpec(b, s, e) for b, s, e in slices], dtype=dtype, threads=threads)
+    if not ahead:  # the synchronous path: each step evaluated, nothing computed ahead
+        for sh in pipe.shards:
+            sh.speculate = False
     return ours_runner(pipe), pipe
 
 
@@ -350,8 +359,8 @@ def measure(group: list[tuple[str, object]], prompt: list[int], n: int, warm: tu
         for r in range(repeats):
             for item in loaded:
                 name, run = item[0], item[1]
-                pre, dec, toks = run(prompt, n)
-                item[4].append({"prefill_s": pre, "decode_s": dec, "tokens": toks})
+                pre, dec, toks, cpu = run(prompt, n)
+                item[4].append({"prefill_s": pre, "decode_s": dec, "tokens": toks, "decode_cpu_s": cpu})
                 log(f"  {name}: run {r + 1}: prefill {len(prompt) / pre:.1f} tok/s, "
                     f"decode {(n - 1) / dec:.2f} tok/s")
         out = []
@@ -360,8 +369,11 @@ def measure(group: list[tuple[str, object]], prompt: list[int], n: int, warm: tu
                         "decode_tokens": n,
                         "prefill_tps": len(prompt) / min(x["prefill_s"] for x in runs),
                         "decode_tps": (n - 1) / min(x["decode_s"] for x in runs),
+                        # CPU time of the whole process (every thread) per decoded token: less
+                        # sensitive than wall time to other processes on a shared machine
+                        "decode_cpu_ms": 1000 * min(x["decode_cpu_s"] for x in runs) / (n - 1),
                         "tokens": runs[-1]["tokens"],
-                        "runs": [{k: x[k] for k in ("prefill_s", "decode_s")} for x in runs]})
+                        "runs": [{k: x[k] for k in ("prefill_s", "decode_s", "decode_cpu_s")} for x in runs]})
         return out
     finally:
         loaded.clear()
@@ -412,6 +424,7 @@ def bench_model(key: str, args, threads: int) -> dict:
     log(f"{label}: {L} layers, prompt {P} tokens, {N} decode tokens, {repeats} run(s) each")
     C = [
         ("together mlx", mdt, lambda: load_ours(ck, [("mlx", 0, L)], mdt, threads)),
+        ("together mlx sync", mdt, lambda: load_ours(ck, [("mlx", 0, L)], mdt, threads, ahead=False)),
         ("mlx_lm", mdt, lambda: load_mlx_lm(mlx_path, mdt)),
         ("together torch", tdt, lambda: load_ours(ck, [("torch", 0, L)], tdt, threads)),
         ("transformers", tdt, (lambda: load_transformers_gguf(path, ck, tdt)) if key == "embedded"
@@ -419,6 +432,8 @@ def bench_model(key: str, args, threads: int) -> dict:
         (f"together split mlx:0-{half}+torch:{half}-{L}", sdt,
          lambda: load_ours(ck, [("mlx", 0, half), ("torch", half, L)], sdt, threads)),
     ]
+    keep = {"mlx": C[:3], "torch": C[3:5], "split": C[5:]}
+    C = [c for part in args.only.split(",") for c in keep[part.strip()]]
     # the embedded model is small: all five load at once and run interleaved; the 1B model is
     # ~5 GB per float32 copy, so its contenders load (and are freed) one at a time
     groups = [C] if key == "embedded" else [[c] for c in C]
@@ -432,11 +447,20 @@ def bench_model(key: str, args, threads: int) -> dict:
     def ratio(a, b, k):
         return by[a][k] / by[b][k]
 
-    pairs = [("together mlx", "mlx_lm"), ("together torch", "transformers")]
+    pairs = [p for p in [("together mlx", "mlx_lm"), ("together mlx sync", "mlx_lm"),
+                         ("together torch", "transformers")] if p[0] in by]
     for a, b in pairs:
-        by[a]["vs"] = {b: {"prefill": ratio(a, b, "prefill_tps"), "decode": ratio(a, b, "decode_tps")}}
+        by[a]["vs"] = {b: {"prefill": ratio(a, b, "prefill_tps"), "decode": ratio(a, b, "decode_tps"),
+                           "cpu": ratio(b, a, "decode_cpu_ms")}}
+    checks = greedy_checks(by, pairs, min(32, N))
+    result = {"model": label, "path": str(path), "prompt_tokens": P, "decode_tokens": N,
+              "repeats": repeats, "rows": rows, "checks": checks, "random_weights": key != "embedded"}
+    if not rows[-1]["contender"].startswith("together split"):
+        return result
     split = rows[-1]
     singles = ["together mlx", "together torch"]
+    if any(s not in by for s in singles):
+        return result
     split["vs"] = {s: {"prefill": ratio(split["contender"], s, "prefill_tps"),
                        "decode": ratio(split["contender"], s, "decode_tps")} for s in singles}
     # layer-weighted estimate: half the layers at each single backend's per-token time
@@ -448,15 +472,19 @@ def bench_model(key: str, args, threads: int) -> dict:
     split["slower_single"] = slower
     split["within_5pct_of_slower"] = split["decode_tps"] >= 0.95 * by[slower]["decode_tps"]
 
-    K = min(32, N)
+    result["checks"] = greedy_checks(by, pairs + [(split["contender"], s) for s in singles[::-1]],
+                                     min(32, N))
+    return result
+
+
+def greedy_checks(by: dict, pairs: list[tuple[str, str]], K: int) -> list[dict]:
     checks = []
-    for a, b in pairs + [(split["contender"], "together torch"), (split["contender"], "together mlx")]:
+    for a, b in pairs:
         ta, tb = by[a]["tokens"][:K], by[b]["tokens"][:K]
         first = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), None)
         checks.append({"ours": a, "reference": b, "tokens": K, "equal": ta == tb,
                        "first_mismatch": first})
-    return {"model": label, "path": str(path), "prompt_tokens": P, "decode_tokens": N,
-            "repeats": repeats, "rows": rows, "checks": checks, "random_weights": key != "embedded"}
+    return checks
 
 
 # -------------------------------------------------------------------------------- report
@@ -473,7 +501,7 @@ def report(res: dict) -> str:
     name_w = max(len(r["contender"]) for r in res["rows"]) + 2
     model_w = max(len(res["model"]), 5) + 2
     head = (f"{'model':<{model_w}}{'dtype':<9}{'contender':<{name_w}}{'prefill tok/s':>14}"
-            f"{'decode tok/s':>14}  {'prefill ratio':<22}decode ratio")
+            f"{'decode tok/s':>14}{'cpu ms/tok':>12}  {'prefill ratio':<22}decode ratio (cpu time ratio)")
     lines += [head, "-" * len(head)]
     for r in res["rows"]:
         vs = r.get("vs")
@@ -482,14 +510,18 @@ def report(res: dict) -> str:
             dec = "see below"
         else:
             pre, dec = fmt_ratio(vs, "prefill"), fmt_ratio(vs, "decode")
+            if vs:
+                dec += "".join(f" ({x['cpu']:.2f}x)" for x in vs.values())
         lines.append(f"{res['model']:<{model_w}}{r['dtype']:<9}{r['contender']:<{name_w}}"
-                     f"{r['prefill_tps']:>14.1f}{r['decode_tps']:>14.2f}  {pre:<22}{dec}")
+                     f"{r['prefill_tps']:>14.1f}{r['decode_tps']:>14.2f}{r['decode_cpu_ms']:>12.1f}  "
+                     f"{pre:<22}{dec}")
     s = res["rows"][-1]
-    lines.append(f"split (ours/theirs, tok/s ratios):")
-    for name, x in s["vs"].items():
-        lines.append(f"  vs {name:<20} prefill {x['prefill']:.2f}x  decode {x['decode']:.2f}x")
-    lines.append(f"  target: decode within 5% of the slower single backend ({s['slower_single']}): "
-                 f"{'met' if s['within_5pct_of_slower'] else 'NOT met'}")
+    if "slower_single" in s:
+        lines.append("split (ours/theirs, tok/s ratios):")
+        for name, x in s["vs"].items():
+            lines.append(f"  vs {name:<20} prefill {x['prefill']:.2f}x  decode {x['decode']:.2f}x")
+        lines.append(f"  target: decode within 5% of the slower single backend ({s['slower_single']}): "
+                     f"{'met' if s['within_5pct_of_slower'] else 'NOT met'}")
     lines.append(f"prompt {res['prompt_tokens']} tokens, {res['decode_tokens']} decode tokens, "
                  f"best of {res['repeats']} run(s); load s: "
                  + ", ".join(f"{r['contender'].split(' mlx:')[0]} {r['load_s']:.1f}" for r in res["rows"]))
@@ -511,8 +543,13 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=0, help="timed runs per contender (best kept)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                     help="compute dtype of every contender (auto: float32 on CPU, MLX float16 on Metal)")
+    ap.add_argument("--only", default="mlx,torch,split",
+                    help="contender groups to run: mlx (ours, mlx_lm), torch (ours, transformers), "
+                         "split (needs mlx and torch for its ratios); default all")
     ap.add_argument("--json", metavar="PATH", help="write the results as JSON")
     args = ap.parse_args()
+    if not set(p.strip() for p in args.only.split(",")) <= {"mlx", "torch", "split"}:
+        ap.error(f"--only {args.only!r}: expected a comma-separated subset of mlx,torch,split")
 
     import torch
 

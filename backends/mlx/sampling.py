@@ -27,7 +27,8 @@ class Drawn(NamedTuple):
     top_logprobs: mx.array | None  # (1, k)
 
 
-Sampler = Callable[[mx.array, SeqState], Drawn]
+# (logits (1, vocab), state, the token drawn just before if it is not in state.history yet)
+Sampler = Callable[[mx.array, SeqState, "mx.array | None"], Drawn]
 
 
 def new_key(seed: int | None, position: int = 0) -> mx.array:
@@ -36,7 +37,9 @@ def new_key(seed: int | None, position: int = 0) -> mx.array:
 
 
 def make_sampler(params: SamplingParams) -> Sampler:
-    """A callable (logits (1, vocab), state) -> Drawn; logits may be float16 as the model gives them."""
+    """A callable (logits (1, vocab), state, pending) -> Drawn; logits may be float16 as the model
+    gives them; `pending` (lazy, (1,)) is a token drawn before but not yet in `state.history` (a step
+    computed ahead), which the penalties count as its last entry."""
     processors = make_logits_processors(
         repetition_penalty=params.repetition_penalty if params.repetition_penalty != 1.0 else None,
         repetition_context_size=params.penalty_context,
@@ -54,11 +57,11 @@ def make_sampler(params: SamplingParams) -> Sampler:
         filters.append(lambda lp: apply_top_k(lp, params.top_k))
     temp, k = params.temperature, params.logprobs
 
-    def sample(logits: mx.array, st: SeqState) -> Drawn:
+    def sample(logits: mx.array, st: SeqState, pending: mx.array | None = None) -> Drawn:
         raw = logits
-        if processors and st.history:
+        if processors and (st.history or pending is not None):
             logits = mx.array(logits)  # mlx_lm's penalties assign in place; keep `raw` raw
-            tokens = mx.array(st.history[-params.penalty_context:], dtype=mx.int32)
+            tokens = _context(st.history, pending, params.penalty_context)
             for proc in processors:
                 logits = proc(tokens, logits)
         # the same arithmetic as mlx_lm.generate_step, so greedy picks are bit-identical
@@ -86,3 +89,11 @@ def make_sampler(params: SamplingParams) -> Sampler:
         return Drawn(token, lp, top_ids, top_lp)
 
     return sample
+
+
+def _context(history: list[int], pending: mx.array | None, n: int) -> mx.array:
+    """The last n tokens of history (+ pending), as the penalties see them."""
+    if pending is None:
+        return mx.array(history[-n:], dtype=mx.int32)
+    head = history[-(n - 1):] if n > 1 else []
+    return mx.concatenate([mx.array(head, dtype=mx.int32), pending.astype(mx.int32)])

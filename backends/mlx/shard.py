@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from dataclasses import dataclass
 from typing import cast
 
 import mlx.core as mx
@@ -117,6 +118,7 @@ def _decode_block(layer, x: mx.array, caches: list, masks: list) -> mx.array:
 
 class MLXShard(LayerShard):
     backend = "mlx"
+    speculate = True  # a first-and-last slice computes each decode step ahead (see _run_ahead)
 
     def __init__(self, checkpoint: Checkpoint, start: int, end: int, dtype: str,
                  wire_dtype: str | None = None, threads: int | None = None):
@@ -134,6 +136,8 @@ class MLXShard(LayerShard):
         self._load(checkpoint)
         self.caches: dict[str, list] = {}
         self.samplers: dict[str, Sampler] = {}
+        self.ahead: dict[str, _Ahead] = {}  # by sequence: its next decode step, computed ahead
+        self.ahead_used = self.ahead_dropped = 0  # steps ahead taken by the next call / rolled back
 
     # ---- loading
 
@@ -174,6 +178,16 @@ class MLXShard(LayerShard):
                              f"of {self.config.model_type}: {e}") from None
         self.model.eval()
         mx.eval(self.model.parameters())
+        projs: list[nn.Module] = [m for layer in self.model.layers for _, m in layer.named_modules()
+                                  if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+        if self.is_last:
+            projs.append(self.model.embed_tokens if self.model.tied else self.model.lm_head)
+        self._format = "+".join(dict.fromkeys(_weight_format(m) for m in projs))
+
+    @property
+    def weight_format(self) -> str:
+        """'int4/g32' and the like where projections stay packed (the head's after a '+'), else the dtype."""
+        return self._format
 
     def _local_name(self, name: str) -> str | None:
         if name.startswith("model.layers."):
@@ -199,6 +213,7 @@ class MLXShard(LayerShard):
                 st.rng = new_key(st.params.seed)
 
     def _free_cache(self, seq_id: str) -> None:
+        self.ahead.pop(seq_id, None)
         self.caches.pop(seq_id, None)
         self.samplers.pop(seq_id, None)
 
@@ -226,9 +241,37 @@ class MLXShard(LayerShard):
         return h.astype(self.dt)
 
     def _forward(self, chunks: list[SeqChunk], x: np.ndarray | Hidden | None, want_logits: bool):
-        h = self._input(x)
+        done = self._claim_ahead(chunks, x, want_logits) if self.ahead else {}
+        todo = [c for c in chunks if c.seq_id not in done]
+        if todo:
+            outs = self._layers(todo, self._input(_rows(x, chunks, done) if done else x))
+            if not self.is_last:
+                y = mx.concatenate([o[0] for o in outs], axis=0) if len(outs) > 1 else outs[0][0]
+                y = y.astype(MX_DTYPES[self.wire_dtype])
+                mx.eval(y)
+                # mlx's stubs omit the buffer protocol its arrays implement (bf16 included)
+                return Hidden(memoryview(y), self.wire_dtype, tuple(y.shape))  # type: ignore[arg-type]
+            if want_logits:
+                logits = [self.model.head(o)[0] for o in outs]
+                y = mx.concatenate(logits, axis=0) if len(logits) > 1 else logits[0]
+                return np.array(y.astype(mx.float32))
+            drawn = self._draw(todo, outs)
+            mx.async_eval(_arrays(drawn))  # evaluates while the step ahead is built
+            done.update((c.seq_id, d) for c, d in zip(todo, drawn))
+        ordered = [done[c.seq_id] for c in chunks]
+        ahead = self._run_ahead(chunks, ordered) if self.speculate and self.is_first and self.is_last else {}
+        out = self._read(chunks, ordered)
+        for s in out:
+            if s.seq_id in ahead:
+                ahead[s.seq_id].token = s.token
+                self.ahead[s.seq_id] = ahead[s.seq_id]
+        return out
+
+    def _layers(self, chunks: list[SeqChunk], h: mx.array) -> list[mx.array]:
+        """The slice's blocks over every chunk of h (T, H); one (1, L, H) output per chunk. Decode
+        chunks (one token each) run batched where the architecture allows."""
         starts = np.cumsum([0] + [c.length for c in chunks]).tolist()
-        outs: list[mx.array | None] = [None] * len(chunks)  # each (n, L, H)
+        outs: list[mx.array | None] = [None] * len(chunks)
         single = [i for i, c in enumerate(chunks) if c.length == 1]
         if len(single) > 1 and self._batched_decode:
             idx = mx.array([starts[i] for i in single])
@@ -244,35 +287,25 @@ class MLXShard(LayerShard):
             if outs[i] is None:
                 self._route([c.seq_id])
                 outs[i] = self.model.blocks(h[starts[i]:starts[i + 1]][None], self.caches[c.seq_id])
-        done = cast(list[mx.array], outs)  # every chunk has its output now
-        if not self.is_last:
-            y = mx.concatenate([o[0] for o in done], axis=0) if len(done) > 1 else done[0][0]
-            y = y.astype(MX_DTYPES[self.wire_dtype])
-            mx.eval(y)
-            # mlx's stubs omit the buffer protocol its arrays implement (bf16 included)
-            return Hidden(memoryview(y), self.wire_dtype, tuple(y.shape))  # type: ignore[arg-type]
-        if want_logits:
-            logits = [self.model.head(o)[0] for o in done]
-            y = mx.concatenate(logits, axis=0) if len(logits) > 1 else logits[0]
-            return np.array(y.astype(mx.float32))
-        return self._sample(chunks, done)
+        return cast(list[mx.array], outs)
 
-    def _sample(self, chunks: list[SeqChunk], outs: list[mx.array]) -> list[Sample]:
+    def _draw(self, chunks: list[SeqChunk], outs: list[mx.array],
+              pending: list[mx.array] | None = None) -> list[Drawn]:
+        """Lazy draws from each chunk's last position (`pending`: tokens not in history yet)."""
         # the head runs on the chunks' last positions only, kept as (n, 1, H) rows like a decode step
         last = mx.concatenate([o[:, -1:, :] for o in outs], axis=0) if len(outs) > 1 else outs[0][:, -1:, :]
         logits = self.model.head(last)[:, 0, :]  # (n, vocab)
         drawn: list[Drawn] = []
-        pending: list[mx.array] = []
         for i, c in enumerate(chunks):
             st = self.seqs[c.seq_id]
             if st.params.seed is not None and not st.params.greedy:  # the draw of position offset+length
                 st.rng = new_key(st.params.seed, c.offset + c.length)
-            d = self.samplers[c.seq_id](logits[i:i + 1], st)
-            drawn.append(d)
-            pending.extend(a for a in (d.token, d.logprob, d.top_ids, d.top_logprobs) if a is not None)
-            if isinstance(st.rng, mx.array):
-                pending.append(st.rng)
-        mx.eval(pending)
+            drawn.append(self.samplers[c.seq_id](logits[i:i + 1], st, pending[i] if pending else None))
+        return drawn
+
+    def _read(self, chunks: list[SeqChunk], drawn: list[Drawn]) -> list[Sample]:
+        keys = [self.seqs[c.seq_id].rng for c in chunks]
+        mx.eval(_arrays(drawn) + [k for k in keys if isinstance(k, mx.array)])
         out = []
         for c, d in zip(chunks, drawn):
             s = Sample(c.seq_id, int(_scalar(d.token)), _scalar(d.logprob))
@@ -281,3 +314,76 @@ class MLXShard(LayerShard):
                 s.top_logprobs = list(zip(ids, lps))
             out.append(s)
         return out
+
+    # ---- the step ahead (a slice that is first and last: one peer serves the whole model)
+    # As mlx_lm's generate_step: the next decode step is built from the lazily drawn tokens and
+    # evaluated asynchronously while this step's tokens travel back; the next call uses it when it
+    # brings exactly those tokens at those positions, else its cache entries are trimmed away.
+
+    def _run_ahead(self, chunks: list[SeqChunk], drawn: list[Drawn]) -> dict[str, _Ahead]:
+        rows = [(c, d) for c, d in zip(chunks, drawn)
+                if c.sample and c.offset + c.length < self.config.max_position_embeddings
+                and _trimmable(self.caches[c.seq_id])]
+        if not rows:
+            return {}
+        nxt = [SeqChunk(c.seq_id, c.offset + c.length, 1) for c, _ in rows]
+        keys = [self.seqs[c.seq_id].rng for c, _ in rows]  # an unseeded draw advances the key
+        tokens = [d.token for _, d in rows]
+        h = self.model.embed_tokens(mx.concatenate(tokens) if len(tokens) > 1 else tokens[0])
+        ahead = self._draw(nxt, self._layers(nxt, h), tokens)
+        mx.async_eval(_arrays(ahead))
+        return {n.seq_id: _Ahead(n.offset, -1, a, k) for n, a, k in zip(nxt, ahead, keys)}
+
+    def _claim_ahead(self, chunks: list[SeqChunk], x: np.ndarray | Hidden | None,
+                     want_logits: bool) -> dict[str, Drawn]:
+        """The steps ahead this call asks for (by sequence); the others of its sequences rolled back."""
+        hits: dict[str, Drawn] = {}
+        at = 0
+        for c in chunks:
+            a = self.ahead.pop(c.seq_id, None)
+            if a is not None:
+                if (not want_logits and c.length == 1 and c.offset == a.position
+                        and isinstance(x, np.ndarray) and int(x[at]) == a.token):
+                    hits[c.seq_id] = a.drawn
+                    self.ahead_used += 1
+                else:
+                    self.ahead_dropped += 1
+                    for kv in self.caches[c.seq_id]:
+                        kv.trim(1)
+                    self.seqs[c.seq_id].rng = a.rng
+            at += c.length
+        return hits
+
+
+@dataclass
+class _Ahead:
+    """A decode step computed ahead for one sequence from the token it just drew."""
+
+    position: int  # where the chunk it answers starts
+    token: int  # the input token it assumed (the one drawn before)
+    drawn: Drawn  # its draws, lazy and evaluating
+    rng: object  # the sequence's key before this step drew
+
+
+def _weight_format(m: nn.Module) -> str:
+    if "scales" in m and hasattr(m, "bits"):
+        return f"int{m.bits}/g{m.group_size}"
+    return str(m["weight"].dtype).removeprefix("mlx.core.")
+
+
+def _arrays(drawn: list[Drawn]) -> list[mx.array]:
+    return [a for d in drawn for a in (d.token, d.logprob, d.top_ids, d.top_logprobs) if a is not None]
+
+
+def _rows(x: np.ndarray | Hidden | None, chunks: list[SeqChunk], skip: dict) -> np.ndarray:
+    """The token ids of the chunks not in `skip` (a first slice's input)."""
+    starts = np.cumsum([0] + [c.length for c in chunks])
+    assert isinstance(x, np.ndarray)
+    return np.concatenate([x[starts[i]:starts[i + 1]] for i, c in enumerate(chunks) if c.seq_id not in skip])
+
+
+def _trimmable(cache: list) -> bool:
+    """Whether one more token can be added and trimmed away again (a rotating cache that would wrap
+    around cannot)."""
+    return all(type(c) is KVCache or (isinstance(c, RotatingKVCache) and c.offset + 1 < c.max_size)
+               for c in cache)

@@ -170,6 +170,7 @@ class TPShard(TPRank, MLXShard):
     """One rank's part of layers [start, end): its heads, MLP columns and KV cache."""
 
     comm: MLXComm
+    speculate = False  # every rank runs the steps rank 0 is told to, none ahead
 
     def __init__(self, checkpoint: Checkpoint, start: int, end: int, dtype: str,
                  wire_dtype: str | None, device: str | None, threads: int | None,

@@ -7,7 +7,9 @@ comparison is marked slow (and short on CPU).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import time
 
 import numpy as np
 import pytest
@@ -201,6 +203,137 @@ def test_batch_of_different_lengths(full, prompts, ref_tokens):
     assert full.num_sequences == 0 and full.cache_nbytes() == 0
 
 
+# ---------------------------------------------------------------- the step ahead (first-and-last slice)
+
+
+@contextlib.contextmanager
+def synchronous(shard):
+    """The shard with the step ahead off: each step evaluated before it returns (the old path)."""
+    shard.speculate = False
+    try:
+        yield shard
+    finally:
+        shard.speculate = True
+
+
+def _steps(shard, seq, ids, tokens, params=None):
+    """A prompt, then `tokens` one per call, whatever the shard draws: every call's Sample."""
+    shard.add_sequence(seq, params, prompt=ids)
+    try:
+        out = [shard.forward([SeqChunk(seq, 0, len(ids))], np.array(ids, np.int32))[0]]
+        for i, t in enumerate(tokens):
+            out.append(shard.forward([SeqChunk(seq, len(ids) + i, 1)], np.array([t], np.int32))[0])
+        # then logits for one more token (a call that must roll a step ahead back)
+        lg = shard.logits([SeqChunk(seq, len(ids) + len(tokens), 1)], np.array([out[-1].token], np.int32))
+    finally:
+        shard.free_sequence(seq)
+    return out, lg
+
+
+@pytest.mark.slow
+def test_step_ahead_equals_synchronous_path_32_tokens(full, prompts, ref_tokens):
+    used = full.ahead_used
+    ahead = generate([full], prompts[S0], 32)
+    assert full.ahead_used - used == 31  # every step after the prompt came from the step ahead
+    with synchronous(full):
+        assert generate([full], prompts[S0], 32) == ahead
+    assert ahead[:10] == ref_tokens[S0]
+
+
+def test_step_ahead_used_and_a_different_token_stays_exact(full, prompts):
+    """A call that brings the drawn token is answered by the step computed ahead; one that brings
+    another token (or asks for logits) has that step trimmed from the cache: answers stay exact."""
+    ids, p = prompts[S1], SamplingParams(logprobs=3)
+    other = [7, 1000, 42, 42, 9]  # tokens the model did not draw
+    with synchronous(full):
+        ref, lref = _steps(full, "r", ids, other, p)
+    used, dropped = full.ahead_used, full.ahead_dropped
+    got, lg = _steps(full, "r", ids, other, p)
+    assert full.ahead_dropped - dropped == len(other) + 1 and full.ahead_used == used
+    assert [(s.token, s.top_logprobs) for s in got] == [(s.token, s.top_logprobs) for s in ref]
+    assert [s.logprob for s in got] == pytest.approx([s.logprob for s in ref], abs=1e-6)
+    np.testing.assert_array_equal(lg, lref)
+    # the drawn tokens after a miss: the steps ahead are used again, with the same answers
+    full.add_sequence("r", prompt=ids + other)
+    try:
+        at = len(ids) + len(other)
+        drawn = [full.forward([SeqChunk("r", 0, at)], np.array(ids + other, np.int32))[0].token]
+        for i in range(3):
+            drawn.append(full.forward([SeqChunk("r", at + i, 1)], np.array([drawn[-1]], np.int32))[0].token)
+            assert full.caches["r"][0].offset == full.position("r") + 1  # the next step, ahead
+    finally:
+        full.free_sequence("r")
+    assert full.ahead_used - used == 3 and full.ahead == {}
+    with synchronous(full):
+        again, _ = _steps(full, "r", ids + other, drawn[:-1])
+    assert [s.token for s in again] == drawn
+
+
+def test_step_ahead_batch_with_joins_leaves_and_frees(full, prompts, ref_tokens):
+    """Three sequences decode together; one joins mid-way (its prefill beside their decode), one
+    is freed while its step ahead is pending, one sits a call out: every token equals mlx_lm's."""
+    seqs = {"a": prompts[S0], "b": prompts[S1], "c": prompts[S2]}
+    alone = {"a": ref_tokens[S0], "b": ref_tokens[S1], "c": ref_tokens[S2], "d": ref_tokens[S1]}
+    for s, ids in seqs.items():
+        full.add_sequence(s, prompt=ids)
+    got: dict[str, list[int]] = {s: [] for s in alone}
+    pos = {s: 0 for s in alone}
+    nxt = dict(seqs)
+    used = full.ahead_used
+    try:
+        for step in range(9):
+            if step == 2:  # a late arrival
+                full.add_sequence("d", prompt=prompts[S1])
+                seqs["d"], nxt["d"] = prompts[S1], prompts[S1]
+            if step == 4:  # a sequence that ends while its next step is computed ahead
+                assert "b" in full.ahead
+                full.free_sequence("b")
+                del seqs["b"]
+                assert "b" not in full.ahead and "b" not in full.caches
+            run = [s for s in seqs if not (step == 6 and s == "c")]
+            out = full.forward([SeqChunk(s, pos[s], len(nxt[s])) for s in run],
+                               np.concatenate([np.array(nxt[s], np.int32) for s in run]))
+            assert [o.seq_id for o in out] == run
+            for o in out:
+                pos[o.seq_id] += len(nxt[o.seq_id])
+                got[o.seq_id].append(o.token)
+                nxt[o.seq_id] = [o.token]
+        assert full.ahead_used - used == 24  # every decode row, c's after its pause too
+    finally:
+        for s in list(seqs):
+            full.free_sequence(s)
+    for s, toks in got.items():
+        assert toks == alone[s][: len(toks)], s
+    assert full.num_sequences == 0 and full.cache_nbytes() == 0 and full.ahead == {}
+
+
+def test_penalties_count_the_pending_token():
+    """A step ahead samples before its previous token is in history: the sampler takes it apart."""
+    from backends.mlx.sampling import make_sampler
+    from backends.shard import SeqState
+
+    p = SamplingParams(repetition_penalty=2.0, presence_penalty=1.0, penalty_context=3, logprobs=0)
+    logits = mx.array([[0.0, 3.0, 2.5, 1.0, 0.5]])
+    drawn = make_sampler(p)(logits, SeqState(p, [0, 3, 4, 1]))  # 1 was drawn last: penalised
+    ahead = make_sampler(p)(logits, SeqState(p, [0, 3, 4]), mx.array([1], dtype=mx.uint32))
+    plain = make_sampler(p)(logits, SeqState(p, [0, 3, 4]))
+    assert drawn.token.item() == ahead.token.item() == 2 and plain.token.item() == 1
+    assert ahead.logprob.item() == pytest.approx(drawn.logprob.item())  # of the raw distribution
+
+
+@pytest.mark.slow
+def test_step_ahead_seeded_sampling_with_penalties(full, prompts):
+    """The step ahead draws with the key of its position and counts the token drawn just before
+    in the penalties: the same draws as the synchronous path."""
+    p = SamplingParams(temperature=0.8, top_k=20, seed=7, repetition_penalty=1.3,
+                       presence_penalty=0.5, frequency_penalty=0.5, penalty_context=4)
+    with synchronous(full):
+        ref = generate([full], prompts[S2], 8, params=p)
+    used = full.ahead_used
+    assert generate([full], prompts[S2], 8, params=p) == ref
+    assert full.ahead_used - used == 7
+
+
 @pytest.mark.parametrize("bounds", [(0, 1, 29, 30), (0, 10, 20, 30)])
 def test_split_equals_one_slice(embedded, prompts, ref_tokens, bounds):
     from backends.mlx.shard import MLXShard
@@ -309,6 +442,14 @@ def test_slice_loads_only_its_tensors_and_less_memory(embedded, full):
     assert mid.weight_nbytes() < 10 * full.config.layer_bytes(1.0)
 
 
+def test_weight_format_says_what_stays_packed(embedded, full, tmp_path):
+    """For the peers' table: Q4_1 layers and a Q8_0 tied head stay packed; dense weights say their dtype."""
+    from backends.mlx.shard import MLXShard
+
+    assert full.weight_format == "int4/g32+int8/g32"
+    assert MLXShard(embedded, 0, 1, "float32").weight_format == "int4/g32"  # no head on a first slice
+
+
 def test_shape_mismatch_is_a_model_error(embedded):
     from backends.mlx.shard import MLXShard
 
@@ -365,6 +506,7 @@ def test_tiny_models_bit_identical_to_mlx_lm(tmp_path, model_type, tied):
     ref, _ = load_model(d)
     ck = open_checkpoint(d)
     ours = MLXShard(ck, 0, 3, "float32")
+    assert ours.weight_format == "float32"
     prompts = {"a": [1, 5, 9, 13, 200, 7], "b": [3], "c": [8, 8, 100, 4]}
     # prefill: one chunk per sequence in one call
     for s, ids in prompts.items():
@@ -389,3 +531,45 @@ def test_tiny_models_bit_identical_to_mlx_lm(tmp_path, model_type, tied):
         for k, s in enumerate(prompts):
             pos[s] += 1
             nxt[s] = int(np.argmax(got[k]))
+
+
+# ---------------------------------------------------------------- through a real peer
+
+
+@pytest.mark.slow
+def test_one_mlx_peer_serves_concurrent_streams_with_the_step_ahead(embedded_path, embedded, tokenizer):
+    """One `together join --backend mlx` peer (its compute thread, batching, releases): concurrent
+    greedy answers of different lengths equal one process's synchronous answers, and every
+    sequence and its cache are freed at the end (steps ahead included)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    from backends.pipeline import Pipeline, SliceSpec
+    from tests.mesh.cluster import Cluster
+
+    # short raw prompts: MLX's CPU prefill is slow, and the scheduler's deadline counts on it
+    jobs = [(t, n) for t, n in zip(SHORT, (12, 5, 8))]
+    pipe = Pipeline.load(embedded, [SliceSpec("mlx", 0, 30)], dtype="float32")
+    pipe.shards[0].speculate = False
+    want = ["".join(d.text for d in pipe.generate(tokenizer.encode(t), SamplingParams(max_tokens=n), tokenizer))
+            for t, n in jobs]
+    c = Cluster(str(embedded_path))
+    try:
+        peer = c.add("m", "--backend", "mlx", "--dtype", "float32", "--no-mdns", api=True)
+        c.wait_ready(peer, stages=1)
+        oa = OpenAI(base_url=f"http://127.0.0.1:{peer.api_port}/v1", api_key="unused", max_retries=0,
+                    timeout=120)
+
+        def ask(job):
+            r = oa.completions.create(model="smollm2-135m", temperature=0, max_tokens=job[1], prompt=job[0])
+            return r.choices[0].text
+
+        with ThreadPoolExecutor(len(jobs)) as ex:
+            got = list(ex.map(ask, jobs))
+        assert got == want
+        time.sleep(0.5)
+        st = c.status(peer)
+        assert (st.sequences, st.cache_bytes) == (0, 0)
+    finally:
+        c.stop()
