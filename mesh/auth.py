@@ -174,7 +174,7 @@ class MeshKeyVerifier:
         if len(raw) < SEAL_LEN or raw[-SEAL_LEN:-SEAL_LEN + len(SEAL_PREFIX)] != SEAL_PREFIX:
             return f"an unsealed message from node {node!r}"
         head = raw[-SEAL_LEN + len(SEAL_PREFIX):-TAG_LEN]
-        expected = _seal_mac(self._key, _method_str(method), node, head, raw[:-SEAL_LEN])
+        expected = _seal_mac(self._key, _method_str(method), node, head, memoryview(raw)[:-SEAL_LEN])
         if not hmac.compare_digest(expected, raw[-TAG_LEN:]):
             return f"a message with a bad MAC from node {node!r} (altered in transit?)"
         (ts,) = struct.unpack(">d", head[:8])
@@ -255,8 +255,8 @@ class MeshKeyServerInterceptor(grpc.aio.ServerInterceptor):
         reason = self._verifier.verify_seal(method, node, raw)
         if reason is not None:
             return reason
-        body = raw[:-SEAL_LEN]
-        return handler.request_deserializer(body) if handler.request_deserializer else body
+        body = memoryview(raw)[:-SEAL_LEN]  # no copy of the hidden states
+        return handler.request_deserializer(body) if handler.request_deserializer else bytes(body)
 
 
 class _Signer:

@@ -34,14 +34,16 @@ class Servicer(pbg.TogetherServicer):
     # ---------------------------------------------------------------- the ring's streams
 
     async def Forward(self, request_iterator: AsyncIterator[pb.Frame], context: Context) -> None:
-        # grpc.aio's reader/writer form: no acks are written, the stream ends when this returns
+        # grpc.aio's reader/writer form: no acks are written, the stream ends when this returns; the
+        # next frame is read while the ones before it compute and travel on (they stay in order)
         async for frame in request_iterator:
-            try:
+            if frame.origin:
+                await self.stage.receive(frame)
+                continue
+            try:  # nobody to tell but the sender: a refusal ends its stream with the status
                 await self.stage.handle_frame(frame)
             except FrameError as e:
-                if not frame.origin:  # nobody to tell but the sender
-                    await context.abort(e.code, str(e))
-                await self.stage.fail(frame, e)
+                await context.abort(e.code, str(e))
 
     async def Deliver(self, request_iterator: AsyncIterator[pb.Result], context: Context) -> None:
         async for result in request_iterator:

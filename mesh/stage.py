@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, TypeVar
 
@@ -16,7 +17,7 @@ import numpy as np
 from backends.errors import GroupError, RequestError
 from backends.shard import LayerShard, Sample, SeqChunk
 from backends.wire import Hidden, WireError
-from mesh.links import Peers
+from mesh.links import Payload, Peers
 from mesh.metrics import PeerMetrics
 from mesh.protocol import FrameError, params_from_pb
 from mesh.view import PlanView
@@ -27,6 +28,7 @@ T = TypeVar("T")
 DEFAULT_LEASE_S = 60.0  # a sequence unseen for this long is freed (its API peer is gone)
 # a sequence a stage cannot continue is replayed from its history by its API peer (retryable)
 _DROPPED = grpc.StatusCode.FAILED_PRECONDITION
+BACKLOG = 32  # frames a stage takes off one stream before the earliest is done (the ring keeps far fewer)
 
 
 class Stage:
@@ -47,8 +49,9 @@ class Stage:
         # release): the sweep frees it
         self.lease = lease
         self.seen: dict[str, tuple[str, float]] = {}  # seq id -> (its origin, last frame here)
-        self._busy: set[str] = set()  # sequences of the frame being computed now
+        self._busy: Counter[str] = Counter()  # sequences of the frames under way here (they overlap)
         self._sweeper: asyncio.Task[None] | None = None
+        self._received: deque[asyncio.Task[None]] = deque()  # frames taken off the Forward streams, in order
 
     async def call(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the compute thread: loading and forwards never overlap, the loop stays free."""
@@ -61,6 +64,8 @@ class Stage:
     def close(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
+        for t in self._received:
+            t.cancel()
         self._compute.shutdown(wait=False, cancel_futures=True)
 
     def tokens_per_s(self) -> float:
@@ -89,7 +94,7 @@ class Stage:
         while self.seen:
             await asyncio.sleep(max(0.05, self.lease / 4))
             now = time.monotonic()
-            idle = [s for s, (_, t) in self.seen.items() if now - t > self.lease and s not in self._busy]
+            idle = [s for s, (_, t) in self.seen.items() if now - t > self.lease and not self._busy[s]]
             freed = await self.release(idle) if idle else 0
             if freed:
                 log.warning("freed %d sequence(s) idle for over %.1f s (their API peer is gone?)",
@@ -97,20 +102,39 @@ class Stage:
 
     # ---------------------------------------------------------------- frames
 
+    async def receive(self, frame: pb.Frame) -> None:
+        """Take a frame off a Forward stream without waiting for the one before it to be computed and
+        sent on: its compute queues behind theirs (the compute thread runs frames in arrival order,
+        and the next hop's stream writes them in that order). Waits only while the backlog is full."""
+        while self._received and self._received[0].done():
+            self._received.popleft()
+        if len(self._received) >= BACKLOG:
+            await asyncio.wait([self._received[0]])
+        task = asyncio.ensure_future(self._run_or_fail(frame))
+        self._received.append(task)
+
+    async def _run_or_fail(self, frame: pb.Frame) -> None:
+        try:
+            await self.handle_frame(frame)
+        except FrameError as e:
+            await self.fail(frame, e)
+        except Exception as e:  # a bug fails this frame, never the stream or the frames behind it
+            log.exception("frame %d failed in %s", frame.frame_id, self.view.name)
+            await self.fail(frame, FrameError(grpc.StatusCode.INTERNAL, f"{self.view.name}: {type(e).__name__}: {e}"))
+
     async def handle_frame(self, frame: pb.Frame) -> None:
         """Run one frame through this stage, then pass it on (or return the tokens to its origin).
         A sequence this stage cannot run (unknown here, out of step) leaves the frame alone."""
         sh, index, entries, x = self._check(frame)
         ids = [e.seq_id for e in entries]
         self._renew(ids, frame.origin)
-        self._busy = set(ids)
-        t0 = time.perf_counter()
+        self._busy.update(ids)
         try:
-            kept, dropped, out = await self._forward(sh, frame, entries, x)
+            kept, dropped, out, seconds = await self._forward(sh, frame, entries, x)
         finally:
-            self._busy = set()
+            self._busy.subtract(ids)
+            self._busy += Counter()  # drops the zeros
         self._renew([e.seq_id for e in kept], frame.origin)  # idle time counts from the frame's end
-        seconds = time.perf_counter() - t0
         self.metrics.stage_compute_seconds.observe(seconds)
         self.hop_ms.append(seconds * 1000)
         self._hop_tokens.append(sum(e.length for e in kept))
@@ -131,11 +155,13 @@ class Stage:
             return
         addr, _ = self.view.stage_of(index + 1)
         nxt = pb.Frame(frame_id=frame.frame_id, epoch=frame.epoch, seqs=kept, dtype=out.dtype,
-                       shape=list(out.shape), data=bytes(out.data), origin=frame.origin, hop_ms=hops,
+                       shape=list(out.shape), origin=frame.origin, hop_ms=hops,
                        failed_seqs=failed, error=error, error_code=code)
+        # the hidden states go onto the wire uncopied (a shard never writes a returned buffer again)
+        payload = memoryview(out.data).cast("B")
         if len(kept) == 1 and kept[0].length == 1:
-            self.bytes_per_token_hop = nxt.ByteSize()
-        await self.send_frame(addr, nxt)
+            self.bytes_per_token_hop = nxt.ByteSize() + len(payload) + 3  # + data's tag and length
+        await self.send_frame(addr, nxt, payload)
 
     def _check(self, frame: pb.Frame) -> tuple[LayerShard, int, list[pb.SeqEntry], np.ndarray | Hidden]:
         """Refuse a frame of another plan, for a peer that is no stage, or with inconsistent contents."""
@@ -163,10 +189,17 @@ class Stage:
             raise FrameError(grpc.StatusCode.INVALID_ARGUMENT, f"corrupt frame: {e}") from None
         return sh, index, entries, x
 
-    async def _forward(self, sh: LayerShard, frame: pb.Frame, entries: list[pb.SeqEntry],
-                       x: np.ndarray | Hidden) -> tuple[list[pb.SeqEntry], list[tuple[str, str]], Hidden | list[Sample]]:
+    async def _forward(self, sh: LayerShard, frame: pb.Frame, entries: list[pb.SeqEntry], x: np.ndarray | Hidden
+                       ) -> tuple[list[pb.SeqEntry], list[tuple[str, str]], Hidden | list[Sample], float]:
+        """The frame run on the compute thread, and its compute time there (not its wait for the
+        thread nor the hand-offs: those are the hop's, and frames behind others wait)."""
+        def timed() -> tuple[list[pb.SeqEntry], list[tuple[str, str]], Hidden | list[Sample], float]:
+            t0 = time.perf_counter()
+            kept, dropped, out = _run(sh, entries, x)
+            return kept, dropped, out, time.perf_counter() - t0
+
         try:
-            return await self.call(lambda: _run(sh, entries, x))
+            return await self.call(timed)
         except FrameError:
             raise
         except GroupError as e:  # a rank of this peer's group is gone: the stage is lost
@@ -182,16 +215,19 @@ class Stage:
             raise FrameError(grpc.StatusCode.INTERNAL,
                              f"{self.view.name} failed: {type(e).__name__}: {e}") from None
 
-    async def send_frame(self, address: str, frame: pb.Frame) -> None:
-        """Pass a frame to the stage at `address` (this one runs it in place); failures go to its origin."""
+    async def send_frame(self, address: str, frame: pb.Frame, payload: Payload = b"") -> None:
+        """Pass a frame (its hidden states in `payload`, if not in `data`) to the stage at `address`
+        (this one runs it in place); failures go to its origin."""
         if address == self.view.address:
+            if len(payload):
+                frame.data = bytes(payload)
             try:
                 await self.handle_frame(frame)
             except FrameError as e:
                 await self.fail(frame, e)
         else:
             try:
-                await self.links.stream(address, "Forward").send(frame)
+                await self.links.stream(address, "Forward").send(frame, payload)
             except ConnectionError as e:
                 await self.fail(frame, FrameError(grpc.StatusCode.UNAVAILABLE, str(e)))
 
