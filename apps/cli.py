@@ -154,6 +154,11 @@ def _add_join_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     j.add_argument("--cors-origin", default=None, help="allow browser calls from this origin (off by default)")
     j.add_argument("--max-kv-tokens", type=int, default=1 << 20,
                    help="cap on KV-cache tokens admitted at once (also bounded by the ring's memory)")
+    j.add_argument("--micro-batches", type=int, default=0, metavar="N",
+                   help="frames of this API peer in the ring at once, each carrying its own group of the "
+                        "running sequences (default 0: one per stage, so every stage has work)")
+    j.add_argument("--prefill-chunk", type=int, default=512, metavar="TOKENS",
+                   help="prompt tokens per frame: a long prompt goes in chunks between decode steps")
     j.add_argument("--seq-lease", type=float, default=60.0, metavar="SECONDS",
                    help="free a sequence's caches when no frame of it came for this long (its API peer is gone)")
     j.add_argument("--mesh", default="default", help="mesh name: peers of other meshes are ignored")

@@ -1,4 +1,5 @@
-"""The API peer's scheduler: continuous batching of every running sequence into one frame per step."""
+"""The API peer's scheduler: continuous batching of the running sequences into frames, up to one frame
+per stage in the ring at once (micro-batches), long prompts a chunk at a time."""
 
 from __future__ import annotations
 
@@ -6,20 +7,20 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import grpc
 
 from backends.errors import RequestError
-from backends.generation import Delta, Generation
+from backends.generation import Generation
 from backends.sampling import SamplingParams
 from backends.shard import Sample
 from backends.tokenizer import Tokenizer
 from backends.weights import Checkpoint
 from mesh.auth import MAX_MESSAGE_BYTES
+from mesh.batching import Flight, Request, group_size, pick
 from mesh.metrics import PeerMetrics
-from mesh.protocol import FrameError, params_to_pb
+from mesh.protocol import FrameError
 from protos import together_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ FAIL_FAST_S = 4.0  # how long stalled sequences wait for a reassignment before a
 MAX_FRAME_BYTES = MAX_MESSAGE_BYTES // 8  # a frame's share of the gRPC message limit, headers and all
 WIRE_VALUE_BYTES = 4  # hidden states travel as float32 at most
 FRAME_TIMEOUT_FLOOR_S = 10.0  # a lost frame is noticed after this, or a few step times if longer
+PREFILL_CHUNK = 512  # prompt tokens per frame: a long prompt never holds up decodes for longer
 PREFILL_GUESS_S = 0.02  # seconds per prefill token until one is measured (generous: no false timeouts)
 
 
@@ -61,39 +63,25 @@ class TooLarge(RequestError):
     """A request that can never fit in the ring's KV memory."""
 
 
-@dataclass
-class Request:
-    gen: Generation
-    queue: asyncio.Queue[Delta | Exception | None] = field(default_factory=asyncio.Queue)  # None: the end
-    fed: int = 0  # tokens of its history the ring's caches hold (0: the next frame (re)starts it)
-    cancelled: bool = False
-    adapter: str = ""
-    created: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
-    stalled_since: float | None = None  # when a failure paused it (for replay and its deadline)
-    stalled_at: float = 0.0
-    stalled_epoch: int = -1
-    deltas: list[Delta] = field(default_factory=list)  # kept for logprobs of non-streamed answers
-
-    @property
-    def seq_id(self) -> str:
-        return self.gen.seq_id
-
-
 class Scheduler:
-    """Admits requests into a queue (with a cap) and steps all running sequences together."""
+    """Admits requests into a queue (with a cap) and steps the running sequences in micro-batches."""
 
     def __init__(self, node: Ring, tok: Tokenizer, max_batch: int = 32, max_queue: int = 256,
                  max_prefill_tokens: int = 4096, max_kv_tokens: int = 1 << 20,
                  recovery_timeout: float = 30.0, max_frame_bytes: int = MAX_FRAME_BYTES,
-                 frame_timeout_floor: float = FRAME_TIMEOUT_FLOOR_S) -> None:
+                 frame_timeout_floor: float = FRAME_TIMEOUT_FLOOR_S, prefill_chunk: int = PREFILL_CHUNK,
+                 micro_batches: int = 0) -> None:
+        # micro_batches: frames in the ring at once (0: one per stage of the plan)
         self.node, self.tok, self.metrics = node, tok, node.metrics
         self.token_bytes = node.ck.config.hidden_size * WIRE_VALUE_BYTES + 8  # hidden row + its token id
         if max_frame_bytes < 4 * self.token_bytes + 4096:
             raise ValueError(f"max_frame_bytes {max_frame_bytes} cannot carry a frame of this model")
+        if prefill_chunk < 1 or micro_batches < 0:
+            raise ValueError("prefill_chunk must be at least 1 and micro_batches at least 0")
         self.max_frame_bytes, self.frame_timeout_floor = max_frame_bytes, frame_timeout_floor
-        self._in_flight: set[str] = set()  # sequences of the frame in the ring now
-        self._step_batch: list[Request] = []  # the requests of the step under way (they fail if it breaks)
+        self.prefill_chunk, self.micro_batches = prefill_chunk, micro_batches
+        self._flights: dict[int, asyncio.Task[None]] = {}  # frame id -> the task awaiting its Result
+        self._launches = 0
         self._s_per_token: float | None = None  # measured prefill time per token
         self.max_kv_tokens = max_kv_tokens
         self.max_batch, self.max_queue, self.max_prefill_tokens = max_batch, max_queue, max_prefill_tokens
@@ -104,21 +92,22 @@ class Scheduler:
         self._releases: set[asyncio.Task[int]] = set()  # held until done: the loop keeps only weak references
         self.recovery_timeout = recovery_timeout
         # recent windows for the web page's percentiles; the totals live in self.metrics
-        self.step_ms: list[float] = []  # wall time of each ring step
+        self.step_ms: list[float] = []  # wall time of each frame around the ring
         self.hop_overhead_ms: list[float] = []
 
     async def start(self) -> None:
         self._task = asyncio.ensure_future(self._loop())
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-        for t in list(self._releases):
-            t.cancel()
+        for t in [self._task, *self._flights.values()]:
+            if t is not None:
+                t.cancel()
+                try:
+                    await t
+                except (asyncio.CancelledError, Exception):
+                    pass
+        for rt in list(self._releases):
+            rt.cancel()
         for r in self.waiting + self.running:
             r.queue.put_nowait(RingUnavailable("the peer is shutting down"))
 
@@ -132,6 +121,10 @@ class Scheduler:
     @property
     def queue_depth(self) -> int:
         return len(self.waiting)
+
+    def slots(self) -> int:
+        """How many frames may be in the ring at once: one per stage, so each has one to compute."""
+        return self.micro_batches or max(1, len(self.node.plan.stages))
 
     def kv_budget(self) -> int:
         """Tokens of KV cache the ring can hold at once: the tightest stage's free memory after its
@@ -174,62 +167,92 @@ class Scheduler:
         req.cancelled = True
         if req in self.waiting:
             self.waiting.remove(req)
-        elif req in self.running and req.seq_id not in self._in_flight:
+        elif req in self.running:
             self.running.remove(req)
-            self._release([req.seq_id])
+            self._retire([req])
 
     async def _loop(self) -> None:
         while True:
-            if not self.waiting and not self.running:
-                self._wake.clear()
-                await self._wake.wait()
+            self._wake.clear()
             try:
-                await self._step()
-            except Exception as e:  # the loop outlives any bug: only the requests of this step fail
+                self._fill()
+            except Exception as e:  # the loop outlives any bug: only the requests of that frame fail
                 log.exception("a scheduler step failed")
-                self._fail([r for r in self._step_batch if r in self.running],
+                self._fail([r for r in self.running if r.ready],
                            RequestError(f"this request's step failed: {type(e).__name__}: {e}"))
                 await asyncio.sleep(0.05)
-            finally:
-                self._in_flight, self._step_batch = set(), []
-                gone = [r for r in self.running if r.cancelled]
-                for r in gone:
-                    self.running.remove(r)
-                if gone:
-                    self._release([r.seq_id for r in gone])
+            if not self.waiting and not self.running and not self._flights:
+                await self._wake.wait()
+            elif self._flights and len(self._flights) >= self.slots():
+                await self._wake.wait()  # a frame coming back wakes the loop
+            else:  # waiting on a plan, or sequences that could not go this time: look again shortly
+                try:
+                    await asyncio.wait_for(self._wake.wait(), 0.05)
+                except asyncio.TimeoutError:
+                    pass
 
-    async def _step(self) -> None:
-        """One frame around the ring for every running sequence (long prompts a chunk at a time)."""
+    def _fill(self) -> None:
+        """Send frames until every slot of the ring is taken or no sequence is ready to go."""
         if not self._ready_to_step():
-            await asyncio.sleep(0.05)
             return
         self._admit()
-        batch = [r for r in self.running if not r.cancelled]
-        if not batch:
-            return
-        self._step_batch = batch
-        frame, fed = self._frame(batch)
-        if not fed:
-            return
-        batch = [r for r in batch if r.seq_id in fed]
-        self._in_flight = set(fed)
-        tokens, t0 = sum(fed.values()), time.perf_counter()
+        while len(self._flights) < self.slots():
+            live = sum(1 for r in self.running if not r.cancelled)
+            seqs, tokens, fed, bad = pick(self.running, group_size(live, self.slots()),
+                                          self.max_frame_bytes - 1024, self.prefill_chunk, self.token_bytes)
+            for r, err in bad:
+                self._fail([r], err)
+            if not fed:
+                return
+            frame = pb.Frame(frame_id=self.node.new_frame_id(), seqs=seqs, tokens=tokens)
+            for r, n in fed:
+                r.sent += n
+                r.inflight += 1
+            self._launches += 1
+            fl = Flight(frame, [(r, r.incarnation, n) for r, n in fed], sum(n for _, n in fed),
+                        alone=not self._flights, launch_no=self._launches)
+            self._flights[frame.frame_id] = asyncio.ensure_future(self._fly(fl))
+
+    async def _fly(self, fl: Flight) -> None:
+        """One frame around the ring, then its tokens to their requests (failures to theirs alone)."""
         try:
-            result = await self.node.run_frame(frame, timeout=self._deadline(tokens))
+            result = await self.node.run_frame(fl.frame, timeout=self._deadline(fl.tokens))
         except FrameError as e:
             result = pb.Result(error=str(e), error_code=e.code.value[0])
-        wall = time.perf_counter() - t0
-        failed = set(result.failed_seqs) or ({r.seq_id for r in batch} if result.error else set())
-        hit = [r for r in batch if r.seq_id in failed and not r.cancelled]
+        except Exception as e:  # the loop outlives any bug: only this frame's requests fail
+            log.exception("a frame failed on its way round the ring")
+            result = pb.Result(error=f"this request's step failed: {type(e).__name__}: {e}",
+                               error_code=grpc.StatusCode.INTERNAL.value[0])
+        finally:
+            self._flights.pop(fl.frame.frame_id, None)
+            for r, _, _ in fl.entries:
+                r.inflight -= 1
+            self._wake.set()
+        live = [(r, n) for r, inc, n in fl.entries if inc == r.incarnation and not r.ended]
+        try:
+            self._land(fl, result, live)
+        except Exception as e:
+            log.exception("a scheduler step failed")
+            self._fail([r for r, _ in live if r in self.running],
+                       RequestError(f"this request's step failed: {type(e).__name__}: {e}"))
+        finally:
+            self._retire([r for r, _, _ in fl.entries])
+
+    def _land(self, fl: Flight, result: pb.Result, live: list[tuple[Request, int]]) -> None:
+        wall = time.perf_counter() - fl.t0
+        failed = set(result.failed_seqs) or ({r.seq_id for r, _ in live} if result.error else set())
+        hit = [r for r, _ in live if r.seq_id in failed and not r.cancelled]
         if hit and result.error_code in RETRYABLE:
             self._stall(hit, result.error)
         elif hit:
             self._fail(hit, RequestError(result.error))
-        ok = [r for r in batch if r.seq_id not in failed]
-        for r in ok:
-            r.fed += fed[r.seq_id]
+        ok = [r for r, n in live if r.seq_id not in failed]
+        for r, n in live:
+            if r.seq_id not in failed:
+                r.fed += n
         if ok:
-            self._measure(ok, result, wall * 1000, tokens)
+            clean = fl.alone and fl.launch_no == self._launches  # no other frame shared the ring with it
+            self._measure(result, wall * 1000, fl.tokens, clean)
             self._dispatch(ok, result)
 
     def _deadline(self, tokens: int) -> float:
@@ -240,11 +263,11 @@ class Scheduler:
         per_token = self._s_per_token if self._s_per_token is not None else PREFILL_GUESS_S
         return max(self.frame_timeout_floor, 4 * step) + 4 * tokens * per_token
 
-    def _measure(self, batch: list[Request], result: pb.Result, wall: float, tokens: int) -> None:
+    def _measure(self, result: pb.Result, wall: float, tokens: int, clean: bool) -> None:
         if tokens >= 32:  # a prefill: its time per token sizes the next long frame's deadline
             rate = wall / 1000 / tokens
             self._s_per_token = rate if self._s_per_token is None else 0.7 * self._s_per_token + 0.3 * rate
-        if tokens == 1 and result.hop_ms:
+        if tokens == 1 and result.hop_ms and clean:
             # what the ring adds on top of compute, per network hop, for one-token frames
             stages = self.node.plan.stages
             hops = len(result.hop_ms) - (1 if stages and stages[0].node_id == self.node.node_id else 0)
@@ -268,7 +291,8 @@ class Scheduler:
                 log.warning("sequence %s stalled (%s); it resumes when the ring is whole again", r.seq_id, why)
             r.stalled_epoch = self.node.plan.epoch
             r.stalled_at = now
-            r.fed = 0  # the next frames carry its whole history and rebuild the caches
+            r.fed = r.sent = 0  # the next frames carry its whole history and rebuild the caches
+            r.incarnation += 1  # frames of it still in the ring come back stale
 
     def _ready_to_step(self) -> bool:
         """False while stalled sequences wait for a new plan; fails them when no recovery comes."""
@@ -306,43 +330,9 @@ class Scheduler:
             kv_free -= need
             self.running.append(self.waiting.pop(0))
 
-    def _frame(self, batch: list[Request]) -> tuple[pb.Frame, dict[str, int]]:
-        """The step's frame and how many tokens of each sequence it feeds: decodes first, then prompts
-        and replays in chunks, all under the frame's byte budget and the step's prefill budget."""
-        seqs: list[pb.SeqEntry] = []
-        tokens: list[int] = []
-        fed: dict[str, int] = {}
-        room, prefill = self.max_frame_bytes - 1024, self.max_prefill_tokens
-        for r in sorted(batch, key=lambda r: len(r.gen.all_tokens) - r.fed > 1):  # decodes first
-            g = r.gen
-            history = g.all_tokens
-            start = r.fed == 0
-            head = 64 + (5 * len(history) + 64 if start else 0)  # entry, with the sampler and history
-            todo = len(history) - r.fed
-            n = todo if todo == 1 else min(todo, prefill, (room - head) // self.token_bytes)
-            if n < 1 or room < head + n * self.token_bytes:
-                continue  # no room left in this frame: it goes on next step
-            e = pb.SeqEntry(seq_id=g.seq_id, offset=r.fed, length=n, more=r.fed + n < len(history))
-            if start:  # first chunk, or a replay's: (re)create the caches
-                try:
-                    e.sampling.CopyFrom(params_to_pb(g.params))
-                except Exception as err:  # parameters that cannot go on the wire fail this request alone
-                    log.exception("cannot send %s into the ring", g.seq_id)
-                    self._fail([r], RequestError(f"cannot send this request into the ring: {err}"))
-                    continue
-                e.start, e.adapter = True, r.adapter
-                e.history.extend(history)
-            if todo > 1:
-                prefill -= n
-            room -= head + n * self.token_bytes
-            seqs.append(e)
-            tokens.extend(history[r.fed:r.fed + n])
-            fed[g.seq_id] = n
-        return pb.Frame(frame_id=self.node.new_frame_id(), seqs=seqs, tokens=tokens), fed
-
     def _dispatch(self, batch: list[Request], result: pb.Result) -> None:
         by_id = {tr.seq_id: tr for tr in result.results}
-        done: list[str] = []
+        done: list[Request] = []
         for r in batch:
             if r.cancelled or r.fed < len(r.gen.all_tokens):
                 continue  # dropped by its client, or more chunks of its prompt to go
@@ -359,9 +349,9 @@ class Scheduler:
             if r.gen.finished:
                 r.queue.put_nowait(None)
                 self.running.remove(r)
-                done.append(r.seq_id)
-        if done:
-            self._release(done)
+                r.ended = True
+                done.append(r)
+        self._retire(done)
 
     def _deliver(self, r: Request, tr: pb.TokenResult) -> None:
         if r.stalled_since is not None:
@@ -384,8 +374,20 @@ class Scheduler:
         for r in batch:
             if r in self.running:
                 self.running.remove(r)
+            r.ended = True
             r.queue.put_nowait(err)
-        self._release([r.seq_id for r in batch])
+        self._retire(batch)
+
+    def _retire(self, reqs: list[Request]) -> None:
+        """Free the caches of sequences that ended or were cancelled, once no frame carries them (a
+        release could overtake a frame in flight, or one that creates them again)."""
+        gone = [r for r in reqs if (r.ended or r.cancelled) and not r.inflight and not r.released]
+        for r in gone:
+            r.released = True
+            if r in self.running:
+                self.running.remove(r)
+        if gone:
+            self._release([r.seq_id for r in gone])
 
     def _release(self, seq_ids: list[str]) -> None:
         """Free finished or failed sequences' caches on every stage, without holding up the step."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from concurrent.futures import ThreadPoolExecutor
 import time
 
 import pytest
@@ -58,8 +59,8 @@ def torch_peer(c, name, *args, api=False):
 
 def test_kill_the_middle_stage_a_standby_takes_over_then_the_survivors_and_the_text_is_unchanged(
         embedded_path):
-    """Three stages plus a standby, a greedy 200-token stream, SIGKILL of the middle stage halfway:
-    the standby takes its layers. Then the same with no standby left: the survivors take them.
+    """Three stages plus a standby, a greedy 200-token stream (first alone, then beside two others,
+    one micro-batch each), SIGKILL of the middle stage halfway: the standby takes its layers. Then the same with no standby left: the survivors take them.
     (A clean leave mid-answer is covered by the coordinator's Ctrl-C test below.)"""
     c = Cluster(str(embedded_path))
     try:
@@ -74,7 +75,10 @@ def test_kill_the_middle_stage_a_standby_takes_over_then_the_survivors_and_the_t
         wait_log(spare, "standing by")
         want, _ = stream_text(a, 200)
         cb, st = kill_at(c.peers["b"], 100)
-        got, finish = stream_text(a, 200, cb)
+        with ThreadPoolExecutor(2) as ex:  # three streams: three micro-batches in the ring when b dies
+            others = [ex.submit(stream_text, a, 200) for _ in range(2)]
+            got, finish = stream_text(a, 200, cb)
+            assert [f.result() for f in others] == [(want, "length")] * 2
         assert "t" in st and got == want and finish == "length"
         m = wait_log(a, r"resumed after ([0-9.]+) s")
         assert float(m.group(1)) < 20

@@ -236,7 +236,8 @@ def test_long_prompts_and_replays_go_in_chunks_under_the_frame_budget(embedded, 
     ring = FakeRing(embedded, fault)
 
     async def main() -> list[tuple[list[Delta], Exception | None]]:
-        sched = Scheduler(ring, tokenizer, max_frame_bytes=budget, max_prefill_tokens=1 << 20)
+        sched = Scheduler(ring, tokenizer, max_frame_bytes=budget, max_prefill_tokens=1 << 20,
+                          prefill_chunk=1 << 20)
         await sched.start()
         try:
             reqs = [sched.submit([7] * 6000, SamplingParams(temperature=0, max_tokens=40))]
