@@ -119,7 +119,8 @@ async def mesh_view(request: web.Request) -> web.Response:
                       "held": [p.start, p.end] if p.start >= 0 else None,
                       "ready": bool(p.ready and st and (p.start, p.end) == (st.start, st.end)),
                       "free_memory": p.free_memory, "coordinator": p.node_id == node.plan.coordinator,
-                      "tokens_per_s": round(p.tokens_per_s, 2),
+                      "tokens_per_s": round(p.tokens_per_s, 2), "dtype": p.dtype,
+                      "weight_format": p.weight_format, "layer_ms": round(p.layer_ms, 3),
                       "adapters": [a for a in p.adapters.split(",") if a], "tp_group": p.tp_group,
                       "standby": st is None})
     hop = sched.hop_overhead_ms

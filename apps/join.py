@@ -25,10 +25,12 @@ OPEN_MESH = ("warning: no mesh key: this mesh is open to anyone on the network (
 
 
 def render_plan(plan: pb.Plan, me: str = "") -> str:
-    """The live table: peers, their layers, the coordinator and the ring's state."""
+    """The live table: peers (what each runs: backend, dtype, weight format, measured ms per layer),
+    their layers, the coordinator and the ring's state."""
     stages = {s.node_id: s for s in plan.stages}
     ranks = {n: (s, r) for s in plan.stages for r, n in enumerate(s.tp_members) if r > 0}
-    rows = [("", "peer", "backend", "layers", "memory", "address", "state", "adapters")]
+    rows = [("", "peer", "backend", "dtype", "weights", "ms/layer", "layers", "memory", "address", "state",
+             "adapters")]
     for p in sorted(plan.peers, key=lambda p: (stages[p.node_id].start if p.node_id in stages else 1 << 30,
                                                 p.name)):
         st = stages.get(p.node_id)
@@ -43,8 +45,9 @@ def render_plan(plan: pb.Plan, me: str = "") -> str:
         elif p.tp_group and not st:
             state = f"waiting for tp group {p.tp_group}"
         mark = ("C" if p.node_id == plan.coordinator else " ") + ("*" if p.node_id == me else " ")
-        rows.append((mark, p.name, p.backend, layers, f"{p.free_memory / 2**30:.2f} GiB", p.address, state,
-                     p.adapters.replace(",", " ") or "-"))
+        speed = f"{p.layer_ms:.2f}" if p.layer_ms > 0 else "-"  # measured on its backend as it started
+        rows.append((mark, p.name, p.backend, p.dtype or "-", p.weight_format or "-", speed, layers,
+                     f"{p.free_memory / 2**30:.2f} GiB", p.address, state, p.adapters.replace(",", " ") or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     ring = "complete" if plan.complete else f"incomplete ({plan.missing})"
@@ -82,6 +85,9 @@ def _node_config(a: argparse.Namespace) -> NodeConfig:
     if a.tp_group and a.adapter:
         raise TogetherError("LoRA adapters are not supported on a tensor-parallel stage: drop --adapter "
                             "or --tp-group")
+    if a.micro_batches < 0 or a.prefill_chunk < 1:
+        raise TogetherError(f"--micro-batches {a.micro_batches} / --prefill-chunk {a.prefill_chunk}: use "
+                            f"--micro-batches 0 (one per stage) or more, and --prefill-chunk 1 or more")
     if a.tp_group and not a.mesh_key:
         from mesh.tpgroup import TP_NEEDS_KEY
 
@@ -105,7 +111,8 @@ async def _start_api(a: argparse.Namespace, node: Node, tok: Tokenizer) -> web.A
     from apps.api import make_app
     from mesh.scheduler import Scheduler
 
-    node.scheduler = sched = Scheduler(node, tok, max_kv_tokens=a.max_kv_tokens)
+    node.scheduler = sched = Scheduler(node, tok, max_kv_tokens=a.max_kv_tokens, prefill_chunk=a.prefill_chunk,
+                                       micro_batches=a.micro_batches)
     runner = web.AppRunner(make_app(node, sched, api_key=a.api_key, cors_origin=a.cors_origin), access_log=None)
     await runner.setup()
     try:
@@ -116,6 +123,16 @@ async def _start_api(a: argparse.Namespace, node: Node, tok: Tokenizer) -> web.A
                             f"pick another --api-port") from None
     node.api_address = f"{a.api_host}:{a.api_port}"
     return runner
+
+
+def _runs(node: Node) -> str:
+    """What this peer runs and how fast, e.g. "torch bfloat16 int4/g32, 0.82 ms per layer (measured in 0.4 s)"."""
+    sp = node.speed
+    if sp is None:
+        later = node.cfg.layers or node.cfg.tp_group  # its range does not wait for its speed
+        return f"{node.cfg.backend} {node.dtype}, speed " + ("measured once its layers load" if later else "not measured")
+    return (f"{node.cfg.backend} {sp.dtype} {sp.weight_format}, {sp.layer_ms:.2f} ms per layer "
+            f"(measured in {sp.seconds:.1f} s)")
 
 
 async def run_join(a: argparse.Namespace) -> int:
@@ -138,7 +155,7 @@ async def run_join(a: argparse.Namespace) -> int:
         await node.start()
         if not cfg.mesh_key:
             print(OPEN_MESH, file=sys.stderr, flush=True)
-        print(f"{node.name} joined mesh {a.mesh!r} at {node.address} ({cfg.backend}): {node.claim_reason}"
+        print(f"{node.name} joined mesh {a.mesh!r} at {node.address} ({_runs(node)}): {node.claim_reason}"
               + (f"; API on http://{node.api_address}" if runner else ""), file=sys.stderr, flush=True)
         await stop.wait()
         print(f"{node.name} leaving the mesh", file=sys.stderr, flush=True)

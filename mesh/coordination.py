@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 STEPPED_DOWN = "this peer stopped coordinating; ask the new coordinator"
 PEER_TIMEOUT_S = 3.0  # a peer silent this long is gone: its layers are reassigned
 LOST_MEMORY_S = 600.0  # how long a coordinator keeps asking after dropped peers (partitions heal)
+MEASURE_WAIT_S = 4.0  # how long a batch of claims waits for peers still timing their layers
+STARTING_S = 30.0  # a peer started this recently and silent about its speed may still be measuring
 
 Range = tuple[int, int] | None
 
@@ -38,6 +40,7 @@ class CoordinatorRole:
         self.layer_map: LayerMap | None = None  # only while this peer coordinates
         self._claim_batch: list[tuple[pb.PeerInfo, asyncio.Future[tuple[Range, str]]]] = []
         self._claim_timer: asyncio.TimerHandle | None = None
+        self._claim_since = 0.0  # when the batch's window opened (loop time)
         self._gone: dict[str, tuple[str, float]] = {}  # dropped peers: node id -> (address, when)
         self._finding = False  # a find_lost round is under way
 
@@ -171,6 +174,7 @@ class CoordinatorRole:
             fut: asyncio.Future[tuple[Range, str]] = loop.create_future()
             self._claim_batch.append((info, fut))
             if self._claim_timer is None:
+                self._claim_since = loop.time()
                 self._claim_timer = loop.call_later(self.claim_window_s, self._settle_claims)
             rng, reason = await fut
             if self.layer_map is None:
@@ -181,8 +185,13 @@ class CoordinatorRole:
                             end=rng[1] if rng else -1, plan=self._map().plan())
 
     def _settle_claims(self) -> None:
-        batch, self._claim_batch, self._claim_timer = self._claim_batch, [], None
         lm = self.layer_map
+        loop = asyncio.get_running_loop()
+        if lm is not None and self._measuring(lm) and loop.time() - self._claim_since < MEASURE_WAIT_S:
+            # a peer that started with these is still timing its layers: its claim is on the way
+            self._claim_timer = loop.call_later(0.25, self._settle_claims)
+            return
+        batch, self._claim_batch, self._claim_timer = self._claim_batch, [], None
         if lm is None:  # stepped down while the claims waited: their peers ask the new coordinator
             for _, fut in batch:
                 if not fut.done():
@@ -193,6 +202,14 @@ class CoordinatorRole:
         for info, fut in batch:
             if not fut.done():
                 fut.set_result(out[info.node_id])
+
+    def _measuring(self, lm: LayerMap) -> bool:
+        """A peer that started moments ago, holds and claims nothing yet and has not reported its
+        speed: it started with the claiming peers and is still measuring (backends/measure.py)."""
+        skip = {info.node_id for info, _ in self._claim_batch} | {s[0] for s in lm.stages}
+        infos = {**self.view.known, **{n: m.info for n, m in lm.members.items()}}  # members' are fresher
+        return any(i.layer_ms <= 0 and not i.tp_group and n not in skip and time.time() - i.started_at < STARTING_S
+                   for n, i in infos.items())
 
     async def leave(self, node_id: str) -> pb.Plan:
         if self.layer_map is not None and node_id in self.layer_map.members:

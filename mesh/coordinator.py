@@ -77,16 +77,17 @@ class LayerMap:
         return rng, reason
 
     def claim_together(self, infos: list[pb.PeerInfo]) -> dict[str, tuple[tuple[int, int] | None, str]]:
-        """Several peers claiming at once: split in proportion to memory and speed when nothing
-        is claimed yet, else one after another."""
+        """Several peers claiming at once: split by measured speed (stage times balanced, the last
+        stage's head counted) within what fits when nothing is claimed yet, else one after another."""
         for i in infos:
             self.upsert(i)
         out: dict[str, tuple[tuple[int, int] | None, str]] = {}
         if not self.stages and len(infos) > 1:
             ref = max(self._bytes(i) for i in infos)
             # normalise memory to a common layer size so backends with smaller layers count more
-            peers = [(i.node_id, int(i.free_memory) * ref // self._bytes(i), i.layer_ms or 1.0)
-                     for i in infos]
+            peers: list[placement.Peer] = [
+                (i.node_id, int(i.free_memory) * ref // self._bytes(i), i.layer_ms or 1.0, i.head_ms)
+                for i in infos]
             stages = placement.split_proportional(self.num_layers, ref, self.kv_reserve, peers)
             if stages:
                 self.stages = stages

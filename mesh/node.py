@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 import uuid
@@ -21,6 +22,7 @@ import grpc
 
 from backends.errors import TogetherError
 from backends.lora import Adapter, module_dims, open_adapter
+from backends.measure import Speed, measure_speed
 from backends.shard import (LayerShard, backend_module, default_dtype, estimate_layer_bytes, load_shard,
                             resolve_device)
 from backends.tokenizer import Tokenizer
@@ -29,7 +31,7 @@ from mesh.auth import add_port, make_server
 from mesh.coordination import PEER_TIMEOUT_S, CoordinatorRole
 from mesh.coordinator import LayerMap
 from mesh.discovery import Discovery, primary_address
-from mesh.host import free_memory, measure_layer_ms, open_fds
+from mesh.host import free_memory, open_fds
 from mesh.links import Peers
 from mesh.membership import HEARTBEAT_S, Membership
 from mesh.metrics import PeerMetrics
@@ -50,6 +52,7 @@ __all__ = ["Node", "NodeConfig", "FrameError", "params_to_pb", "params_from_pb",
            "HEARTBEAT_S", "PEER_TIMEOUT_S", "VERSION"]
 VERSION = "0.1.0"
 KV_RESERVE_TOKENS = 4096
+log = logging.getLogger("together.node")
 
 
 @dataclass
@@ -96,10 +99,10 @@ class Node:
         self.device = resolve_device(cfg.backend, cfg.device)  # a GPU that is not there fails here
         # bytes per layer depend on the dtype, which on auto depends on the device (bf16 on CUDA)
         self.dtype = cfg.dtype if cfg.dtype != "auto" else default_dtype(cfg.backend, checkpoint, self.device)
-        self.layer_bytes = estimate_layer_bytes(checkpoint, cfg.backend, self.dtype)
-        self.head_bytes = estimate_layer_bytes(checkpoint, cfg.backend, self.dtype, head=True)
-        kv_reserve = checkpoint.config.kv_bytes_per_token(4) * KV_RESERVE_TOKENS
-        self.layer_ms = measure_layer_ms(checkpoint)
+        self.layer_bytes = estimate_layer_bytes(checkpoint, cfg.backend, self.dtype, device=self.device)
+        self.head_bytes = estimate_layer_bytes(checkpoint, cfg.backend, self.dtype, head=True, device=self.device)
+        self.kv_reserve = kv_reserve = checkpoint.config.kv_bytes_per_token(4) * KV_RESERVE_TOKENS
+        self.speed: Speed | None = None  # measured on this peer's backend as it starts (`_measure`)
 
         # the address others reach this peer at: the one given, else the LAN's
         self.view = PlanView(self.node_id, self.name, primary_address() if self._wide() else cfg.host,
@@ -168,6 +171,11 @@ class Node:
         if not self.view.port:
             raise TogetherError(f"cannot listen on {bind}:{cfg.port}; pick another --port (or --host)")
         await self._server.start()
+        # pay the backend's one-time imports now, so a standby that takes over a stage loads in a second;
+        # a claim sized by speed also waits for this peer's speed, timed while the peers settle
+        fits = self.info().free_memory >= self.layer_bytes + self.kv_reserve
+        by_speed = fits and not (cfg.layers or cfg.tp_group)
+        measuring = self.tasks.spawn(self.stage.call(self._measure if by_speed else self._warm))
         self.view.known[self.node_id] = self.info()
         if cfg.mdns:
             self._discovery = Discovery(self.node_id, cfg.mesh, bind, self.port, self._txt(),
@@ -178,13 +186,27 @@ class Node:
             await self.membership.probe_manual(addr)
         await asyncio.sleep(cfg.settle_s)
         self.tasks.spawn(self.membership.heartbeat_loop())  # before loading, or the coordinator thinks we died
-        # pay the backend's one-time imports now, so a standby that takes over a stage loads in a second
-        if cfg.backend == "torch":
-            from backends.torch.model import warm
-            self.tasks.spawn(self.stage.call(warm))
-        else:
-            self.tasks.spawn(self.stage.call(lambda: backend_module(cfg.backend, "shard")))
+        if by_speed:
+            await measuring
         await self.membership.enter_mesh()
+        if not by_speed:  # its claim does not depend on its speed: time it once it is in
+            self.tasks.spawn(self.stage.call(self._measure))
+
+    def _warm(self) -> None:
+        if self.cfg.backend == "torch":
+            from backends.torch.model import warm
+            warm()
+        else:
+            backend_module(self.cfg.backend, "shard")
+
+    def _measure(self) -> None:
+        """This peer's speed per layer on its backend, dtype, device and threads (compute thread)."""
+        cfg = self.cfg
+        self._warm()
+        try:
+            self.speed = measure_speed(cfg.backend, self.ck, self.dtype, self.device, cfg.threads)
+        except Exception as e:  # loading the real layers will say what is wrong; until then: unmeasured
+            log.warning("could not measure this peer's speed (%s); placement counts it at 1 ms per layer", e)
 
     async def stop(self) -> None:
         """Leave cleanly: release the layers, unregister, close streams."""
@@ -200,12 +222,14 @@ class Node:
 
     def info(self) -> pb.PeerInfo:
         """This peer as the others see it."""
-        sh, cfg = self.stage.shard, self.cfg
+        sh, cfg, sp = self.stage.shard, self.cfg, self.speed
         lo, hi = (sh.start, sh.end) if sh else (-1, -1)
         free = cfg.max_memory if cfg.max_memory is not None else free_memory()
         return pb.PeerInfo(
             node_id=self.node_id, name=self.name, address=self.address, backend=cfg.backend,
-            free_memory=max(0, free - self.head_bytes), layer_ms=self.layer_ms,
+            free_memory=max(0, free - self.head_bytes), dtype=sh.dtype if sh else self.dtype,
+            layer_ms=sp.layer_ms if sp else 0.0, head_ms=sp.head_ms if sp else 0.0,
+            weight_format=sh.weight_format if sh else sp.weight_format if sp else "",
             started_at=self.started_at, api=self.api_address, version=VERSION,
             model=cfg.model, start=lo, end=hi, ready=sh is not None,
             layer_bytes=self.layer_bytes,

@@ -137,52 +137,61 @@ def _speed(layer_ms: float) -> float:
     return 1.0 / layer_ms if layer_ms > 0 else 1.0
 
 
-def _shares(total: int, weights: list[float], caps: list[int]) -> list[int]:
-    """Split `total` in proportion to weights, capped per peer (water-filling), in integers."""
-    alloc = [0] * len(weights)
-    active = [i for i, c in enumerate(caps) if c > 0 and weights[i] > 0]
-    remaining = total
-    while active and remaining > 0:
-        w = sum(weights[i] for i in active)
-        capped = [i for i in active if remaining * weights[i] / w >= caps[i]]
-        if not capped:
-            exact = {i: remaining * weights[i] / w for i in active}
-            for i in active:
-                alloc[i] = math.floor(exact[i])
-            leftover = remaining - sum(alloc[i] for i in active)
-            # Largest remainder first; ties go to the earlier peer so the result is deterministic.
-            for i in sorted(active, key=lambda i: (-(exact[i] - alloc[i]), i))[:leftover]:
-                alloc[i] += 1
-            break
-        for i in capped:
-            alloc[i] = caps[i]
-            remaining -= caps[i]
-        active = [i for i in active if i not in capped]
-    return alloc
+Peer = tuple[str, int, float] | tuple[str, int, float, float]  # (node_id, free_memory, layer_ms[, head_ms])
 
 
 def split_proportional(
     num_layers: int,
     layer_bytes: int,
     kv_reserve: int,
-    peers: Sequence[tuple[str, int, float]],
+    peers: Sequence[Peer],
 ) -> list[Stage]:
-    """Split [0, num_layers) among peers (node_id, free_memory, layer_ms) claiming at once.
+    """Split [0, num_layers) among peers (node_id, free_memory, layer_ms[, head_ms]) claiming at once.
 
-    Shares follow capacity (layers that fit, up to num_layers) times speed (1 / layer_ms);
-    nobody gets more than fits. Stages are contiguous, in the given order, and cover
-    [0, num_layers) when total capacity allows (else [0, capacity)). Peers left out stand by.
+    Stage times are balanced: a stage takes its layers times its peer's layer_ms, plus head_ms if
+    it is the last, so a peer twice as fast gets about twice the layers; nobody gets more than
+    fits. The last stage goes to the peer that makes the slowest stage fastest (ties: the given
+    order), the others keep the given order. Stages are contiguous and cover [0, num_layers) when
+    total capacity allows (else [0, capacity)). Peers left out stand by.
     """
-    caps = [min(num_layers, layers_that_fit(free, layer_bytes, kv_reserve)) for _, free, _ in peers]
-    weights = [cap * _speed(ms) for cap, (_, _, ms) in zip(caps, peers)]
-    alloc = _shares(num_layers, weights, caps)
+    caps = [min(num_layers, layers_that_fit(p[1], layer_bytes, kv_reserve)) for p in peers]
+    ms = [1.0 / _speed(p[2]) for p in peers]
+    heads = [max(0.0, p[3]) if len(p) == 4 and math.isfinite(p[3]) else 0.0 for p in peers]
+    best: tuple[float, int, list[int]] | None = None
+    for last in reversed(range(len(peers))):  # the given order's last first: it wins ties
+        if caps[last] < 1:
+            continue
+        alloc = _balance(num_layers, caps, ms, heads, last)
+        if alloc[last] < 1:
+            continue
+        span = max(n * m + (heads[i] if i == last else 0.0) for i, (n, m) in enumerate(zip(alloc, ms)))
+        if best is None or span < best[0]:
+            best = (span, last, alloc)
+    if best is None:
+        return []
+    _, last, alloc = best
     stages: list[Stage] = []
     cursor = 0
-    for (node_id, _, _), n in zip(peers, alloc):
-        if n > 0:
-            stages.append((node_id, cursor, cursor + n))
-            cursor += n
+    for i in [i for i in range(len(peers)) if i != last] + [last]:
+        if alloc[i] > 0:
+            stages.append((peers[i][0], cursor, cursor + alloc[i]))
+            cursor += alloc[i]
     return stages
+
+
+def _balance(num_layers: int, caps: list[int], ms: list[float], heads: list[float], last: int) -> list[int]:
+    """Layers per peer, one at a time to the peer that would finish it soonest (ties: the earlier
+    peer), with `last` starting `heads[last]` late: for equal layers, the fastest slowest stage."""
+    alloc = [0] * len(caps)
+    busy = [heads[i] if i == last else 0.0 for i in range(len(caps))]
+    for _ in range(num_layers):
+        room = [i for i in range(len(caps)) if alloc[i] < caps[i]]
+        if not room:
+            break
+        i = min(room, key=lambda i: (busy[i] + ms[i], i))
+        alloc[i] += 1
+        busy[i] += ms[i]
+    return alloc
 
 
 Candidate = tuple[str, int, float, Range | None]  # (node_id, free_memory, layer_ms, current range)

@@ -115,7 +115,7 @@ class Ack(_message.Message):
     def __init__(self) -> None: ...
 
 class PeerInfo(_message.Message):
-    __slots__ = ("node_id", "name", "address", "backend", "free_memory", "layer_ms", "started_at", "api", "version", "model", "start", "end", "tp_group", "ready", "layer_bytes", "adapters", "tokens_per_s", "tp_size", "tp_address")
+    __slots__ = ("node_id", "name", "address", "backend", "free_memory", "layer_ms", "started_at", "api", "version", "model", "start", "end", "tp_group", "ready", "layer_bytes", "adapters", "tokens_per_s", "tp_size", "tp_address", "dtype", "weight_format", "head_ms")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +135,9 @@ class PeerInfo(_message.Message):
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     TP_SIZE_FIELD_NUMBER: _ClassVar[int]
     TP_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    HEAD_MS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     address: str
@@ -154,7 +157,10 @@ class PeerInfo(_message.Message):
     tokens_per_s: float
     tp_size: int
     tp_address: str
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., backend: _Optional[str] = ..., free_memory: _Optional[int] = ..., layer_ms: _Optional[float] = ..., started_at: _Optional[float] = ..., api: _Optional[str] = ..., version: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., tp_group: _Optional[str] = ..., ready: _Optional[bool] = ..., layer_bytes: _Optional[int] = ..., adapters: _Optional[str] = ..., tokens_per_s: _Optional[float] = ..., tp_size: _Optional[int] = ..., tp_address: _Optional[str] = ...) -> None: ...
+    dtype: str
+    weight_format: str
+    head_ms: float
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., backend: _Optional[str] = ..., free_memory: _Optional[int] = ..., layer_ms: _Optional[float] = ..., started_at: _Optional[float] = ..., api: _Optional[str] = ..., version: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., tp_group: _Optional[str] = ..., ready: _Optional[bool] = ..., layer_bytes: _Optional[int] = ..., adapters: _Optional[str] = ..., tokens_per_s: _Optional[float] = ..., tp_size: _Optional[int] = ..., tp_address: _Optional[str] = ..., dtype: _Optional[str] = ..., weight_format: _Optional[str] = ..., head_ms: _Optional[float] = ...) -> None: ...
 
 class Assignment(_message.Message):
     __slots__ = ("node_id", "start", "end", "tp_members")

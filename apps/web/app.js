@@ -294,6 +294,8 @@ function peerBox(p, stage, mesh) {
   item("layers", layers ? `[${layers[0]}, ${layers[1]})` : "none", "layers");
   item("memory", p ? gib(p.free_memory) : "?", "memory");
   item("speed", p && p.tokens_per_s ? `${p.tokens_per_s} tok/s` : "–", "speed");
+  if (p && p.dtype) item("runs", `${p.dtype} · ${p.weight_format || p.dtype}`, "runs");
+  if (p && p.layer_ms) item("layer", `${p.layer_ms.toFixed(2)} ms`, "layer-ms");
   if (stage && stage.address) item("at", stage.address, "address");
   box.append(d);
 

@@ -191,10 +191,12 @@ def test_gaps_standby_and_untrusted_names_render_safely(page):
                       "end": 30, "ready": False}],
             "peers": [{"node_id": "n1", "name": "<b>x</b>", "backend": "mlx", "address": "a:1", "api": "a:9",
                        "layers": [0, 10], "ready": True, "free_memory": 3 * 2**30, "coordinator": True,
-                       "tokens_per_s": 12.5, "standby": False},
+                       "tokens_per_s": 12.5, "standby": False, "dtype": "float32", "weight_format": "float32",
+                       "layer_ms": 8.96},
                       {"node_id": "n2", "name": "two", "backend": "torch", "address": "a:2", "api": "",
                        "layers": [20, 30], "ready": False, "free_memory": 2**30, "coordinator": False,
-                       "tokens_per_s": 0, "standby": False},
+                       "tokens_per_s": 0, "standby": False, "dtype": "bfloat16", "weight_format": "int4/g32",
+                       "layer_ms": 0.823},
                       {"node_id": "n3", "name": "spare", "backend": "torch", "address": "a:3", "api": "",
                        "layers": None, "ready": True, "free_memory": 2**31, "coordinator": False,
                        "tokens_per_s": 0, "standby": True}],
@@ -223,6 +225,11 @@ def test_gaps_standby_and_untrusted_names_render_safely(page):
     assert page.text_content("#ring .gap") == "layers [10, 20) missing"
     assert page.get_attribute(".peer[data-name=two]", "data-state") == "loading"
     assert "3.00 GiB" in page.text_content(".peer[data-name='<b>x</b>']")
+    # what each peer runs and its measured time per layer; a peer that has not said shows neither
+    assert page.text_content(".peer[data-name=two] .runs") == "runs bfloat16 · int4/g32"
+    assert page.text_content(".peer[data-name=two] .layer-ms") == "layer 0.82 ms"
+    assert page.text_content(".peer[data-name='<b>x</b>'] .runs") == "runs float32 · float32"
+    assert page.locator(".peer[data-name=spare] .runs").count() == 0
     assert page.get_attribute("#standby .peer", "data-name") == "spare"
     assert "no peer holds layers [10, 20)" in page.text_content("#banner")
     assert page.eval_on_selector_all("#model option", "os => os.map(o => o.value)") == ["/m/smollm2.gguf", "other"]

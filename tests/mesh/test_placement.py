@@ -164,7 +164,8 @@ def test_split_uneven_memory_uneven_ranges_that_fit() -> None:
     assert covers(stages)
     sizes = {n: e - s for n, s, e in stages}
     assert sizes["a"] <= 6 and sizes["b"] <= 12
-    assert sizes["a"] < sizes["b"] < sizes["c"]
+    # equal speeds: equal stages where memory allows; memory caps a (and b just fits c's share)
+    assert sizes == {"a": 6, "b": 12, "c": 12}
     for node, free, _ in peers:
         assert sizes[node] * ONE <= free
 
@@ -210,6 +211,44 @@ def test_split_unmeasured_speed_and_determinism() -> None:
 
 def test_split_no_peers() -> None:
     assert split_proportional(N, LAYER, KV, []) == []
+
+
+def test_split_by_measured_speed_twice_as_fast_gets_twice_the_layers() -> None:
+    # ms per layer as backends/measure.py reports them here: float32 vs bfloat16 with int4 weights
+    stages = split_proportional(N, LAYER, KV, [("f32", 30 * ONE, 1.64), ("int4", 30 * ONE, 0.82)])
+    assert stages == [("f32", 0, 10), ("int4", 10, 30)]
+    # memory permitting: the fast peer fits 12 layers, the slow one takes the rest
+    stages = split_proportional(N, LAYER, KV, [("f32", 30 * ONE, 1.64), ("int4", 12 * ONE, 0.82)])
+    assert stages == [("f32", 0, 18), ("int4", 18, 30)]
+
+
+def test_split_counts_the_head_of_the_last_stage() -> None:
+    # equal peers whose head costs 8 layers: stage times 19 and 11 + 8, not 15 and 15 + 8
+    stages = split_proportional(N, LAYER, KV, [("a", 30 * ONE, 1.0, 8.0), ("b", 30 * ONE, 1.0, 8.0)])
+    assert stages == [("a", 0, 19), ("b", 19, 30)]
+    # three peers: the last stage's share shrinks by the head, the others split the rest evenly
+    three = split_proportional(N, LAYER, KV, [(n, 30 * ONE, 1.0, 6.0) for n in "abc"])
+    assert three == [("a", 0, 12), ("b", 12, 24), ("c", 24, 30)]
+
+
+def test_split_gives_the_last_stage_to_the_peer_whose_head_costs_least() -> None:
+    # b's head is cheap (2 ms), a's dear (20 ms): b ends the ring (16 + 0 vs 14 + 2), whatever the order
+    for peers in ([("b", 30 * ONE, 1.0, 2.0), ("a", 30 * ONE, 1.0, 20.0)],
+                  [("a", 30 * ONE, 1.0, 20.0), ("b", 30 * ONE, 1.0, 2.0)]):
+        assert split_proportional(N, LAYER, KV, peers) == [("a", 0, 16), ("b", 16, 30)]
+
+
+def test_layer_map_splits_peers_claiming_together_by_their_reported_speed() -> None:
+    from mesh.coordinator import LayerMap
+    from protos import together_pb2 as pb
+
+    def peer(n: str, layer_ms: float, head_ms: float) -> pb.PeerInfo:
+        return pb.PeerInfo(node_id=n, name=n, backend="torch", free_memory=30 * ONE, layer_bytes=LAYER,
+                           layer_ms=layer_ms, head_ms=head_ms, start=-1, end=-1)
+
+    lm = LayerMap("m", N, "x", KV)
+    got = lm.claim_together([peer("slow", 2.0, 16.0), peer("fast", 1.0, 8.0)])
+    assert got["slow"][0] == (0, 13) and got["fast"][0] == (13, 30)  # 26 ms and 17 + 8 = 25 ms
 
 
 # ------------------------------------------------------------------ reassign

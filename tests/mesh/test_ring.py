@@ -4,6 +4,7 @@ driven through the official openai client."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import grpc
@@ -65,6 +66,13 @@ def test_three_peers_split_by_memory_and_answer_like_one_process(ring, embedded,
     for s in stages:  # never more than fits
         p = peers[s.node_id]
         assert (s.end - s.start) * p.layer_bytes <= p.free_memory, (p.name, s)
+    # each peer's speed, measured on its backend as it joined, travels in its PeerInfo to Status and the table
+    for p in peers.values():
+        assert p.layer_ms > 0 and p.head_ms > 0 and (p.dtype, p.weight_format) == ("float32", "float32"), p
+    from apps.join import render_plan
+
+    assert len(re.findall(r"torch\s+float32\s+float32\s+\d+\.\d\d\s+\[", render_plan(st.plan))) == 3
+    assert re.search(r"torch float32 float32, \d+\.\d\d ms per layer \(measured in", api.log()), api.log()[-2000:]
 
     oa = client(api)
     for q in QUESTIONS:
@@ -219,7 +227,7 @@ def test_mixed_ring_with_manual_peers_and_pinned_layers(embedded_path, embedded,
 def test_a_peer_that_cannot_hold_one_layer_gets_none_and_says_why(embedded_path):
     c = Cluster(str(embedded_path))
     try:
-        p = c.add("tiny", "--backend", "torch", "--max-memory", "120MB", "--no-mdns")
+        p = c.add("tiny", "--backend", "torch", "--dtype", "float32", "--max-memory", "120MB", "--no-mdns")
         deadline = time.time() + 60
         while "not enough memory for one layer" not in p.log() and time.time() < deadline:
             time.sleep(0.5)
