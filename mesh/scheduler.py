@@ -260,8 +260,20 @@ class Scheduler:
         (with a floor), plus a few times the measured prefill time of its tokens."""
         recent = sorted(self.step_ms[-32:])
         step = recent[len(recent) // 2] / 1000 if recent else 0.0
-        per_token = self._s_per_token if self._s_per_token is not None else PREFILL_GUESS_S
+        per_token = self._s_per_token if self._s_per_token is not None else self._prefill_guess()
         return max(self.frame_timeout_floor, 4 * step) + 4 * tokens * per_token
+
+    def _prefill_guess(self) -> float:
+        """Seconds per prompt token before one is measured: the ring's measured decode step (each
+        peer's layer time over its stage, plus the head), which bounds a prompt token's share of a
+        chunk, so a slow ring (MLX on a CPU) does not time out its first prompt."""
+        plan = self.node.plan
+        peers = {p.node_id: p for p in plan.peers}
+        step_ms = sum((st.end - st.start) * peers[st.node_id].layer_ms for st in plan.stages
+                      if st.node_id in peers)
+        if plan.stages and plan.stages[-1].node_id in peers:
+            step_ms += peers[plan.stages[-1].node_id].head_ms
+        return max(PREFILL_GUESS_S, step_ms / 1000)
 
     def _measure(self, result: pb.Result, wall: float, tokens: int, clean: bool) -> None:
         if tokens >= 32:  # a prefill: its time per token sizes the next long frame's deadline

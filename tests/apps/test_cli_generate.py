@@ -74,6 +74,7 @@ def test_hub_id_without_network_is_a_clear_error():
     _one_line_error(r, "could not download 'HuggingFaceTB/SmolLM2-360M-Instruct' from the Hugging Face hub")
 
 
+@pytest.mark.slow  # five CLI processes, each importing torch
 def test_device_is_wired_through_and_a_missing_gpu_is_a_clear_error(embedded_path):
     import torch
 

@@ -305,3 +305,16 @@ def serve_params(ring: FakeRing, tokenizer, jobs: list[tuple[list[int], Sampling
             await sched.stop()
 
     return asyncio.run(main())
+
+
+def test_a_slow_ring_gets_a_first_prompt_deadline_from_its_measured_speed(embedded, tokenizer) -> None:
+    """Before any prompt is timed, a frame's deadline follows the peers' measured layer times: a
+    ring at 0.2 s per decode step (MLX on a busy CPU) must not time out a 90-token first prompt."""
+    ring = FakeRing(embedded)
+    n = embedded.config.num_hidden_layers
+    sched = Scheduler(ring, tokenizer)
+    fast = sched._deadline(90)
+    ring.plan.peers.append(pb.PeerInfo(node_id="e" * 32, layer_ms=200 / n, head_ms=0.0))
+    slow = sched._deadline(90)
+    assert fast < 18  # the old fixed guess
+    assert slow >= 4 * 90 * 0.2
