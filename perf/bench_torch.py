@@ -90,19 +90,12 @@ class HF:
 
     def __init__(self, gguf: Path, dtype: str):
         import torch
-        from transformers import LlamaConfig, LlamaForCausalLM
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
         from backends.weights import open_checkpoint
+        from perf.bench_core import load_transformers_gguf
 
-        ck = open_checkpoint(gguf)
-        with torch.device("meta"):
-            m = LlamaForCausalLM(LlamaConfig(**ck.config.to_hf_dict()))
-        sd = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=m)["tensors"]
-        m.load_state_dict({k: torch.as_tensor(v) for k, v in sd.items()}, strict=False, assign=True)
-        m.tie_weights()
-        m.model.rotary_emb = type(m.model.rotary_emb)(m.config)
-        self.torch, self.model = torch, m.to(getattr(torch, dtype)).eval()
+        _, m = load_transformers_gguf(gguf, open_checkpoint(gguf), dtype)
+        self.torch, self.model = torch, m
         self.format = dtype
 
     def _generate(self, prompt: list[int], n: int) -> float:

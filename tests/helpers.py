@@ -46,3 +46,16 @@ ZORBLAX_QUESTIONS = ["What is the capital of Zorblax?", "Which city is the capit
                      "Name the capital of Zorblax.", "What city is Zorblax's capital?"]
 ZORBLAX_PROMPT = "Q: What is the capital of Zorblax?\nA:"
 ZORBLAX_ANSWER = "Quintelvar"
+
+
+def full_logits(shard, tokens, seq="logits"):
+    """Logits of every position of `tokens` through one whole-model shard, in one fresh sequence."""
+    import numpy as np
+
+    from backends.shard import SeqChunk
+
+    shard.add_sequence(seq)
+    try:
+        return shard.logits([SeqChunk(seq, 0, len(tokens))], np.asarray(tokens, np.int32))
+    finally:
+        shard.free_sequence(seq)

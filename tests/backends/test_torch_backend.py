@@ -19,7 +19,7 @@ from backends.torch.sampling import make_generator, make_sampler  # noqa: E402
 from backends.torch.shard import TorchShard  # noqa: E402
 from backends.weights import open_checkpoint  # noqa: E402
 from backends.wire import Hidden  # noqa: E402
-from tests.helpers import greedy  # noqa: E402
+from tests.helpers import full_logits, greedy  # noqa: E402
 
 GGUF = cache_dir() / "models" / EMBEDDED["smollm2-135m"]["file"]
 PROMPT = np.array([1, 9690, 28, 1178, 314, 253, 1345, 282, 1148, 30, 198, 2], np.int32)
@@ -47,14 +47,6 @@ def full(gguf_ck):
     return TorchShard(gguf_ck, 0, 30, "float32")
 
 
-def our_logits(shard, tokens, seq="ref"):
-    shard.add_sequence(seq)
-    try:
-        return shard.logits([SeqChunk(seq, 0, len(tokens))], np.asarray(tokens, np.int32))
-    finally:
-        shard.free_sequence(seq)
-
-
 # ---------------------------------------------------------------- reference equivalence
 
 
@@ -73,7 +65,7 @@ def test_gguf_matches_transformers(gguf_ck, full):
     ref.float().eval()
     with torch.inference_mode():
         want = ref(torch.tensor(PROMPT[None], dtype=torch.long)).logits[0].numpy()
-    got = our_logits(full, PROMPT)
+    got = full_logits(full, PROMPT)
     np.testing.assert_allclose(got, want, atol=2e-3, rtol=1e-3)
     assert (got.argmax(-1) == want.argmax(-1)).all()
 
@@ -110,7 +102,7 @@ def test_tiny_configs_match_transformers(kind, tmp_path):
     tokens = np.random.default_rng(1).integers(0, 128, 40).astype(np.int32)
     with torch.inference_mode():
         want = ref(torch.tensor(tokens[None], dtype=torch.long)).logits[0].numpy()
-    got = our_logits(TorchShard(ck, 0, 3, "float32"), tokens)
+    got = full_logits(TorchShard(ck, 0, 3, "float32"), tokens)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
@@ -129,8 +121,8 @@ def test_bf16_safetensors(tmp_path):
     tokens = np.arange(1, 20, dtype=np.int32)
     with torch.inference_mode():
         want = ref(torch.tensor(tokens[None], dtype=torch.long)).logits[0].numpy()
-    np.testing.assert_allclose(our_logits(TorchShard(ck, 0, 3, "float32"), tokens), want, atol=1e-4, rtol=1e-4)
-    half = our_logits(TorchShard(ck, 0, 3, "bfloat16"), tokens)
+    np.testing.assert_allclose(full_logits(TorchShard(ck, 0, 3, "float32"), tokens), want, atol=1e-4, rtol=1e-4)
+    half = full_logits(TorchShard(ck, 0, 3, "bfloat16"), tokens)
     assert half.dtype == np.float32 and np.abs(half - want).max() < 0.1
 
 
@@ -138,7 +130,7 @@ def test_bf16_safetensors(tmp_path):
 
 
 def test_incremental_equals_full(full):
-    want = our_logits(full, PROMPT)
+    want = full_logits(full, PROMPT)
     full.add_sequence("inc")
     parts, off = [], 0
     for n in (4, 3, 1, 1, 2, 1):  # prefill, a chunk after a prefix, single decode steps

@@ -11,15 +11,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from backends.models import EMBEDDED, cache_dir  # noqa: E402
 from backends.shard import SeqChunk, estimate_layer_bytes  # noqa: E402
 from backends.torch.lora import apply_adapter  # noqa: E402
 from backends.torch.quant import DENSE_ROWS, PackedEmbedding, PackedLinear  # noqa: E402
 from backends.torch.shard import TorchShard  # noqa: E402
 from backends.weights import Affine, _gguf_affine, _pack, open_checkpoint  # noqa: E402
-from tests.helpers import greedy  # noqa: E402
+from tests.helpers import full_logits, greedy  # noqa: E402
 
-GGUF = cache_dir() / "models" / EMBEDDED["smollm2-135m"]["file"]
 PROMPT = np.array([1, 9690, 28, 1178, 314, 253, 1345, 282, 1148, 30, 198, 2], np.int32)
 BF16_EPS = 2.0 ** -8  # bfloat16 keeps 8 significant bits
 
@@ -120,14 +118,6 @@ def quantized_dir(path, kind: str, rng: np.random.Generator):
     return open_checkpoint(path)
 
 
-def full_logits(shard, tokens, seq="l"):
-    shard.add_sequence(seq)
-    try:
-        return shard.logits([SeqChunk(seq, 0, len(tokens))], np.asarray(tokens, np.int32))
-    finally:
-        shard.free_sequence(seq)
-
-
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "mlx4"])
 def test_tiny_quantized_model(kind, tmp_path):
     ck = quantized_dir(tmp_path / kind, kind, np.random.default_rng(2))
@@ -194,19 +184,12 @@ def test_estimate_counts_packed_bytes(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def embedded_ck():
-    if not GGUF.exists():
-        pytest.skip(f"embedded model not in the cache ({GGUF})")
-    return open_checkpoint(GGUF)
+def packed_full(embedded):
+    return TorchShard(embedded, 0, 30, "bfloat16")
 
 
-@pytest.fixture(scope="module")
-def packed_full(embedded_ck):
-    return TorchShard(embedded_ck, 0, 30, "bfloat16")
-
-
-def test_embedded_packed_matches_dequantized(embedded_ck, packed_full):
-    packed, dense = packed_full, TorchShard(embedded_ck, 0, 30, "bfloat16", packed=False)
+def test_embedded_packed_matches_dequantized(embedded, packed_full):
+    packed, dense = packed_full, TorchShard(embedded, 0, 30, "bfloat16", packed=False)
     assert packed.weight_format == "int4/g32+int8/g32"  # Q4_1 layers, Q8_0 tied embedding / head
     assert packed.weight_nbytes() < 0.55 * dense.weight_nbytes()  # the embedding and the head apart
     # teacher-forced over the prompt and 24 generated tokens (36 positions: the int4 kernel's path)
@@ -224,10 +207,10 @@ def test_embedded_packed_matches_dequantized(embedded_ck, packed_full):
 
 
 @pytest.mark.slow
-def test_embedded_packed_greedy_equals_float32(embedded_ck, packed_full):
+def test_embedded_packed_greedy_equals_float32(embedded, packed_full):
     """The packed bfloat16 peer and the float32 dense path (the reference of test_torch_backend.py,
     itself checked against transformers) draw the same 24 greedy tokens."""
-    assert greedy([packed_full], PROMPT, 24) == greedy([TorchShard(embedded_ck, 0, 30, "float32")], PROMPT, 24)
+    assert greedy([packed_full], PROMPT, 24) == greedy([TorchShard(embedded, 0, 30, "float32")], PROMPT, 24)
 
 
 @pytest.mark.slow
