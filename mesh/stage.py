@@ -221,10 +221,7 @@ class Stage:
         if address == self.view.address:
             if len(payload):
                 frame.data = bytes(payload)
-            try:
-                await self.handle_frame(frame)
-            except FrameError as e:
-                await self.fail(frame, e)
+            await self._run_or_fail(frame)
         else:
             try:
                 await self.links.stream(address, "Forward").send(frame, payload)

@@ -171,3 +171,24 @@ def test_a_frame_that_breaks_on_its_way_fails_alone_and_the_next_one_runs(tiny_c
         st.close()
 
     asyncio.run(go())
+
+
+def test_a_frame_run_in_place_that_breaks_fails_alone_at_once(tiny_ck):
+    """The API peer's own stage 0 runs its frames in place (send_frame to itself, in a spawned task):
+    an unexpected error there reaches the origin as this frame's INTERNAL failure at once, instead
+    of escaping the task and leaving the origin to wait for its deadline."""
+    class Broken(FakeLinks):
+        def stream(self, address, kind):
+            class S(FakeStream):
+                async def send(self, msg, payload=b""):
+                    raise RuntimeError("a bug on the way out")
+            return S(self, address, kind)
+
+    async def go():
+        st, delivered, _ = make_stage(two_stage_view(), Broken(), torch_shard(tiny_ck, 0, 2))
+        await st.send_frame(st.view.address, chunk(1, [1, 2], 0, start=True, seq="x"))
+        assert [(r.frame_id, r.error_code, list(r.failed_seqs)) for r in delivered] == [
+            (1, grpc.StatusCode.INTERNAL.value[0], ["x"])]
+        st.close()
+
+    asyncio.run(go())
