@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -19,6 +20,7 @@ from backends.errors import RequestError
 from backends.sampling import SamplingParams
 from mesh.node import Node
 from mesh.scheduler import QueueFull, Request, RingUnavailable, Scheduler, TooLarge
+from protos import together_pb2 as pb
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -122,7 +124,7 @@ async def mesh_view(request: web.Request) -> web.Response:
                       "tokens_per_s": round(p.tokens_per_s, 2), "dtype": p.dtype,
                       "weight_format": p.weight_format, "layer_ms": round(p.layer_ms, 3),
                       "adapters": [a for a in p.adapters.split(",") if a], "tp_group": p.tp_group,
-                      "standby": st is None})
+                      "standby": st is None, "weights": p.weights, "links": links_view(node, p)})
     hop = sched.hop_overhead_ms
     return web.json_response({
         "model": node.cfg.model, "epoch": node.plan.epoch, "complete": node.plan.complete,
@@ -134,8 +136,31 @@ async def mesh_view(request: web.Request) -> web.Response:
                       "step_ms_p50": _pct(sched.step_ms, 0.5),
                       "hop_overhead_ms_p50": _pct(hop, 0.5), "hop_overhead_ms_p90": _pct(hop, 0.9),
                       "hop_samples": len(hop)},
-        "bytes_per_token_hop": node.bytes_per_token_hop,
+        "bytes_per_token_hop": node.bytes_per_token_hop, "speed": speed_view(node, sched),
     })
+
+
+def links_view(node: Node, p: pb.PeerInfo) -> list[dict[str, Any]]:
+    """A peer's measured links (mesh/linkprobe.py): to whom, round trip, throughput, age."""
+    names = {q.node_id: q.name for q in node.plan.peers}
+    now = time.time()
+    return [{"to": ln.node_id, "to_name": names.get(ln.node_id, ln.node_id[:8]), "rtt_ms": round(ln.rtt_ms, 3),
+             "mbps": round(ln.mbps, 1), "age_s": round(max(0.0, now - ln.measured_at), 1)}
+            for ln in sorted(p.links, key=lambda ln: names.get(ln.node_id, ln.node_id))]
+
+
+def speed_view(node: Node, sched: Scheduler) -> dict[str, Any]:
+    """The plan's predicted decode tokens/s (null until the coordinator predicts one) next to the measured
+    one: one stream's decode, 1000 / the median wall time of this API peer's recent one-token frames
+    alone in the ring (null before any)."""
+    plan, recent = node.plan, sched.decode_ms[-16:]
+    predicted, prefill = plan.predicted_tokens_per_s, plan.predicted_prefill_tokens_per_s
+    step = _pct(recent, 0.5)
+    return {"predicted_tokens_per_s": round(predicted, 2) if predicted > 0 else None,
+            "predicted_prefill_tokens_per_s": round(prefill, 2) if prefill > 0 else None,
+            "limit": plan.limit,
+            "measured_tokens_per_s": round(1000 / step, 2) if step else None, "measured_steps": len(recent),
+            "measured": "one stream's decode: 1000 / median wall ms of the last one-token frames alone in the ring"}
 
 
 async def models(request: web.Request) -> web.Response:
@@ -323,6 +348,7 @@ def make_app(node: Node, sched: Scheduler, api_key: str | None = None,
     if cors_origin:
         app.on_response_prepare.append(cors_headers(cors_origin))
     _gauges(node, sched)
+    node.view.on_ring_change.append(sched.decode_ms.clear)  # measured speed belongs to the ring it measured
 
     async def scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
         await sched.start()

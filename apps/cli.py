@@ -178,6 +178,13 @@ def _add_join_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
                    help="serve one stage together with the other peers of this tensor-parallel group")
     j.add_argument("--tp-size", type=int, default=None, metavar="N",
                    help="peers in the --tp-group, at least 2 (default 2)")
+    j.add_argument("--placement", choices=["measured", "memory"], default="measured",
+                   help="how the coordinator splits peers that start together: measured (default: by their "
+                        "measured speeds and links, see `together plan`) or memory (by free memory alone)")
+    j.add_argument("--link-delay-ms", type=float, default=0.0, metavar="MS",
+                   help="test only: every message this peer sends to another peer arrives MS ms later "
+                        "(order and throughput kept), to imitate a slow link")
+    j.add_argument("--weight-faults", default="", help=argparse.SUPPRESS)  # test only: mesh.weights.Faults
     j.set_defaults(func=cmd_join)
 
 
@@ -220,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     from apps.lora import add_parser as add_lora
 
     add_lora(sub)
+
+    from apps.plan import add_parser as add_plan
+
+    add_plan(sub)
 
     f = sub.add_parser("fetch", help="fetch a model into the cache and print its path")
     f.add_argument("--model", default="smollm2-135m")

@@ -36,6 +36,8 @@ def render_plan(plan: pb.Plan, me: str = "") -> str:
         st = stages.get(p.node_id)
         layers = f"[{st.start}, {st.end})" if st else "standby"
         state = "ready" if p.ready and st else ("loading" if st else "standby")
+        if p.weights:  # fetching its slice from peers: what it waits for
+            state += f" ({p.weights})"
         if st is not None and st.tp_members:
             layers += f" tp {p.tp_group} rank 0/{len(st.tp_members)}"
         elif p.node_id in ranks:  # a rank > 0 of a tensor-parallel stage: part of that one stage
@@ -57,7 +59,7 @@ def render_plan(plan: pb.Plan, me: str = "") -> str:
 
 def _node_config(a: argparse.Namespace) -> NodeConfig:
     """The peer's settings from the command line, checked (the model resolved to a path)."""
-    from backends.models import model_label, resolve_model
+    from backends.models import local_model, model_label
     from backends.shard import available_backends
     from mesh.node import NodeConfig
     from mesh.placement import parse_size
@@ -85,6 +87,8 @@ def _node_config(a: argparse.Namespace) -> NodeConfig:
     if a.tp_group and a.adapter:
         raise TogetherError("LoRA adapters are not supported on a tensor-parallel stage: drop --adapter "
                             "or --tp-group")
+    if not 0 <= a.link_delay_ms <= 60_000:
+        raise TogetherError(f"--link-delay-ms {a.link_delay_ms}: use 0 (no delay) to 60000")
     if a.micro_batches < 0 or a.prefill_chunk < 1:
         raise TogetherError(f"--micro-batches {a.micro_batches} / --prefill-chunk {a.prefill_chunk}: use "
                             f"--micro-batches 0 (one per stage) or more, and --prefill-chunk 1 or more")
@@ -96,12 +100,13 @@ def _node_config(a: argparse.Namespace) -> NodeConfig:
         max_memory = parse_size(a.max_memory) if a.max_memory else None
     except ValueError as e:
         raise TogetherError(f"--max-memory: {e}") from None
-    path = resolve_model(a.model)
-    return NodeConfig(model=model_label(a.model), model_path=str(path), backend=backend, host=a.host,
+    path = local_model(a.model)  # else from a peer, else from PyPI / the hub (`_model_path`)
+    return NodeConfig(model=model_label(a.model), model_path=str(path or ""), backend=backend, host=a.host,
                      port=a.port, mesh=a.mesh, mesh_key=a.mesh_key, peers=list(a.peer), name=a.name,
                      max_memory=max_memory, layers=layers, dtype=a.dtype, wire_dtype=a.wire_dtype, device=a.device,
                      threads=a.threads, mdns=not a.no_mdns, adapters=list(a.adapter),
                      tp_group=a.tp_group, tp_size=tp_size if a.tp_group else 0, seq_lease=a.seq_lease,
+                     link_delay_ms=a.link_delay_ms, placement=a.placement, weight_faults=a.weight_faults,
                      settle_s=a.settle if not a.no_mdns else 0.0,
                      interfaces=[a.host] if a.host not in ("0.0.0.0", "") else None)
 
@@ -135,16 +140,42 @@ def _runs(node: Node) -> str:
             f"(measured in {sp.seconds:.1f} s)")
 
 
+async def _model_path(cfg: NodeConfig, a: argparse.Namespace) -> list[str]:
+    """A model not on this disk: from a peer of the mesh that has it (its headers now, the tensors of the
+    layers this peer gets later), else from PyPI or the hub. Sets cfg.model_path; the peers that serve it."""
+    from backends.errors import ModelError
+    from backends.models import resolve_model
+    from mesh.supply import model_from_mesh
+
+    why: dict[str, str] = {}
+    found = await model_from_mesh(cfg, wait_s=max(3.0, a.settle), why=why)
+    if found is not None:
+        print(f"{cfg.model}: not on this disk; taking it from the mesh ({', '.join(found[1])})",
+              file=sys.stderr, flush=True)
+        cfg.model_path = str(found[0])
+        return found[1]
+    try:
+        cfg.model_path = str(resolve_model(a.model))
+    except ModelError as e:
+        where = "no --peer given and mDNS off" if not (cfg.peers or cfg.mdns) else "no peer found serves it" + (
+            ": " + "; ".join(f"{k}: {v}" for k, v in why.items()) if why else "")
+        raise TogetherError(f"{e}; nor could a peer of mesh {cfg.mesh!r} give {cfg.model!r} ({where}): start "
+                            f"a peer that has the model, or pass --peer HOST:PORT of one") from None
+    return []
+
+
 async def run_join(a: argparse.Namespace) -> int:
     from backends.tokenizer import Tokenizer
     from backends.weights import open_checkpoint
     from mesh.node import Node
 
     cfg = _node_config(a)
+    seeds = await _model_path(cfg, a) if not cfg.model_path else []
     ck = open_checkpoint(cfg.model_path)
     # only a peer that serves the API tokenizes; the others skip loading transformers
     tok = Tokenizer.from_checkpoint(ck) if a.api_port is not None else None
-    node = Node(cfg, ck, tok)
+    node = Node(cfg, ck, tok, seeds=seeds)
+    node.supply.say = lambda line: print(line, file=sys.stderr, flush=True)
     node.on_plan.append(lambda plan: print(render_plan(plan, node.node_id), file=sys.stderr, flush=True))
     runner = await _start_api(a, node, tok) if tok is not None else None
     stop = asyncio.Event()
@@ -184,5 +215,7 @@ async def run_status(a: argparse.Namespace) -> int:
 
         print(json.dumps(MessageToDict(st), indent=2))
     else:
-        print(render_plan(st.plan, st.peer.node_id))
+        from mesh.linkprobe import render_links
+
+        print(render_plan(st.plan, st.peer.node_id) + "\n" + render_links(st.plan))
     return 0

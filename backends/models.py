@@ -119,6 +119,22 @@ def resolve_model(name: str | None, start: int | None = None, end: int | None = 
     return hub_download(name, start, end)
 
 
+def local_model(name: str | None) -> Path | None:
+    """The model on this disk already, fetching nothing: the embedded model in the cache, a local path,
+    or a copy received from peers (cache_dir()/mesh/LABEL, possibly partial: used as is)."""
+    name = name or DEFAULT_MODEL
+    if name in EMBEDDED:
+        dest = cache_dir() / "models" / EMBEDDED[name]["file"]
+        if dest.exists():
+            return dest
+    elif (p := Path(name).expanduser()).exists():
+        return p
+    from backends.manifest import LocalCopy  # (imports this module)
+
+    copy = LocalCopy.of(model_label(name))
+    return copy.path if copy.manifest is not None and not copy.headers_missing() else None
+
+
 def model_label(name: str | None) -> str:
     """Short display name of a model argument (as /v1/models lists it)."""
     name = name or DEFAULT_MODEL

@@ -356,20 +356,21 @@ def sealed_request(mesh_key: MeshKey, method: str, node: str, msg: Message) -> M
     return msg if key is None else sealed(key, method, node, msg)
 
 
-
 def make_channel(
     address: str,
     mesh_key: MeshKey,
     node_id: str,
     *,
     options: Options = (),
+    interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> grpc.aio.Channel:
     """A grpc.aio channel to `address`: with a mesh key, mutual TLS on the key's certificates and
     every call and message signed; without one, plaintext. Close it with `await channel.close()`.
+    `interceptors` run first (outermost), e.g. the test-only link delay of mesh/links.py.
     """
     key = _key_bytes(mesh_key)
     opts = list(CHANNEL_OPTIONS) + list(options)
-    explain = cast(list[grpc.aio.ClientInterceptor], [ExplainRefusal(key is not None)])
+    explain = list(interceptors) + cast(list[grpc.aio.ClientInterceptor], [ExplainRefusal(key is not None)])
     # hidden states don't compress; gzip only adds latency
     if key is None:
         return grpc.aio.insecure_channel(address, options=opts, compression=grpc.Compression.NoCompression,

@@ -31,9 +31,11 @@ Range = tuple[int, int] | None
 
 class CoordinatorRole:
     def __init__(self, view: PlanView, links: Peers, tasks: TaskSet, model: str, num_layers: int,
-                 kv_reserve: int, claim_window_s: float, rejoin: Callable[[], None]) -> None:
+                 kv_reserve: int, claim_window_s: float, rejoin: Callable[[], None], hidden_size: int = 0,
+                 placement: str = "measured") -> None:
         # rejoin: claim again under the other coordinator after this one stepped down
         self.view, self.links, self.tasks = view, links, tasks
+        self.hidden_size, self.placement = hidden_size, placement  # the planner's (mesh/planner.py)
         self.model, self.kv_reserve, self.claim_window_s = model, kv_reserve, claim_window_s
         self._rejoin = rejoin
         self.num_layers = num_layers
@@ -58,7 +60,7 @@ class CoordinatorRole:
     def become(self, epoch: int) -> None:
         """Coordinate from what this peer knows (the first peer of a mesh)."""
         self.layer_map = LayerMap.rebuild(self.model, self.num_layers, self.view.node_id, self.kv_reserve,
-                                          list(self.view.known.values()), epoch)
+                                          list(self.view.known.values()), epoch, self.hidden_size, self.placement)
         log.info("%s coordinates the mesh", self.view.name)
         self.view.set_plan(self.layer_map.plan())
 
@@ -70,14 +72,14 @@ class CoordinatorRole:
             self._gone[old.node_id] = (old.address, time.monotonic())
         self.view.known = {r.node_id: r for r in reports}
         self.layer_map = LayerMap.rebuild(self.model, self.num_layers, self.view.node_id, self.kv_reserve,
-                                          reports, self.view.plan.epoch + 1)
+                                          reports, self.view.plan.epoch + 1, self.hidden_size, self.placement)
         self.reassign(set())
         await self.publish()
 
     async def take_handover(self, plan: pb.Plan) -> None:
         """The old coordinator left cleanly and named this peer its heir."""
         log.warning("%s takes over as coordinator (handed over)", self.view.name)
-        self.layer_map = LayerMap.from_plan(plan, self.kv_reserve)
+        self.layer_map = LayerMap.from_plan(plan, self.kv_reserve, self.hidden_size, self.placement)
         self.layer_map.epoch += 1
         await self.publish()
 
@@ -187,8 +189,10 @@ class CoordinatorRole:
     def _settle_claims(self) -> None:
         lm = self.layer_map
         loop = asyncio.get_running_loop()
-        if lm is not None and self._measuring(lm) and loop.time() - self._claim_since < MEASURE_WAIT_S:
-            # a peer that started with these is still timing its layers: its claim is on the way
+        if lm is not None and (self._measuring(lm) or self._probing(lm)) \
+                and loop.time() - self._claim_since < MEASURE_WAIT_S:
+            # a peer that started with these is still timing its layers or its links: its claim (or
+            # its links, for the planner) is on the way
             self._claim_timer = loop.call_later(0.25, self._settle_claims)
             return
         batch, self._claim_batch, self._claim_timer = self._claim_batch, [], None
@@ -198,7 +202,7 @@ class CoordinatorRole:
                     fut.set_result((None, STEPPED_DOWN))
             return
         batch.sort(key=lambda b: (b[0].started_at, b[0].node_id))
-        out = lm.claim_together([b[0] for b in batch])
+        out = lm.claim_together([self._fresh(lm, b[0]) for b in batch])
         for info, fut in batch:
             if not fut.done():
                 fut.set_result(out[info.node_id])
@@ -210,6 +214,32 @@ class CoordinatorRole:
         infos = {**self.view.known, **{n: m.info for n, m in lm.members.items()}}  # members' are fresher
         return any(i.layer_ms <= 0 and not i.tp_group and n not in skip and time.time() - i.started_at < STARTING_S
                    for n, i in infos.items())
+
+    def _probing(self, lm: LayerMap) -> bool:
+        """Peers here measure links (some reported one), and a peer that started moments ago and
+        holds nothing lacks a link to another such peer: it is still probing, and its claim (or, for
+        a peer of the batch, its links) is on the way (mesh/linkprobe.py measures before claiming)."""
+        infos = {**self.view.known, **{n: m.info for n, m in lm.members.items()}}
+        infos.update({i.node_id: self._fresh(lm, i) for i, _ in self._claim_batch})
+        if len(self._claim_batch) < 1 or not any(i.links for i in infos.values()):
+            return False
+        held = {s[0] for s in lm.stages}
+        recent = [i for i in infos.values() if not i.tp_group and i.node_id not in held
+                  and time.time() - i.started_at < STARTING_S]
+        ids = {i.node_id for i in recent}
+        return len(ids) > 1 and any(ids - {i.node_id} - {ln.node_id for ln in i.links} for i in recent)
+
+    @staticmethod
+    def _fresh(lm: LayerMap, info: pb.PeerInfo) -> pb.PeerInfo:
+        """A claim's info with the links its later heartbeats reported (a claim may predate them)."""
+        m = lm.members.get(info.node_id)
+        if m is None or len(m.info.links) <= len(info.links):
+            return info
+        out = pb.PeerInfo()
+        out.CopyFrom(info)
+        del out.links[:]
+        out.links.extend(m.info.links)
+        return out
 
     async def leave(self, node_id: str) -> pb.Plan:
         if self.layer_map is not None and node_id in self.layer_map.members:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from mesh import placement
+from mesh import placement, planner
 from protos import together_pb2 as pb
+
+PLACEMENTS = ("measured", "memory")  # --placement: by speeds and links (the planner), or memory alone
+_WIRE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def _age(info: pb.PeerInfo) -> tuple[float, str]:
@@ -23,9 +26,11 @@ class Member:
 class LayerMap:
     """Claims, standbys and the plan epoch. Pure state; the node does the I/O around it."""
 
-    def __init__(self, model: str, num_layers: int, coordinator: str, kv_reserve: int, epoch: int = 0) -> None:
+    def __init__(self, model: str, num_layers: int, coordinator: str, kv_reserve: int, epoch: int = 0,
+                 hidden_size: int = 0, placement: str = "measured") -> None:
         self.model, self.num_layers, self.coordinator = model, num_layers, coordinator
         self.kv_reserve = kv_reserve  # bytes per layer set aside for KV caches
+        self.hidden_size, self.placement = hidden_size, placement  # for the planner's predictions
         self.epoch = epoch
         self.members: dict[str, Member] = {}
         self.stages: list[tuple[str, int, int]] = []
@@ -77,30 +82,70 @@ class LayerMap:
         return rng, reason
 
     def claim_together(self, infos: list[pb.PeerInfo]) -> dict[str, tuple[tuple[int, int] | None, str]]:
-        """Several peers claiming at once: split by measured speed (stage times balanced, the last
-        stage's head counted) within what fits when nothing is claimed yet, else one after another."""
+        """Several peers claiming at once: when nothing is claimed yet, one split of them all (by
+        the planner on measured speeds and links, or by memory alone with --placement memory),
+        else one after another."""
         for i in infos:
             self.upsert(i)
         out: dict[str, tuple[tuple[int, int] | None, str]] = {}
         if not self.stages and len(infos) > 1:
-            ref = max(self._bytes(i) for i in infos)
-            # normalise memory to a common layer size so backends with smaller layers count more
-            peers: list[placement.Peer] = [
-                (i.node_id, int(i.free_memory) * ref // self._bytes(i), i.layer_ms or 1.0, i.head_ms)
-                for i in infos]
-            stages = placement.split_proportional(self.num_layers, ref, self.kv_reserve, peers)
+            stages, how, why_not = self._split_together(infos)
             if stages:
                 self.stages = stages
                 self.epoch += 1
                 got = {s[0]: (s[1], s[2]) for s in stages}
                 for i in infos:
                     r = got.get(i.node_id)
-                    out[i.node_id] = (r, f"claimed layers [{r[0]}, {r[1]}) in a proportional split"
-                                      if r else "standing by: the others' split covers the model")
+                    out[i.node_id] = (r, f"claimed layers [{r[0]}, {r[1]}) in {how}" if r else why_not)
                 return out
         for i in infos:
             out[i.node_id] = self.claim(i, None)
         return out
+
+    def _split_together(self, infos: list[pb.PeerInfo]) -> tuple[list[tuple[str, int, int]], str, str]:
+        """(stages, how they were chosen, why a peer left out stands by)."""
+        covers = "standing by: the others' split covers the model"
+        if self.placement == "memory":
+            stages = placement.split_by_memory(self.num_layers, self.kv_reserve,
+                                               [(i.node_id, int(i.free_memory), self._bytes(i)) for i in infos])
+            return stages, "a memory-only split (--placement memory)", covers
+        if self.hidden_size and any(i.links for i in infos):
+            try:
+                p = planner.plan(self._shape(), self._machines(infos), self._links(infos))
+            except planner.Unplaceable:
+                pass  # not enough memory yet: the split below covers what it can, the rest waits for peers
+            else:
+                why = "; ".join(p.notes[:1]) or covers
+                return p.stages, f"a link-aware split (predicted {p.decode_tokens_per_s:.1f} tok/s)", \
+                    f"standing by: {why}"
+        ref = max(self._bytes(i) for i in infos)
+        # normalise memory to a common layer size so backends with smaller layers count more
+        peers: list[placement.Peer] = [
+            (i.node_id, int(i.free_memory) * ref // self._bytes(i), i.layer_ms or 1.0, i.head_ms) for i in infos]
+        return placement.split_proportional(self.num_layers, ref, self.kv_reserve, peers), \
+            "a proportional split", covers
+
+    # ---- the planner's view of the members
+
+    def _shape(self) -> planner.Shape:
+        return planner.Shape(self.num_layers, self.hidden_size, self.kv_reserve)
+
+    def _machines(self, infos: list[pb.PeerInfo]) -> list[planner.Machine]:
+        return [planner.Machine(i.node_id, int(i.free_memory), self._bytes(i), i.layer_ms, i.prefill_ms, i.head_ms,
+                                _WIRE_BYTES.get(i.dtype, 4), api=bool(i.api), name=i.name)
+                for i in sorted(infos, key=_age)]
+
+    def _links(self, infos: list[pb.PeerInfo]) -> dict[tuple[str, str], planner.Link]:
+        return {(i.node_id, ln.node_id): planner.Link(ln.rtt_ms, ln.mbps) for i in infos for ln in i.links}
+
+    def predict(self) -> planner.Placement | None:
+        """The planner's prediction for the current stages, if every stage's peer is known."""
+        infos = [m.info for m in self.members.values()]
+        if not self.stages or not self.hidden_size or any(s[0] not in self.members for s in self.stages):
+            return None
+        if placement.free_ranges(self.num_layers, self.stages):
+            return None
+        return planner.evaluate(self._shape(), self._machines(infos), self._links(infos), self.stages)
 
     # ---- tensor-parallel groups
 
@@ -184,18 +229,23 @@ class LayerMap:
             why.append("still loading: " + ", ".join(
                 f"{self.members[n].info.name if n in self.members else n} [{a}, {b})"
                 for n, a, b in waiting))
+        pred = self.predict()
         return pb.Plan(
             epoch=self.epoch, coordinator=self.coordinator, num_layers=self.num_layers,
             model=self.model, complete=not why, missing="; ".join(why),
+            predicted_tokens_per_s=pred.decode_tokens_per_s if pred else 0.0,
+            predicted_prefill_tokens_per_s=pred.prefill_tokens_per_s if pred else 0.0,
+            limit=pred.limit if pred else "",
             stages=[pb.Assignment(node_id=n, start=a, end=b, tp_members=self.groups.get(n, ("", []))[1])
                     for n, a, b in self.stages],
             peers=[m.info for m in self.members.values()],
         )
 
     @classmethod
-    def from_plan(cls, plan: pb.Plan, kv_reserve: int) -> "LayerMap":
+    def from_plan(cls, plan: pb.Plan, kv_reserve: int, hidden_size: int = 0,
+                  placement: str = "measured") -> "LayerMap":
         """Take over a plan handed over by a leaving coordinator."""
-        lm = cls(plan.model, plan.num_layers, plan.coordinator, kv_reserve, plan.epoch)
+        lm = cls(plan.model, plan.num_layers, plan.coordinator, kv_reserve, plan.epoch, hidden_size, placement)
         for info in plan.peers:
             lm.upsert(info)
         lm.stages = [(s.node_id, s.start, s.end) for s in plan.stages]
@@ -206,9 +256,10 @@ class LayerMap:
 
     @classmethod
     def rebuild(cls, model: str, num_layers: int, coordinator: str, kv_reserve: int,
-                reports: list[pb.PeerInfo], epoch: int) -> "LayerMap":
+                reports: list[pb.PeerInfo], epoch: int, hidden_size: int = 0,
+                placement: str = "measured") -> "LayerMap":
         """A new coordinator's map, from what the peers say they hold."""
-        lm = cls(model, num_layers, coordinator, kv_reserve, epoch)
+        lm = cls(model, num_layers, coordinator, kv_reserve, epoch, hidden_size, placement)
         taken: list[tuple[int, int]] = []
         ordered = sorted(reports, key=_age)
         for info in ordered:

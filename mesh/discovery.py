@@ -111,8 +111,10 @@ class Discovery:
         on_change: OnChange | None = None,
         name: str | None = None,
         prefer: str | None = None,
+        advertise: bool = True,
     ) -> None:
         self.node_id = node_id
+        self._advertise = advertise  # False: browse only (a peer looking for its model before it can serve)
         self.mesh = mesh
         self.host = host
         self.port = port
@@ -170,10 +172,11 @@ class Discovery:
             raise RuntimeError("Discovery already started")
         self._loop = asyncio.get_running_loop()
         self._aiozc = AsyncZeroconf(interfaces=self._interfaces, ip_version=self._ip_version())
-        self._info = self._service_info()
-        # allow_name_change: two nodes whose ids share a prefix still both get advertised.
-        await self._aiozc.async_register_service(self._info, allow_name_change=True)
-        self.instance = self._info.name
+        if self._advertise:
+            self._info = self._service_info()
+            # allow_name_change: two nodes whose ids share a prefix still both get advertised.
+            await self._aiozc.async_register_service(self._info, allow_name_change=True)
+            self.instance = self._info.name
         self._browser = AsyncServiceBrowser(self._aiozc.zeroconf, SERVICE_TYPE, handlers=[self._on_service_state_change])
 
     async def update(self, properties: Mapping[str, object]) -> None:

@@ -39,15 +39,16 @@ class PeerProc:
     """One `together join` child process, logging to a file."""
 
     def __init__(self, name: str, args: list[str], log_dir: Path, threads: int = 1, host: str = "127.0.0.1",
-                 port: int | None = None, prefix: tuple[str, ...] = ()) -> None:
-        # prefix: e.g. ("ip", "netns", "exec", NS) to run the peer inside a network namespace
+                 port: int | None = None, prefix: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
+        # prefix: e.g. ("ip", "netns", "exec", NS) to run the peer inside a network namespace;
+        # env: more environment (e.g. its own TOGETHER_CACHE)
         self.name, self.host = name, host
         self.port = port or free_port()
         self.api_port = int(args[args.index("--api-port") + 1]) if "--api-port" in args else None
         self.api_key = args[args.index("--api-key") + 1] if "--api-key" in args else None
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "w")
-        e = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+        e = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", **(env or {}))
         # several peers share this host's cores: one compute thread each unless told otherwise
         self.proc = subprocess.Popen(
             [*prefix, sys.executable, "-m", "apps.cli", "join", "--name", name, "--port", str(self.port),
@@ -147,7 +148,7 @@ class LocalMesh(PeerGroup):
         self.dir = Path(tempfile.mkdtemp(prefix="together-mesh-"))
 
     def add(self, name: str, *args: str, api: bool = False, mesh: str | None = None,
-            key: str | None = "same", threads: int = 1) -> PeerProc:
+            key: str | None = "same", threads: int = 1, env: dict[str, str] | None = None) -> PeerProc:
         # peers of one host talk over loopback: their mDNS never leaves this machine
         a = ["--host", "127.0.0.1", "--model", self.model, "--mesh", mesh or self.mesh, *args]
         k = self.mesh_key if key == "same" else key
@@ -155,6 +156,6 @@ class LocalMesh(PeerGroup):
             a += ["--mesh-key", k]
         if api:
             a += ["--api-port", str(free_port())]
-        p = PeerProc(name, a, self.dir, threads=threads)
+        p = PeerProc(name, a, self.dir, threads=threads, env=env)
         self.peers[name] = p
         return p

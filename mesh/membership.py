@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 import grpc
 
@@ -33,10 +33,13 @@ HEARTBEAT_S = 0.5
 class Membership(Finding):
     def __init__(self, cfg: NodeConfig, view: PlanView, coord: CoordinatorRole, stage: Stage, tp: TPManager,
                  links: Peers, tasks: TaskSet, info: Callable[[], pb.PeerInfo],
-                 make_shard: Callable[[int, int], LayerShard]) -> None:
-        # info: this peer's report as of now; make_shard: load layers [start, end) (on the compute thread)
+                 make_shard: Callable[[int, int], LayerShard],
+                 prepare: Callable[[int, int], Awaitable[None]] | None = None) -> None:
+        # info: this peer's report as of now; make_shard: load layers [start, end) (on the compute thread);
+        # prepare: get what the disk lacks of [start, end) first (from peers: mesh/supply.py)
         self.cfg, self.view, self.coord, self.stage, self.tp = cfg, view, coord, stage, tp
         self.links, self.tasks, self._info, self._make_shard = links, tasks, info, make_shard
+        self._prepare = prepare
         self.claim_reason = ""
         self.refused: set[str] = set()  # addresses that refused our mesh key
         self.stopping = False
@@ -111,6 +114,8 @@ class Membership(Finding):
             sh = self.stage.shard
             if sh and (sh.start, sh.end) == (start, end) and self.tp.serves(start, end):
                 return
+            if self._prepare is not None:  # what the disk lacks of the range, from peers, before any reads it
+                await self._prepare(start, end)
             if self.tp.group is not None:
                 self.tp.dissolve("the plan moved its stage")
             members = self.view.plan_members(start, end) if self.tp.group_name else []
@@ -119,6 +124,11 @@ class Membership(Finding):
                 return await self.tp.lead(start, end, members)
             log.info("%s loading layers [%d, %d) on %s", self.view.name, start, end, self.cfg.backend)
             await self.stage.load(lambda: self._make_shard(start, end))
+
+    async def locked(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run `fn` while no range loads (an adapter taken from peers, a layer fetched to measure)."""
+        async with self._load_lock:
+            await fn()
 
     def follow_plan(self) -> None:
         """Load the layers the plan now gives this peer (after a reassignment)."""

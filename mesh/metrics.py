@@ -44,6 +44,12 @@ class PeerMetrics:
         self.stage_compute_seconds = Histogram(
             "together_stage_compute_seconds", "Compute time of this peer's stage per frame.",
             buckets=_BUCKETS, registry=r)
+        # weights from peers (mesh/weights.py)
+        self.weight_bytes_sent = Counter("together_weight_bytes_sent",
+                                         "Bytes of model and adapter files this peer sent to peers.", registry=r)
+        self.weight_bytes_received = Counter("together_weight_bytes_received",
+                                             "Bytes of model and adapter files this peer received from peers.",
+                                             registry=r)
         self._gauges: dict[str, Gauge] = {}
 
     def gauge(self, name: str, help_: str, read: Callable[[], float]) -> None:

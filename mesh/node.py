@@ -15,14 +15,15 @@ import logging
 import socket
 import time
 import uuid
+from pathlib import Path
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import grpc
 
 from backends.errors import TogetherError
 from backends.lora import Adapter, module_dims, open_adapter
-from backends.measure import Speed, measure_speed
+from backends.measure import Speed, measure_speed, measured_layer
 from backends.shard import (LayerShard, backend_module, default_dtype, estimate_layer_bytes, load_shard,
                             resolve_device)
 from backends.tokenizer import Tokenizer
@@ -32,6 +33,7 @@ from mesh.coordination import PEER_TIMEOUT_S, CoordinatorRole
 from mesh.coordinator import LayerMap
 from mesh.discovery import Discovery, primary_address
 from mesh.host import free_memory, open_fds
+from mesh.linkprobe import LinkProber
 from mesh.links import Peers
 from mesh.membership import HEARTBEAT_S, Membership
 from mesh.metrics import PeerMetrics
@@ -39,9 +41,11 @@ from mesh.origin import Origin
 from mesh.protocol import FrameError, caller_id, check_peer_info, params_from_pb, params_to_pb
 from mesh.servicer import Servicer
 from mesh.stage import Stage
+from mesh.supply import Supply
 from mesh.tasks import TaskSet
 from mesh.tpgroup import TPManager
 from mesh.view import PlanView
+from mesh.weights import Faults, WeightServer
 from protos import together_pb2 as pb
 from protos import together_pb2_grpc as pbg
 
@@ -80,12 +84,17 @@ class NodeConfig:
     tp_group: str = ""  # serve one stage with the other peers of this tensor-parallel group
     tp_size: int = 0    # the group's number of peers (>= 2 with tp_group)
     seq_lease: float = 60.0  # a sequence unseen in frames for this long is freed (its API peer is gone)
+    weight_faults: str = ""  # test only: faults of this peer's weight server (mesh.weights.Faults.parse)
+    link_delay_ms: float = 0.0  # test only: every message to another peer arrives this much later
+    placement: str = "measured"  # as coordinator: "measured" (speeds and links) or "memory" (memory alone)
 
 
 class Node:
     """One `together join` process."""
 
-    def __init__(self, cfg: NodeConfig, checkpoint: Checkpoint, tokenizer: Tokenizer | None = None):
+    def __init__(self, cfg: NodeConfig, checkpoint: Checkpoint, tokenizer: Tokenizer | None = None,
+                 seeds: Sequence[str] = ()):
+        # seeds: peers that served this peer's model when it had none (apps/join.py, mesh/supply.py)
         self.cfg, self.ck, self.tok = cfg, checkpoint, tokenizer
         self.node_id = uuid.uuid4().hex
         self.started_at = time.time()
@@ -107,7 +116,8 @@ class Node:
         # the address others reach this peer at: the one given, else the LAN's
         self.view = PlanView(self.node_id, self.name, primary_address() if self._wide() else cfg.host,
                              self.num_layers)
-        self.links = Peers(cfg.mesh_key, self.node_id)
+        self.links = Peers(cfg.mesh_key, self.node_id, delay_s=cfg.link_delay_ms / 1000)
+        self.prober = LinkProber(self.view, self.links, checkpoint.config.hidden_size, cfg.link_delay_ms / 1000)
         self.tasks = TaskSet()
         # roles that call each other both ways get late-bound callbacks (the other is built below)
         self.stage = Stage(self.view, self.links, self.metrics, deliver=lambda r: self.origin.deliver(r),
@@ -115,16 +125,27 @@ class Node:
         self.origin = Origin(self.view, self.stage, self.links, self.tasks)
         self.coordinator = CoordinatorRole(
             self.view, self.links, self.tasks, cfg.model, self.num_layers, kv_reserve, cfg.claim_window_s,
-            rejoin=self._rejoin)
+            rejoin=self._rejoin, hidden_size=checkpoint.config.hidden_size, placement=cfg.placement)
         self.tp = TPManager(cfg, checkpoint, self.view, self.stage, self.links, self.tasks,
                             report=lambda: self.membership.report(),
                             rejoin_alone=lambda: self.membership.rejoin_alone())
         self.membership = Membership(cfg, self.view, self.coordinator, self.stage, self.tp, self.links,
-                                     self.tasks, info=self.info, make_shard=self._make_shard)
+                                     self.tasks, info=self.info, make_shard=self._make_shard,
+                                     prepare=lambda start, end: self.supply.ensure(start, end))
         self.view.on_ring_change += [self.origin.ring_changed, self.membership.follow_plan]
         self.links.on_broken = self.membership.link_broken
+        # what this peer serves to peers that lack weights: its model and its adapters, nothing else
+        self.weights = WeightServer({cfg.model: Path(cfg.model_path), **{f"{cfg.model}+{ad.name}": ad.path
+                                                                          for ad in self.adapters}},
+                                    Faults.parse(cfg.weight_faults) if cfg.weight_faults else None,
+                                    sent=self.metrics.weight_bytes_sent)
+        # what this peer's copy lacks of the layers it is given, and the adapters others serve, from peers
+        self.supply = Supply(cfg, checkpoint, self.view, self.links, self.stage, self.weights, self.adapters,
+                             self.metrics.weight_bytes_received, locked=lambda fn: self.membership.locked(fn),
+                             report=lambda: self.membership.report(), seeds=seeds)
         self.servicer = Servicer(cfg.mesh_key, self.num_layers, self.started_at, self.view, self.membership,
-                                 self.coordinator, self.stage, self.origin, status=self.status)
+                                 self.coordinator, self.stage, self.origin, status=self.status,
+                                 prober=self.prober, weights=self.weights)
         self._server: grpc.aio.Server | None = None
         self._discovery: Discovery | None = None
 
@@ -175,7 +196,7 @@ class Node:
         # a claim sized by speed also waits for this peer's speed, timed while the peers settle
         fits = self.info().free_memory >= self.layer_bytes + self.kv_reserve
         by_speed = fits and not (cfg.layers or cfg.tp_group)
-        measuring = self.tasks.spawn(self.stage.call(self._measure if by_speed else self._warm))
+        measuring = self.tasks.spawn(self._measure_first() if by_speed else self.stage.call(self._warm))
         self.view.known[self.node_id] = self.info()
         if cfg.mdns:
             self._discovery = Discovery(self.node_id, cfg.mesh, bind, self.port, self._txt(),
@@ -186,8 +207,12 @@ class Node:
             await self.membership.probe_manual(addr)
         await asyncio.sleep(cfg.settle_s)
         self.tasks.spawn(self.membership.heartbeat_loop())  # before loading, or the coordinator thinks we died
+        self.tasks.spawn(self.supply.run())
         if by_speed:
             await measuring
+        # the claim carries this peer's links (placement weighs them); timed after its own speed, not during
+        await self.prober.measure_all()
+        self.tasks.spawn(self.prober.run())
         await self.membership.enter_mesh()
         if not by_speed:  # its claim does not depend on its speed: time it once it is in
             self.tasks.spawn(self.stage.call(self._measure))
@@ -199,9 +224,26 @@ class Node:
         else:
             backend_module(self.cfg.backend, "shard")
 
+    async def _measure_first(self) -> None:
+        """Measure before the claim; a copy from peers first fetches the one layer measured (the
+        coordinator's claim window waits for a peer's speed a few seconds at most)."""
+        k = measured_layer(self.num_layers)
+        if not self.supply.holds(k, k + 1):
+            await self.stage.call(self._warm)
+            try:
+                await self.membership.locked(lambda: self.supply.ensure(k, k + 1))
+            except Exception as e:  # measuring must not stop the peer: it joins unmeasured
+                log.warning("could not fetch layer %d to measure this peer's speed (%s)", k, e)
+                return
+        await self.stage.call(self._measure)
+
     def _measure(self) -> None:
         """This peer's speed per layer on its backend, dtype, device and threads (compute thread)."""
         cfg = self.cfg
+        k = measured_layer(self.num_layers)
+        if not self.supply.holds(k, k + 1):  # never read a hole: a copy from peers may lack that layer
+            log.info("speed not measured: layer %d is not on this disk (its copy came from peers)", k)
+            return
         self._warm()
         try:
             self.speed = measure_speed(cfg.backend, self.ck, self.dtype, self.device, cfg.threads)
@@ -212,6 +254,7 @@ class Node:
         """Leave cleanly: release the layers, unregister, close streams."""
         await self.membership.leave()
         self.tasks.cancel_all()
+        self.prober.close()
         self.tp.close()
         if self._discovery:
             await self._discovery.stop()
@@ -229,12 +272,14 @@ class Node:
             node_id=self.node_id, name=self.name, address=self.address, backend=cfg.backend,
             free_memory=max(0, free - self.head_bytes), dtype=sh.dtype if sh else self.dtype,
             layer_ms=sp.layer_ms if sp else 0.0, head_ms=sp.head_ms if sp else 0.0,
+            prefill_ms=sp.prefill_ms if sp else 0.0,
             weight_format=sh.weight_format if sh else sp.weight_format if sp else "",
             started_at=self.started_at, api=self.api_address, version=VERSION,
             model=cfg.model, start=lo, end=hi, ready=sh is not None,
             layer_bytes=self.layer_bytes,
             tokens_per_s=self.stage_tokens_per_s(), adapters=",".join(ad.name for ad in self.adapters),
-            tp_group=self.tp.group_name, tp_size=self.tp.size, tp_address=self.tp.address)
+            tp_group=self.tp.group_name, tp_size=self.tp.size, tp_address=self.tp.address,
+            links=self.prober.link_stats(), weights=self.supply.progress)
 
     def _txt(self) -> dict[str, str]:
         return {"backend": self.cfg.backend, "free_memory": str(self.info().free_memory),

@@ -194,6 +194,29 @@ def _balance(num_layers: int, caps: list[int], ms: list[float], heads: list[floa
     return alloc
 
 
+def split_by_memory(num_layers: int, kv_reserve: int, peers: Sequence[tuple[str, int, int]]) -> list[Stage]:
+    """Split [0, num_layers) among peers (node_id, free_memory, layer_bytes) in the given order,
+    each a share in proportion to the layers that fit in its memory, ignoring speed and links
+    (`--placement memory`: the baseline the planner is measured against). Peers that fit no
+    layer stand by; with too little memory in all, a prefix is covered."""
+    caps = [min(num_layers, layers_that_fit(free, max(1, lb), kv_reserve)) for _, free, lb in peers]
+    total = sum(caps)
+    if total <= num_layers:
+        alloc = list(caps)
+    else:  # largest remainders, ties to the earlier peer
+        exact = [num_layers * c / total for c in caps]
+        alloc = [int(x) for x in exact]
+        for i in sorted(range(len(caps)), key=lambda i: (-(exact[i] - alloc[i]), i))[:num_layers - sum(alloc)]:
+            alloc[i] += 1
+    stages: list[Stage] = []
+    cursor = 0
+    for (node_id, _, _), k in zip(peers, alloc):
+        if k > 0:
+            stages.append((node_id, cursor, cursor + k))
+            cursor += k
+    return stages
+
+
 Candidate = tuple[str, int, float, Range | None]  # (node_id, free_memory, layer_ms, current range)
 
 

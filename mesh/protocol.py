@@ -58,6 +58,9 @@ def check_peer_info(info: pb.PeerInfo, num_layers: int) -> str | None:
         return "oversized adapter list"
     if info.tp_group and (len(info.tp_group) > 64 or not 2 <= info.tp_size <= 64):
         return "a tensor-parallel group needs a short name and 2 to 64 peers"
+    if len(info.links) > 256 or not all(len(ln.node_id) <= 64 and all(
+            math.isfinite(x) and x >= 0 for x in (ln.rtt_ms, ln.mbps, ln.measured_at)) for ln in info.links):
+        return "too many links or a link with a bad measurement"
     return None
 
 

@@ -93,6 +93,7 @@ class Scheduler:
         self.recovery_timeout = recovery_timeout
         # recent windows for the web page's percentiles; the totals live in self.metrics
         self.step_ms: list[float] = []  # wall time of each frame around the ring
+        self.decode_ms: list[float] = []  # ... of one-token frames alone in the ring: one stream's decode step
         self.hop_overhead_ms: list[float] = []
 
     async def start(self) -> None:
@@ -289,6 +290,8 @@ class Scheduler:
                 self.metrics.hop_overhead_seconds.observe(overhead / 1000)
                 self.hop_overhead_ms.append(overhead)
                 del self.hop_overhead_ms[:-1024]
+            self.decode_ms.append(wall)
+            del self.decode_ms[:-64]
         self.metrics.steps.inc()
         self.metrics.step_seconds.observe(wall / 1000)
         self.step_ms.append(wall)

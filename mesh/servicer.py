@@ -9,11 +9,13 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 import grpc
 
 from mesh.coordination import CoordinatorRole
+from mesh.linkprobe import MAX_REPLY_BYTES, LinkProber
 from mesh.membership import Membership
 from mesh.origin import Origin
 from mesh.protocol import FrameError, caller_id, check_peer_info, check_plan
 from mesh.stage import Stage
 from mesh.view import PlanView
+from mesh.weights import WeightServer
 from protos import together_pb2 as pb
 from protos import together_pb2_grpc as pbg
 
@@ -26,10 +28,13 @@ log = logging.getLogger(__name__)
 class Servicer(pbg.TogetherServicer):
     def __init__(self, mesh_key: str | None, num_layers: int, started_at: float, view: PlanView,
                  membership: Membership, coord: CoordinatorRole, stage: Stage, origin: Origin,
-                 status: Callable[[], pb.StatusReply]) -> None:
+                 status: Callable[[], pb.StatusReply], prober: LinkProber | None = None,
+                 weights: WeightServer | None = None) -> None:
         self.mesh_key, self.num_layers, self.started_at, self.view = mesh_key, num_layers, started_at, view
         self.membership, self.coord, self.stage, self.origin = membership, coord, stage, origin
         self._status = status
+        self.prober = prober
+        self.weights = weights  # what this peer serves of its model and adapters (mesh/weights.py)
 
     # ---------------------------------------------------------------- the ring's streams
 
@@ -88,6 +93,25 @@ class Servicer(pbg.TogetherServicer):
 
     async def Status(self, request: pb.StatusRequest, context: Context) -> pb.StatusReply:
         return self._status()
+
+    async def Probe(self, request: pb.ProbeRequest, context: Context) -> pb.ProbeReply:
+        if self.prober is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this peer does not answer link probes")
+        if request.reply_bytes > MAX_REPLY_BYTES:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"a probe may ask for at most {MAX_REPLY_BYTES} bytes back, not {request.reply_bytes}")
+        return await self.prober.answer(request)
+
+    async def Manifest(self, request: pb.ManifestRequest, context: Context) -> pb.ManifestReply:
+        if self.weights is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "this peer serves no weights")
+        return await self.weights.Manifest(request, context)
+
+    async def FetchWeights(self, request: pb.FetchRequest, context: Context) -> AsyncIterator[pb.WeightChunk]:
+        if self.weights is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "this peer serves no weights")
+        async for chunk in self.weights.FetchWeights(request, context):
+            yield chunk
 
     # ---------------------------------------------------------------- checks
 

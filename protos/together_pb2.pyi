@@ -115,7 +115,7 @@ class Ack(_message.Message):
     def __init__(self) -> None: ...
 
 class PeerInfo(_message.Message):
-    __slots__ = ("node_id", "name", "address", "backend", "free_memory", "layer_ms", "started_at", "api", "version", "model", "start", "end", "tp_group", "ready", "layer_bytes", "adapters", "tokens_per_s", "tp_size", "tp_address", "dtype", "weight_format", "head_ms")
+    __slots__ = ("node_id", "name", "address", "backend", "free_memory", "layer_ms", "started_at", "api", "version", "model", "start", "end", "tp_group", "ready", "layer_bytes", "adapters", "tokens_per_s", "tp_size", "tp_address", "dtype", "weight_format", "head_ms", "links", "weights", "prefill_ms")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +138,9 @@ class PeerInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     HEAD_MS_FIELD_NUMBER: _ClassVar[int]
+    LINKS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     address: str
@@ -160,7 +163,22 @@ class PeerInfo(_message.Message):
     dtype: str
     weight_format: str
     head_ms: float
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., backend: _Optional[str] = ..., free_memory: _Optional[int] = ..., layer_ms: _Optional[float] = ..., started_at: _Optional[float] = ..., api: _Optional[str] = ..., version: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., tp_group: _Optional[str] = ..., ready: _Optional[bool] = ..., layer_bytes: _Optional[int] = ..., adapters: _Optional[str] = ..., tokens_per_s: _Optional[float] = ..., tp_size: _Optional[int] = ..., tp_address: _Optional[str] = ..., dtype: _Optional[str] = ..., weight_format: _Optional[str] = ..., head_ms: _Optional[float] = ...) -> None: ...
+    links: _containers.RepeatedCompositeFieldContainer[LinkStat]
+    weights: str
+    prefill_ms: float
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., backend: _Optional[str] = ..., free_memory: _Optional[int] = ..., layer_ms: _Optional[float] = ..., started_at: _Optional[float] = ..., api: _Optional[str] = ..., version: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., tp_group: _Optional[str] = ..., ready: _Optional[bool] = ..., layer_bytes: _Optional[int] = ..., adapters: _Optional[str] = ..., tokens_per_s: _Optional[float] = ..., tp_size: _Optional[int] = ..., tp_address: _Optional[str] = ..., dtype: _Optional[str] = ..., weight_format: _Optional[str] = ..., head_ms: _Optional[float] = ..., links: _Optional[_Iterable[_Union[LinkStat, _Mapping]]] = ..., weights: _Optional[str] = ..., prefill_ms: _Optional[float] = ...) -> None: ...
+
+class LinkStat(_message.Message):
+    __slots__ = ("node_id", "rtt_ms", "mbps", "measured_at")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    RTT_MS_FIELD_NUMBER: _ClassVar[int]
+    MBPS_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_AT_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    rtt_ms: float
+    mbps: float
+    measured_at: float
+    def __init__(self, node_id: _Optional[str] = ..., rtt_ms: _Optional[float] = ..., mbps: _Optional[float] = ..., measured_at: _Optional[float] = ...) -> None: ...
 
 class Assignment(_message.Message):
     __slots__ = ("node_id", "start", "end", "tp_members")
@@ -175,7 +193,7 @@ class Assignment(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., tp_members: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("epoch", "coordinator", "stages", "peers", "num_layers", "model", "complete", "missing")
+    __slots__ = ("epoch", "coordinator", "stages", "peers", "num_layers", "model", "complete", "missing", "predicted_tokens_per_s", "predicted_prefill_tokens_per_s", "limit")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +202,9 @@ class Plan(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     COMPLETE_FIELD_NUMBER: _ClassVar[int]
     MISSING_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_PREFILL_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     coordinator: str
     stages: _containers.RepeatedCompositeFieldContainer[Assignment]
@@ -192,7 +213,10 @@ class Plan(_message.Message):
     model: str
     complete: bool
     missing: str
-    def __init__(self, epoch: _Optional[int] = ..., coordinator: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ..., peers: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., num_layers: _Optional[int] = ..., model: _Optional[str] = ..., complete: _Optional[bool] = ..., missing: _Optional[str] = ...) -> None: ...
+    predicted_tokens_per_s: float
+    predicted_prefill_tokens_per_s: float
+    limit: str
+    def __init__(self, epoch: _Optional[int] = ..., coordinator: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ..., peers: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., num_layers: _Optional[int] = ..., model: _Optional[str] = ..., complete: _Optional[bool] = ..., missing: _Optional[str] = ..., predicted_tokens_per_s: _Optional[float] = ..., predicted_prefill_tokens_per_s: _Optional[float] = ..., limit: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("peer", "want_start", "want_end")
@@ -259,6 +283,92 @@ class ReleaseReply(_message.Message):
     FREED_FIELD_NUMBER: _ClassVar[int]
     freed: int
     def __init__(self, freed: _Optional[int] = ...) -> None: ...
+
+class ProbeRequest(_message.Message):
+    __slots__ = ("payload", "reply_bytes")
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    REPLY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    reply_bytes: int
+    def __init__(self, payload: _Optional[bytes] = ..., reply_bytes: _Optional[int] = ...) -> None: ...
+
+class ProbeReply(_message.Message):
+    __slots__ = ("payload",)
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    def __init__(self, payload: _Optional[bytes] = ...) -> None: ...
+
+class WeightFile(_message.Message):
+    __slots__ = ("path", "size", "header", "header_sha256")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    HEADER_SHA256_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    size: int
+    header: int
+    header_sha256: str
+    def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., header: _Optional[int] = ..., header_sha256: _Optional[str] = ...) -> None: ...
+
+class WeightTensor(_message.Message):
+    __slots__ = ("name", "file", "offset", "length", "sha256", "hf_name")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    HF_NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    file: str
+    offset: int
+    length: int
+    sha256: str
+    hf_name: str
+    def __init__(self, name: _Optional[str] = ..., file: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., sha256: _Optional[str] = ..., hf_name: _Optional[str] = ...) -> None: ...
+
+class ManifestRequest(_message.Message):
+    __slots__ = ("what", "names")
+    WHAT_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    what: str
+    names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, what: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ManifestReply(_message.Message):
+    __slots__ = ("what", "kind", "num_layers", "tied_head", "files", "tensors")
+    WHAT_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    TIED_HEAD_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    what: str
+    kind: str
+    num_layers: int
+    tied_head: bool
+    files: _containers.RepeatedCompositeFieldContainer[WeightFile]
+    tensors: _containers.RepeatedCompositeFieldContainer[WeightTensor]
+    def __init__(self, what: _Optional[str] = ..., kind: _Optional[str] = ..., num_layers: _Optional[int] = ..., tied_head: _Optional[bool] = ..., files: _Optional[_Iterable[_Union[WeightFile, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[WeightTensor, _Mapping]]] = ...) -> None: ...
+
+class FetchRequest(_message.Message):
+    __slots__ = ("what", "file", "offset", "length")
+    WHAT_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    what: str
+    file: str
+    offset: int
+    length: int
+    def __init__(self, what: _Optional[str] = ..., file: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class WeightChunk(_message.Message):
+    __slots__ = ("offset", "data")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    data: bytes
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()

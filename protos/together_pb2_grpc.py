@@ -84,6 +84,21 @@ class TogetherStub:
                 request_serializer=together__pb2.StatusRequest.SerializeToString,
                 response_deserializer=together__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.Probe = channel.unary_unary(
+                '/together.Together/Probe',
+                request_serializer=together__pb2.ProbeRequest.SerializeToString,
+                response_deserializer=together__pb2.ProbeReply.FromString,
+                _registered_method=True)
+        self.Manifest = channel.unary_unary(
+                '/together.Together/Manifest',
+                request_serializer=together__pb2.ManifestRequest.SerializeToString,
+                response_deserializer=together__pb2.ManifestReply.FromString,
+                _registered_method=True)
+        self.FetchWeights = channel.unary_stream(
+                '/together.Together/FetchWeights',
+                request_serializer=together__pb2.FetchRequest.SerializeToString,
+                response_deserializer=together__pb2.WeightChunk.FromString,
+                _registered_method=True)
 
 
 class TogetherServicer:
@@ -153,6 +168,26 @@ class TogetherServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Probe(self, request, context):
+        """link measurement (mesh/linkprobe.py)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Manifest(self, request, context):
+        """weights from peers (mesh/weights.py): a model's or adapter's manifest, and a file range in chunks
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchWeights(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TogetherServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -205,6 +240,21 @@ def add_TogetherServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=together__pb2.StatusRequest.FromString,
                     response_serializer=together__pb2.StatusReply.SerializeToString,
+            ),
+            'Probe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Probe,
+                    request_deserializer=together__pb2.ProbeRequest.FromString,
+                    response_serializer=together__pb2.ProbeReply.SerializeToString,
+            ),
+            'Manifest': grpc.unary_unary_rpc_method_handler(
+                    servicer.Manifest,
+                    request_deserializer=together__pb2.ManifestRequest.FromString,
+                    response_serializer=together__pb2.ManifestReply.SerializeToString,
+            ),
+            'FetchWeights': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchWeights,
+                    request_deserializer=together__pb2.FetchRequest.FromString,
+                    response_serializer=together__pb2.WeightChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -477,6 +527,87 @@ class Together:
             '/together.Together/Status',
             together__pb2.StatusRequest.SerializeToString,
             together__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Probe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/together.Together/Probe',
+            together__pb2.ProbeRequest.SerializeToString,
+            together__pb2.ProbeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Manifest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/together.Together/Manifest',
+            together__pb2.ManifestRequest.SerializeToString,
+            together__pb2.ManifestReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/together.Together/FetchWeights',
+            together__pb2.FetchRequest.SerializeToString,
+            together__pb2.WeightChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -296,6 +296,7 @@ function peerBox(p, stage, mesh) {
   item("speed", p && p.tokens_per_s ? `${p.tokens_per_s} tok/s` : "–", "speed");
   if (p && p.dtype) item("runs", `${p.dtype} · ${p.weight_format || p.dtype}`, "runs");
   if (p && p.layer_ms) item("layer", `${p.layer_ms.toFixed(2)} ms`, "layer-ms");
+  if (p && p.weights) item("weights", p.weights, "weights");  // fetching its slice from peers
   if (stage && stage.address) item("at", stage.address, "address");
   box.append(d);
 
@@ -369,6 +370,44 @@ function renderMesh(mesh) {
   if (mesh.bytes_per_token_hop) kv("bytes per token per hop", mesh.bytes_per_token_hop);
   if (mesh.stage_tokens_per_s) kv("this stage", mesh.stage_tokens_per_s.toFixed(1) + " tok/s");
   dl.dataset.running = String(s.running ?? "");
+  renderLinks(mesh);
+}
+
+function renderLinks(mesh) {
+  // what the plan predicts next to what this peer measures, and every peer's measured links
+  const sp = mesh.speed || {};
+  const parts = [];
+  if (sp.predicted_tokens_per_s) parts.push(`predicted ${sp.predicted_tokens_per_s.toFixed(1)} tok/s`);
+  if (sp.measured_tokens_per_s) parts.push(`measured ${sp.measured_tokens_per_s.toFixed(1)} tok/s`);
+  const rs = $("ring-speed");
+  rs.textContent = parts.length ? parts.join(" · ") + (sp.limit ? ` (limit: ${sp.limit})` : "") : "";
+  rs.dataset.predicted = sp.predicted_tokens_per_s ?? "";
+  rs.dataset.measured = sp.measured_tokens_per_s ?? "";
+  const body = $("links").querySelector("tbody");
+  body.replaceChildren();
+  for (const p of mesh.peers || []) {
+    for (const ln of p.links || []) {
+      const tr = el("tr");
+      tr.dataset.from = p.name;
+      tr.dataset.to = ln.to_name;
+      tr.dataset.rtt = ln.rtt_ms;
+      for (const v of [p.name, ln.to_name, `${ln.rtt_ms.toFixed(2)} ms`, mbit(ln.mbps), `${Math.round(ln.age_s)} s ago`]) {
+        tr.append(el("td", null, v));
+      }
+      body.append(tr);
+    }
+  }
+  if (!body.childNodes.length) {
+    const tr = el("tr", "empty");
+    const td = el("td", null, "not measured yet");
+    td.colSpan = 5;
+    tr.append(td);
+    body.append(tr);
+  }
+}
+
+function mbit(mbps) {
+  return mbps >= 1000 ? `${(mbps / 1000).toFixed(1)} Gbit/s` : `${mbps.toFixed(0)} Mbit/s`;
 }
 
 function setHealth(st, text) {

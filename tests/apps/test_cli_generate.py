@@ -7,6 +7,7 @@ import pytest
 from tests.helpers import together
 
 
+@pytest.mark.slow  # keeps make test-fast under 3 minutes; CI runs it
 def test_generate_prints_only_text_and_stats_on_stderr(embedded_path):
     r = together("generate", "--model", str(embedded_path), "--backend", "torch", "--prompt",
                  "What is 2+2?", "--max-tokens", "12")

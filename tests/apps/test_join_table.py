@@ -22,3 +22,26 @@ def test_the_table_says_each_peers_dtype_weight_format_and_measured_speed() -> N
     assert re.search(r"\*\s+mac\s+mlx\s+float32\s+float32\s+8\.96\s+\[19, 30\)", table), table
     # a peer that has not reported (or could not measure) says so instead of a number
     assert re.search(r"spare\s+torch\s+-\s+-\s+-\s+standby", table), table
+
+
+def test_the_table_shows_a_peer_fetching_its_weights_from_peers() -> None:
+    peers = [pb.PeerInfo(node_id="t", name="alpha", backend="torch", ready=True, start=0, end=15),
+             pb.PeerInfo(node_id="n", name="newcomer", backend="torch", start=-1, end=-1,
+                         weights="fetching 41% of 27.5 MB from alpha")]
+    plan = pb.Plan(epoch=2, coordinator="t", num_layers=30, peers=peers,
+                   stages=[pb.Assignment(node_id="t", start=0, end=15), pb.Assignment(node_id="n", start=15, end=30)])
+    table = render_plan(plan)
+    assert re.search(r"newcomer .*\[15, 30\)\s.*loading \(fetching 41% of 27\.5 MB from alpha\)", table), table
+    assert "fetching" not in next(line for line in table.splitlines() if "alpha " in line)
+
+
+def test_a_model_no_peer_has_and_no_hub_gives_is_one_clear_error(tmp_path) -> None:
+    from tests.helpers import together
+
+    r = together("join", "--model", str(tmp_path / "nowhere.gguf"), "--no-mdns", "--backend", "torch",
+                 timeout=120, env={"TOGETHER_CACHE": str(tmp_path / "cache")})
+    assert r.returncode != 0
+    err = r.stderr.strip().splitlines()[-1]
+    # both ways named: a path or hub id here, or a peer that has it
+    assert "not found" in err and "--peer HOST:PORT" in err and "nowhere" in err, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr

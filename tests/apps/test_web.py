@@ -130,6 +130,11 @@ def test_chat_and_ring_status_in_a_real_browser(ring, page):
                           "messages": [{"role": "user", "content": QUESTION}]})
     assert streamed and streamed == want["choices"][0]["message"]["content"]
     assert float(page.get_attribute("#tps", "data-value")) > 0
+    # the links both peers measured, and this peer's measured one-stream decode speed
+    page.wait_for_selector("#links tr[data-from=alpha][data-to=beta]")
+    page.wait_for_selector("#links tr[data-from=beta][data-to=alpha]")
+    page.wait_for_function("() => document.getElementById('ring-speed').dataset.measured > 0")
+    assert "measured" in page.text_content("#ring-speed")
     assert "tok/s" in page.text_content("#tps")
     assert sent[0]["stream"] is True and sent[0]["stream_options"] == {"include_usage": True}
     assert sent[0]["temperature"] == 0 and sent[0]["max_tokens"] == 40 and sent[0]["model"] == model
@@ -194,7 +199,8 @@ def test_gaps_standby_and_untrusted_names_render_safely(page):
             "peers": [{"node_id": "n1", "name": "<b>x</b>", "backend": "mlx", "address": "a:1", "api": "a:9",
                        "layers": [0, 10], "ready": True, "free_memory": 3 * 2**30, "coordinator": True,
                        "tokens_per_s": 12.5, "standby": False, "dtype": "float32", "weight_format": "float32",
-                       "layer_ms": 8.96},
+                       "layer_ms": 8.96, "links": [{"to": "n2", "to_name": "two", "rtt_ms": 40.25, "mbps": 940.4,
+                                                    "age_s": 3.2}]},
                       {"node_id": "n2", "name": "two", "backend": "torch", "address": "a:2", "api": "",
                        "layers": [20, 30], "ready": False, "free_memory": 2**30, "coordinator": False,
                        "tokens_per_s": 0, "standby": False, "dtype": "bfloat16", "weight_format": "int4/g32",
@@ -202,7 +208,8 @@ def test_gaps_standby_and_untrusted_names_render_safely(page):
                       {"node_id": "n3", "name": "spare", "backend": "torch", "address": "a:3", "api": "",
                        "layers": None, "ready": True, "free_memory": 2**31, "coordinator": False,
                        "tokens_per_s": 0, "standby": True}],
-            "stage_tokens_per_s": 12.5, "scheduler": {"running": 0, "waiting": 0}, "bytes_per_token_hop": 1152}
+            "stage_tokens_per_s": 12.5, "scheduler": {"running": 0, "waiting": 0}, "bytes_per_token_hop": 1152,
+            "speed": {"predicted_tokens_per_s": 20.0, "measured_tokens_per_s": 15.5, "limit": "the link to two"}}
     up = {"on": True}
 
     def handle(route):
@@ -233,6 +240,9 @@ def test_gaps_standby_and_untrusted_names_render_safely(page):
     assert page.text_content(".peer[data-name='<b>x</b>'] .runs") == "runs float32 · float32"
     assert page.locator(".peer[data-name=spare] .runs").count() == 0
     assert page.get_attribute("#standby .peer", "data-name") == "spare"
+    assert page.eval_on_selector_all("#links tbody tr", "rs => rs.map(r => [...r.cells].map(c => c.textContent))") == [
+        ["<b>x</b>", "two", "40.25 ms", "940 Mbit/s", "3 s ago"]]
+    assert page.text_content("#ring-speed") == "predicted 20.0 tok/s · measured 15.5 tok/s (limit: the link to two)"
     assert "no peer holds layers [10, 20)" in page.text_content("#banner")
     assert page.eval_on_selector_all("#model option", "os => os.map(o => o.value)") == ["/m/smollm2.gguf", "other"]
     assert page.is_enabled("#model")

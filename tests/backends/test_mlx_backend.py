@@ -366,6 +366,7 @@ def test_half_precision_wire(embedded, full, prompts, wire):
 # ---------------------------------------------------------------- sampling
 
 
+@pytest.mark.slow  # keeps make test-fast under 3 minutes; CI runs it
 def test_seeded_sampling_reproducible_and_independent(full, prompts):
     p = SamplingParams(temperature=1.0, top_p=0.95, seed=1234)
     ids = prompts[S2]

@@ -2,6 +2,8 @@ import asyncio
 import uuid
 from collections.abc import Callable
 
+import pytest
+
 from mesh.discovery import Discovery, Peer
 
 LOOPBACK = ["127.0.0.1"]
@@ -47,6 +49,7 @@ def _node(mesh: str, i: int, watcher: Watcher, **props: str) -> Discovery:
     )
 
 
+@pytest.mark.slow  # keeps make test-fast under 3 minutes; CI runs it
 def test_three_peers_find_each_other_other_mesh_ignored_and_removal_seen() -> None:
     async def main() -> None:
         mesh = f"m-{uuid.uuid4().hex[:10]}"
