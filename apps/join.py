@@ -197,19 +197,24 @@ async def run_join(a: argparse.Namespace) -> int:
     return 0
 
 
-async def run_status(a: argparse.Namespace) -> int:
+async def peer_status(address: str, mesh_key: str | None, who: str) -> pb.StatusReply:
+    """A live peer's Status (its info and the plan it follows), or a one-line error."""
     import grpc
 
     from mesh.auth import make_channel
     from protos import together_pb2_grpc as pbg
 
-    ch = make_channel(a.peer, a.mesh_key, "status-cli")
+    ch = make_channel(address, mesh_key, who)
     try:
-        st = await pbg.TogetherStub(ch).Status(pb.StatusRequest(), timeout=5)
+        return await pbg.TogetherStub(ch).Status(pb.StatusRequest(), timeout=5)
     except grpc.aio.AioRpcError as e:
-        raise TogetherError(f"{a.peer}: {e.details() or e.code().name}") from None
+        raise TogetherError(f"{address}: {e.details() or e.code().name}") from None
     finally:
         await ch.close(grace=None)
+
+
+async def run_status(a: argparse.Namespace) -> int:
+    st = await peer_status(a.peer, a.mesh_key, "status-cli")
     if a.json:
         from google.protobuf.json_format import MessageToDict
 

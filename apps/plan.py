@@ -210,19 +210,9 @@ def _links(doc: dict[str, Any], names: list[str], path: Path) -> dict[tuple[str,
 async def _live(address: str, mesh_key: str | None,
                 model: Model) -> tuple[list[Described], dict[tuple[str, str], planner.Link]]:
     """The live mesh's peers, their measured speeds and links (the Status of one of them)."""
-    import grpc
+    from apps.join import peer_status
 
-    from mesh.auth import make_channel
-    from protos import together_pb2 as pb
-    from protos import together_pb2_grpc as pbg
-
-    ch = make_channel(address, mesh_key, "plan-cli")
-    try:
-        st = await pbg.TogetherStub(ch).Status(pb.StatusRequest(), timeout=5)
-    except grpc.aio.AioRpcError as e:
-        raise TogetherError(f"{address}: {e.details() or e.code().name}") from None
-    finally:
-        await ch.close(grace=None)
+    st = await peer_status(address, mesh_key, "plan-cli")
     peers = {p.node_id: p for p in st.plan.peers}
     peers[st.peer.node_id] = st.peer
     same = st.plan.model == model.label

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Iterable
 from backends.errors import ModelError
 from backends.lora import ADAPTER_FILE, CONFIG_FILE
 from backends.models import cache_dir
-from backends.weights import _LAYER, Checkpoint, _gguf_hf_name, _gguf_index
+from backends.weights import _LAYER, Checkpoint, _gguf_hf_name, _gguf_index, write_json
 
 SIDECAR = ".together-copy.json"
 # the small files of a model directory that travel whole (the weights travel by tensor)
@@ -116,7 +115,7 @@ class Manifest:
             t.sha256 = known.get(t.name) or sha256_of(self.root / t.file, t.offset, t.length)
             known[t.name] = t.sha256
         if cache:
-            _write_json(cache, {"identity": self._identity(), "sha256": known})
+            write_json(cache, {"identity": self._identity(), "sha256": known})
 
     def _identity(self) -> list:
         assert self.root is not None
@@ -154,16 +153,6 @@ def _read_json(path: Path) -> dict:
         return d if isinstance(d, dict) else {}
     except (OSError, ValueError):
         return {}
-
-
-def _write_json(path: Path, d: dict) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(d))
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only cache only costs time
 
 
 # ---------------------------------------------------------------- building a manifest
@@ -329,7 +318,7 @@ class LocalCopy:
 
     def save(self) -> None:
         if self.manifest is not None:
-            _write_json(self.path / SIDECAR, {"manifest": self.manifest.to_dict(), "verified": sorted(self.verified),
+            write_json(self.path / SIDECAR, {"manifest": self.manifest.to_dict(), "verified": sorted(self.verified),
                                               "written": {k: v for k, v in self.written.items() if v}})
 
     def missing(self, names: Iterable[str]) -> list[str]:

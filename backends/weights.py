@@ -449,14 +449,19 @@ def _gguf_index(path: Path) -> dict:
         {"name": t.name, "type": t.tensor_type.name, "type_id": int(t.tensor_type),
          "shape": [int(x) for x in reversed(t.shape.tolist())], "offset": int(t.data_offset),
          "data_shape": list(t.data.shape), "data_dtype": t.data.dtype.str} for t in reader.tensors]}
+    write_json(cached, index)
+    return index
+
+
+def write_json(path: Path, d: dict) -> None:
+    """Write a cache file whole or not at all (readers never see half of one)."""
     try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(index))
-        os.replace(tmp, cached)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(d))
+        os.replace(tmp, path)
     except OSError:
         pass  # a read-only cache only costs time
-    return index
 
 
 def _open_gguf(path: Path) -> Checkpoint:

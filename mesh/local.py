@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +19,17 @@ from typing import Any, Callable
 from backends.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def wait_port(host: str, port: int, timeout: float = 120) -> None:
+    """Until something listens on host:port (a peer's gRPC server is up), at most `timeout` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
 
 
 def http_json(url: str, timeout: float = 2.0, api_key: str | None = None) -> tuple[int, dict[str, Any]]:

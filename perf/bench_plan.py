@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backends.models import resolve_model  # noqa: E402
-from mesh.local import LocalMesh  # noqa: E402
+from mesh.local import LocalMesh, wait_port  # noqa: E402
 
 QUESTION = "Tell me a long story about a dragon who learns to bake bread."
 RINGS = {  # name -> (peers, delayed peer or None, placement)
@@ -55,16 +54,6 @@ def decode_tps(api: str, tokens: int) -> float:
                 n = ev["usage"]["completion_tokens"]
     end = time.perf_counter()
     return (n - 1) / (end - first) if first and n > 1 else 0.0
-
-
-def wait_port(host: str, port: int, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            socket.create_connection((host, port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
 
 
 def run_ring(model: str, peers: int, delayed: str | None, placement: str, delay_ms: float, tokens: int,

@@ -59,3 +59,16 @@ def full_logits(shard, tokens, seq="logits"):
         return shard.logits([SeqChunk(seq, 0, len(tokens))], np.asarray(tokens, np.int32))
     finally:
         shard.free_sequence(seq)
+
+
+def fresh_cache(tmp_path, monkeypatch):
+    """A fresh TOGETHER_CACHE under tmp_path, keeping the parsed GGUF index (parsing again takes seconds)."""
+    import shutil
+
+    from backends.models import cache_dir
+
+    index = cache_dir() / "gguf-index"
+    if index.is_dir():
+        shutil.copytree(index, tmp_path / "cache" / "gguf-index")
+    monkeypatch.setenv("TOGETHER_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"

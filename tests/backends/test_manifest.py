@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import os
 from pathlib import Path
 
@@ -16,18 +15,13 @@ from backends.errors import ModelError
 from backends.lora import open_adapter
 from backends.manifest import LocalCopy, Manifest, build_manifest, copy_dir, tensor_names
 from backends.weights import open_checkpoint
+from tests.helpers import fresh_cache
 
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch, embedded_path):
     """A fresh TOGETHER_CACHE (the embedded model is resolved before it)."""
-    from backends.models import cache_dir
-
-    index = cache_dir() / "gguf-index"  # parsing the GGUF again takes seconds: keep its index
-    if index.is_dir():
-        shutil.copytree(index, tmp_path / "cache" / "gguf-index")
-    monkeypatch.setenv("TOGETHER_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+    return fresh_cache(tmp_path, monkeypatch)
 
 
 def tiny_hf(path: Path) -> Path:

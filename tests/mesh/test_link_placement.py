@@ -6,7 +6,6 @@ split (`--placement memory`) does, answer like one process, and decode faster.""
 from __future__ import annotations
 
 import json
-import socket
 import statistics
 import subprocess
 import time
@@ -14,6 +13,7 @@ import urllib.request
 
 import pytest
 
+from mesh.local import wait_port
 from tests.mesh.netns import NetnsMesh, NetnsUnavailable
 from tests.mesh.test_ring import reference
 
@@ -41,16 +41,6 @@ def rate_limit(m: NetnsMesh, i: int) -> None:
     for dev, ns in ((m.veth[i], None), ("eth0", m.ns[i])):
         tc("qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "10", ns=ns)
         tc("class", "add", "dev", dev, "parent", "1:", "classid", "1:10", "htb", "rate", RATE, "ceil", RATE, ns=ns)
-
-
-def wait_port(host: str, port: int, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            socket.create_connection((host, port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
 
 
 def post(peer, body: dict) -> list[dict]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -23,6 +22,7 @@ from mesh.weights import Faults, WeightsError, WeightServer, fetch_manifest, fet
 from protos import together_pb2 as pb
 from protos import together_pb2_grpc as pbg
 from tests.backends.test_manifest import same_tensor, tiny_adapter, tiny_hf, tiny_mlx
+from tests.helpers import fresh_cache
 
 LABEL = "smollm2-135m"
 
@@ -63,13 +63,7 @@ def run(coro):  # tests stay sync: no pytest-asyncio in this project
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch, embedded_path):
-    from backends.models import cache_dir
-
-    index = cache_dir() / "gguf-index"  # parsing the GGUF again takes seconds: keep its index
-    if index.is_dir():
-        shutil.copytree(index, tmp_path / "cache" / "gguf-index")
-    monkeypatch.setenv("TOGETHER_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+    return fresh_cache(tmp_path, monkeypatch)
 
 
 def slice_bytes(m, names) -> int:
