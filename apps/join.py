@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import signal
+import socket
 import sys
 from typing import TYPE_CHECKING
 
@@ -111,8 +113,19 @@ def _node_config(a: argparse.Namespace) -> NodeConfig:
                      interfaces=[a.host] if a.host not in ("0.0.0.0", "") else None)
 
 
-async def _start_api(a: argparse.Namespace, node: Node, tok: Tokenizer) -> web.AppRunner:
-    """The scheduler and the OpenAI API of this peer, listening on --api-host:--api-port."""
+def _api_socket(a: argparse.Namespace) -> socket.socket:
+    """--api-host:--api-port, taken at once: a busy port is a clear error before this peer joins; the API
+    serves on it once the tokenizer has loaded (connections wait in the backlog until then)."""
+    family = socket.AF_INET6 if ":" in a.api_host else socket.AF_INET
+    try:
+        return socket.create_server((a.api_host, a.api_port), family=family)
+    except OSError as e:
+        raise TogetherError(f"cannot serve the API on {a.api_host}:{a.api_port}: {e.strerror}; "
+                            f"pick another --api-port") from None
+
+
+async def _start_api(a: argparse.Namespace, node: Node, tok: Tokenizer, sock: socket.socket) -> web.AppRunner:
+    """The scheduler and the OpenAI API of this peer, on the socket `_api_socket` took."""
     from apps.api import make_app
     from mesh.scheduler import Scheduler
 
@@ -120,13 +133,7 @@ async def _start_api(a: argparse.Namespace, node: Node, tok: Tokenizer) -> web.A
                                        micro_batches=a.micro_batches)
     runner = web.AppRunner(make_app(node, sched, api_key=a.api_key, cors_origin=a.cors_origin), access_log=None)
     await runner.setup()
-    try:
-        await web.TCPSite(runner, a.api_host, a.api_port).start()
-    except OSError as e:
-        await runner.cleanup()
-        raise TogetherError(f"cannot serve the API on {a.api_host}:{a.api_port}: {e.strerror}; "
-                            f"pick another --api-port") from None
-    node.api_address = f"{a.api_host}:{a.api_port}"
+    await web.SockSite(runner, sock).start()
     return runner
 
 
@@ -172,18 +179,32 @@ async def run_join(a: argparse.Namespace) -> int:
     cfg = _node_config(a)
     seeds = await _model_path(cfg, a) if not cfg.model_path else []
     ck = open_checkpoint(cfg.model_path)
-    # only a peer that serves the API tokenizes; the others skip loading transformers
-    tok = Tokenizer.from_checkpoint(ck) if a.api_port is not None else None
-    node = Node(cfg, ck, tok, seeds=seeds)
+    sock = _api_socket(a) if a.api_port is not None else None
+    node = Node(cfg, ck, None, seeds=seeds)
     node.supply.say = lambda line: print(line, file=sys.stderr, flush=True)
     node.on_plan.append(lambda plan: print(render_plan(plan, node.node_id), file=sys.stderr, flush=True))
-    runner = await _start_api(a, node, tok) if tok is not None else None
+    # only a peer that serves the API tokenizes (the others skip loading transformers); it loads its tokenizer
+    # while it enters the mesh, so it claims with the peers started with it, as the API peer (the planner's
+    # first and last hop), instead of seconds after them
+    tok_load = asyncio.create_task(asyncio.to_thread(Tokenizer.from_checkpoint, ck)) if sock else None
+    if sock is not None:
+        node.api_address = f"{a.api_host}:{sock.getsockname()[1]}"
+    runner: web.AppRunner | None = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.create_task(node.start())
     try:
-        await node.start()
+        if tok_load is not None and sock is not None:
+            pending: set[asyncio.Task] = {tok_load, starting}
+            while tok_load in pending:  # a start that fails fails now, not once the tokenizer is in
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if starting in done:
+                    starting.result()
+            node.tok = tok = tok_load.result()
+            runner = await _start_api(a, node, tok, sock)
+        await starting
         if not cfg.mesh_key:
             print(OPEN_MESH, file=sys.stderr, flush=True)
         print(f"{node.name} joined mesh {a.mesh!r} at {node.address} ({_runs(node)}): {node.claim_reason}"
@@ -191,8 +212,15 @@ async def run_join(a: argparse.Namespace) -> int:
         await stop.wait()
         print(f"{node.name} leaving the mesh", file=sys.stderr, flush=True)
     finally:
+        for task in (tok_load, starting):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         if runner is not None:
             await runner.cleanup()
+        elif sock is not None:
+            sock.close()
         await node.stop()
     return 0
 

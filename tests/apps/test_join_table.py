@@ -45,3 +45,19 @@ def test_a_model_no_peer_has_and_no_hub_gives_is_one_clear_error(tmp_path) -> No
     # both ways named: a path or hub id here, or a peer that has it
     assert "not found" in err and "--peer HOST:PORT" in err and "nowhere" in err, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+def test_a_busy_api_port_is_a_clear_error_before_the_peer_joins(embedded_path) -> None:
+    """The API port is taken before the peer enters the mesh (its tokenizer loads while it does)."""
+    import socket
+
+    from tests.helpers import together
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        r = together("join", "--model", str(embedded_path), "--no-mdns", "--backend", "torch", "--host",
+                     "127.0.0.1", "--api-port", str(port), timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    err = r.stderr.strip().splitlines()[-1]
+    assert f"cannot serve the API on 127.0.0.1:{port}" in err and "pick another --api-port" in err, r.stderr[-2000:]
+    assert "joined mesh" not in r.stderr and "Traceback" not in r.stderr
