@@ -45,10 +45,11 @@ def check_peer_info(info: pb.PeerInfo, num_layers: int) -> str | None:
     """Why a PeerInfo from the wire cannot be believed, or None."""
     if not info.node_id or len(info.node_id) > 64:
         return "missing or oversized node id"
-    if not all(math.isfinite(x) for x in (info.layer_ms, info.head_ms, info.started_at, info.tokens_per_s)):
+    if not all(math.isfinite(x) for x in (info.layer_ms, info.head_ms, info.prefill_ms, info.started_at,
+                                          info.tokens_per_s)):
         return "non-finite numbers"
-    if len(info.dtype) > 32 or len(info.weight_format) > 64:
-        return "oversized dtype or weight format"
+    if len(info.dtype) > 32 or len(info.weight_format) > 64 or len(info.weights) > 256:
+        return "oversized dtype, weight format or weights progress"
     host, _, port = info.address.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         return f"bad address {info.address!r}"

@@ -180,6 +180,10 @@ def test_a_peer_info_with_bad_links_is_refused():
     assert check_peer_info(pb.PeerInfo(**base, links=[pb.LinkStat(node_id="b", rtt_ms=float("nan"))]), 30)
     assert check_peer_info(pb.PeerInfo(**base, links=[pb.LinkStat(node_id="b", mbps=-1)]), 30)
     assert check_peer_info(pb.PeerInfo(**base, links=[pb.LinkStat(node_id="b")] * 300), 30)
+    # what the planner and the tables read besides the links
+    assert check_peer_info(pb.PeerInfo(**base, prefill_ms=float("inf")), 30) == "non-finite numbers"
+    assert check_peer_info(pb.PeerInfo(**base, weights="x" * 1000), 30)
+    assert check_peer_info(pb.PeerInfo(**base, prefill_ms=0.2, weights="fetching 41% of 27.5 MB from a"), 30) is None
 
 
 def test_render_links_lists_each_peers_links_by_name():
