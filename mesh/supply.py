@@ -182,9 +182,10 @@ class Supply:
     async def ensure(self, start: int, end: int) -> None:
         """Fetch what this peer's copies (the model's, the adopted adapters') lack of [start, end)."""
         c = self.copy
-        if c is not None and c.manifest is not None and not self.holds(start, end):
+        if c is not None and c.manifest is not None:
             names = c.missing(tensor_names(c.manifest, start, end, self.num_layers))
-            await self._fetch(self.cfg.model, names, c, await self._some_peers(start, end))
+            if names or c.headers_missing():  # what `holds` checks, without listing the slice twice
+                await self._fetch(self.cfg.model, names, c, await self._some_peers(start, end))
         for name, ac in list(self._adopted.items()):
             if ac.manifest is None:
                 continue
