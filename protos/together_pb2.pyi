@@ -33,7 +33,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., penalty_context: _Optional[int] = ..., has_seed: _Optional[bool] = ..., seed: _Optional[int] = ..., logprobs: _Optional[int] = ...) -> None: ...
 
 class SeqEntry(_message.Message):
-    __slots__ = ("seq_id", "offset", "length", "start", "sampling", "history", "adapter", "more")
+    __slots__ = ("seq_id", "offset", "length", "start", "sampling", "history", "adapter", "more", "drafts", "trim", "prefix")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,9 @@ class SeqEntry(_message.Message):
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
+    DRAFTS_FIELD_NUMBER: _ClassVar[int]
+    TRIM_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     offset: int
     length: int
@@ -50,7 +53,10 @@ class SeqEntry(_message.Message):
     history: _containers.RepeatedScalarFieldContainer[int]
     adapter: str
     more: bool
-    def __init__(self, seq_id: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., start: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., history: _Optional[_Iterable[int]] = ..., adapter: _Optional[str] = ..., more: _Optional[bool] = ...) -> None: ...
+    drafts: int
+    trim: bool
+    prefix: int
+    def __init__(self, seq_id: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., start: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., history: _Optional[_Iterable[int]] = ..., adapter: _Optional[str] = ..., more: _Optional[bool] = ..., drafts: _Optional[int] = ..., trim: _Optional[bool] = ..., prefix: _Optional[int] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("frame_id", "epoch", "seqs", "dtype", "shape", "data", "tokens", "origin", "hop_ms", "failed_seqs", "error", "error_code")
@@ -273,10 +279,20 @@ class SuspectRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
-    __slots__ = ("seq_ids",)
+    __slots__ = ("seq_ids", "keep")
     SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
     seq_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, seq_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    keep: _containers.RepeatedCompositeFieldContainer[KeepSeq]
+    def __init__(self, seq_ids: _Optional[_Iterable[str]] = ..., keep: _Optional[_Iterable[_Union[KeepSeq, _Mapping]]] = ...) -> None: ...
+
+class KeepSeq(_message.Message):
+    __slots__ = ("seq_id", "tokens")
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    seq_id: str
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, seq_id: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReleaseReply(_message.Message):
     __slots__ = ("freed",)
