@@ -32,12 +32,12 @@ class Tokenizer:
     @classmethod
     def from_checkpoint(cls, ck: Checkpoint) -> "Tokenizer":
         _quiet_transformers()
-        from transformers import AutoTokenizer
-
         try:
             if ck.kind == "gguf":
                 tok = _gguf_tokenizer(ck.path)
             else:
+                from transformers import AutoTokenizer
+
                 tok = AutoTokenizer.from_pretrained(str(ck.path))
         except (OSError, ValueError, KeyError) as e:
             raise ModelError(f"{ck.path}: cannot load the tokenizer ({e})") from None
@@ -107,13 +107,13 @@ class StreamDecoder:
 
 def _gguf_tokenizer(path: Path):
     """transformers converts a GGUF vocab in seconds; keep the result in the cache."""
-    from transformers import AutoTokenizer
-
     st = path.stat()
     key = hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
     cached = cache_dir() / "tokenizers" / key
     if (cached / "tokenizer_config.json").exists():
-        return AutoTokenizer.from_pretrained(str(cached))
+        return _saved_tokenizer(cached)
+    from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     try:
         tmp = cached.with_name(key + f".tmp{os.getpid()}")
@@ -122,3 +122,20 @@ def _gguf_tokenizer(path: Path):
     except OSError as e:
         log.warning("could not cache the tokenizer in %s: %s", cached, e)
     return tok
+
+
+def _saved_tokenizer(d: Path):
+    """A tokenizer `save_pretrained` wrote. A plain fast tokenizer (what a GGUF vocab converts to) loads
+    through its own class: importing AutoTokenizer costs more than loading the tokenizer (an API peer's
+    start waits on it)."""
+    try:
+        cls = json.loads((d / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError):
+        cls = None
+    if cls in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(d))
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(d))

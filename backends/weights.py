@@ -33,12 +33,12 @@ class Affine:
     bits: int
     group_size: int
 
+    def ints(self) -> np.ndarray:
+        """The unsigned integers, (out, in) uint8 (bits <= 8)."""
+        return unpack_ints(self.packed, self.bits)
+
     def dequantize(self) -> np.ndarray:
-        per = 32 // self.bits
-        mask = (1 << self.bits) - 1
-        shifts = (np.arange(per, dtype=np.uint32) * self.bits)[None, None, :]
-        q = (self.packed[:, :, None] >> shifts) & mask  # (out, words, per)
-        q = q.reshape(self.packed.shape[0], -1).astype(np.float32)
+        q = self.ints().astype(np.float32)
         g = q.reshape(q.shape[0], -1, self.group_size)
         w = g * self.scales.astype(np.float32)[:, :, None] + self.biases.astype(np.float32)[:, :, None]
         return w.reshape(q.shape)
@@ -51,6 +51,17 @@ class Affine:
         w, g = 32 // self.bits, self.group_size
         return Affine(self.packed[:, start // w: stop // w], self.scales[:, start // g: stop // g],
                       self.biases[:, start // g: stop // g], self.bits, self.group_size)
+
+
+def unpack_ints(packed: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned ints (out, in) uint8 of words (out, words) packed lowest bits first (bits <= 8)."""
+    if bits in (4, 8):  # the words' little-endian bytes hold the values in order: no per-lane shifts
+        b = np.ascontiguousarray(packed, dtype="<u4").view(np.uint8)
+        return b.copy() if bits == 8 else np.stack([b & 15, b >> 4], axis=-1).reshape(b.shape[0], -1)
+    per = 32 // bits
+    shifts = (np.arange(per, dtype=np.uint32) * bits)[None, None, :]
+    q = (packed[:, :, None] >> shifts) & ((1 << bits) - 1)  # (out, words, per)
+    return q.reshape(packed.shape[0], -1).astype(np.uint8)
 
 
 class TensorRef:
@@ -355,6 +366,9 @@ def _unpermute_rows(n_rows: int, n_head: int) -> np.ndarray:
 
 def _pack(q: np.ndarray, bits: int) -> np.ndarray:
     """Pack unsigned ints (rows, n) into uint32 words, lowest bits first."""
+    if bits in (4, 8):  # bytes read as little-endian words: the same layout, without shifting eight lanes
+        b = q.astype(np.uint8) if bits == 8 else (q[:, 0::2] & 15 | q[:, 1::2] << 4).astype(np.uint8)
+        return np.ascontiguousarray(b).view("<u4").astype(np.uint32, copy=False)
     per = 32 // bits
     q = q.astype(np.uint32).reshape(q.shape[0], -1, per)
     shifts = (np.arange(per, dtype=np.uint32) * bits)[None, None, :]

@@ -60,7 +60,7 @@ class PeerProc:
         self.api_key = args[args.index("--api-key") + 1] if "--api-key" in args else None
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "w")
-        e = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", **(env or {}))
+        e = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", **(env or {})}
         # several peers share this host's cores: one compute thread each unless told otherwise
         self.proc = subprocess.Popen(
             [*prefix, sys.executable, "-m", "apps.cli", "join", "--name", name, "--port", str(self.port),

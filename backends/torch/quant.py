@@ -33,10 +33,7 @@ def packable(a: Affine | None, dtype: torch.dtype, device: torch.device) -> bool
 
 def unpack(a: Affine) -> np.ndarray:
     """The unsigned integers of `a`, (out, in) uint8."""
-    per = 32 // a.bits
-    shifts = (np.arange(per, dtype=np.uint32) * a.bits)[None, None, :]
-    q = (a.packed[:, :, None] >> shifts) & ((1 << a.bits) - 1)
-    return q.reshape(a.packed.shape[0], -1).astype(np.uint8)
+    return a.ints()
 
 
 def concat(parts: list[Affine]) -> Affine | None:

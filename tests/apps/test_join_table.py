@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from apps.join import render_plan
 from protos import together_pb2 as pb
 
@@ -61,3 +63,30 @@ def test_a_busy_api_port_is_a_clear_error_before_the_peer_joins(embedded_path) -
     err = r.stderr.strip().splitlines()[-1]
     assert f"cannot serve the API on 127.0.0.1:{port}" in err and "pick another --api-port" in err, r.stderr[-2000:]
     assert "joined mesh" not in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_a_stopped_peer_leaves_cleanly_and_ends_without_the_interpreters_teardown(embedded_path, tmp_path) -> None:
+    """Ctrl-C: the peer leaves, says so, exits 0, and skips the interpreter's teardown (garbage collection
+    over torch's objects: seconds before its process was gone). A sitecustomize's atexit hook, which runs
+    in that teardown, shows it was skipped."""
+    import os
+    import signal
+
+    from mesh.local import ROOT
+    from tests.mesh.cluster import Cluster
+
+    site = tmp_path / "site"
+    site.mkdir()
+    marker = tmp_path / "teardown-ran"
+    (site / "sitecustomize.py").write_text(f"import atexit\natexit.register(open, {str(marker)!r}, 'w')\n")
+    c = Cluster(str(embedded_path))
+    try:
+        env = {"PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+        a = c.add("a", "--backend", "torch", "--dtype", "float32", "--no-mdns", "--layers", "0-30", api=True, env=env)
+        c.wait_ready(a, stages=1)
+        assert a.stop(signal.SIGINT) == 0
+        assert a.log().rstrip().endswith("a leaving the mesh"), a.log()[-2000:]
+        assert not marker.exists()
+    finally:
+        c.stop()

@@ -78,3 +78,83 @@ def test_only_the_missing_framework_is_named():
     assert str(missing_backend("torch", e)) == "the torch backend needs torch: pip install 'together[torch]'"
     other = ImportError("libfoo.so: cannot open shared object file")
     assert "could not be imported (libfoo.so" in str(missing_backend("torch", other))
+
+
+def test_an_mlx_peer_and_a_gguf_tokenizer_import_neither_torch_nor_the_auto_classes(embedded_path, tokenizer):
+    """An MLX peer's backend and a GGUF model's tokenizer (converted once, then cached: the `tokenizer`
+    fixture) start without torch or transformers' auto classes (seconds at every peer's start):
+    mlx-lm's package __init__, which imports both, is deferred (next test)."""
+    pytest.importorskip("mlx_lm")
+    out = _run(f"""
+import backends.mlx.shard
+from backends.tokenizer import Tokenizer
+from backends.weights import open_checkpoint
+tok = Tokenizer.from_checkpoint(open_checkpoint({str(embedded_path)!r}))
+out["ids"] = tok.encode("Hello world")
+out["loaded"] = [m for m in ("torch", "transformers.models.auto", "mlx_lm.utils") if m in sys.modules]
+""", blocked=())
+    assert out == {"ids": tokenizer.encode("Hello world"), "loaded": []}
+
+
+def test_a_deferred_package_runs_its_init_once_on_first_use_of_its_names(tmp_path, monkeypatch):
+    """What the MLX backend does to mlx-lm: its submodules import without the package's __init__, which
+    runs once, on the first name asked of the package (also through `from PKG import NAME`)."""
+    from backends.mlx import defer_init
+
+    pkg = tmp_path / "deferpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("RUNS.append(1)\nfrom .sub import VALUE as ALIAS\n")
+    (pkg / "sub.py").write_text("VALUE = 42\n")
+    runs: list[int] = []
+    monkeypatch.setattr("builtins.RUNS", runs, raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "deferpkg", raising=False)
+    monkeypatch.delitem(sys.modules, "deferpkg.sub", raising=False)
+    defer_init("deferpkg")
+    from deferpkg.sub import VALUE
+
+    assert VALUE == 42 and runs == []
+    from deferpkg import ALIAS
+
+    import deferpkg
+
+    assert ALIAS == 42 and deferpkg.sub.VALUE == 42 and runs == [1]
+    with pytest.raises(AttributeError):
+        deferpkg.missing  # noqa: B018
+    assert runs == [1] and type(deferpkg) is type(sys)
+
+
+def test_a_torch_peer_starts_without_importing_mlx_or_torch_dynamo(embedded_path):
+    """A torch peer's start: `--backend auto` takes torch off a Mac without importing MLX too, and its
+    warm-up, loading its slice and a forward never import torch._dynamo (nothing of ours uses it; ~1 s
+    of every start): no op runs on the meta device."""
+    pytest.importorskip("torch")
+    out = _run(f"""
+import numpy as np
+from apps.join import _auto_backend
+from backends.shard import SeqChunk, load_shard
+from backends.torch.model import warm
+from backends.weights import open_checkpoint
+from backends.wire import Hidden
+out["auto"] = _auto_backend() if sys.platform != "darwin" else "torch"
+ck = open_checkpoint({str(embedded_path)!r})
+warm()
+first, mid = load_shard("torch", ck, 0, 1, dtype="float32"), load_shard("torch", ck, 1, 2, dtype="bfloat16")
+first.add_sequence("s")
+mid.add_sequence("s")
+h = first.forward([SeqChunk("s", 0, 3)], np.array([1, 2, 3], np.int32))
+out["shape"] = list(mid.forward([SeqChunk("s", 0, 3)], Hidden(bytes(h.data), h.dtype, h.shape)).shape)
+out["loaded"] = [m for m in ("torch._dynamo", "mlx.core") if m in sys.modules]
+""", blocked=())
+    assert out == {"auto": "torch", "shape": [3, 576], "loaded": []}
+
+
+def test_join_auto_takes_mlx_where_torch_is_missing():
+    """`together join --backend auto` (the default) without torch: MLX (torch taken where installed,
+    without importing MLX: the test above)."""
+    pytest.importorskip("mlx.core")
+    out = _run("""
+from apps.join import _auto_backend
+out["backend"] = _auto_backend()
+""", blocked=("torch",))
+    assert out == {"backend": "mlx"}

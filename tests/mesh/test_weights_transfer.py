@@ -311,12 +311,13 @@ def test_a_copy_serves_what_it_fetched_since(cache, tmp_path, monkeypatch):
                     await fetch_tensors([b_addr], None, "c", "tiny", layer1, LocalCopy.of("tiny"))
                 await fetch_tensors([a], None, "b", "tiny", layer1, b_copy)  # b gets it
                 sent, c_copy = owner.bytes_sent, LocalCopy.of("tiny")
-                had = sum(m.span(h).length for h in c_copy.verified)  # headers the failed try got
                 got = await fetch_tensors([b_addr], None, "c", "tiny", layer1, c_copy)
                 assert owner.bytes_sent == sent  # all from b
-                return got + had
+                assert c_copy.complete(layer1)
+                return got
 
-    assert run(main()) == slice_bytes(m, layer1)
+    # the failed try may have got some of the headers already (how much depends on timing): the rest came from b
+    assert 0 < run(main()) <= slice_bytes(m, layer1)
 
 
 def test_a_stream_that_ends_short_counts_as_broken(cache, tmp_path):
