@@ -199,7 +199,7 @@ class ProgressUI:
         val = f"{self.val_loss:.3f}" if self.val_loss is not None else "-"
         self.bar.set_postfix_str(f"loss {train_loss:.3f} val {val} {tokens_sec:.0f} tok/s peak {peak:.2f} GB")
         if step % self.report_every == 0 or step == self.total:
-            self.bar.write(f"step {step:>5}/{self.total}  train loss {train_loss:.3f}  val loss {val}  "
+            self.bar.write(f"step {step:>5}/{self.total}  train loss {train_loss:.4f}  val loss {val}  "
                            f"{tokens_sec:,.0f} tok/s  peak memory {peak:.2f} GB", file=self.out)
 
     @contextmanager
@@ -208,7 +208,7 @@ class ProgressUI:
 
     def report_val(self, it: int, val_loss: float, val_time: float) -> None:
         self.val_loss = val_loss
-        self.bar.write(f"step {self.offset + it - 1:>5}/{self.total}  val loss {val_loss:.3f}  "
+        self.bar.write(f"step {self.offset + it - 1:>5}/{self.total}  val loss {val_loss:.4f}  "
                        f"({val_time:.1f} s)", file=self.out)
 
     def report_save(self, path: str) -> None:
@@ -307,8 +307,15 @@ def _add_lora(model: nn.Module, a: argparse.Namespace, k: int, resume_dir: Path 
     from mlx.utils import tree_unflatten
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
+    from backends.train import init_lora
+
     model.freeze()
     linear_to_lora_layers(model, k, {"rank": a.rank, "scale": a.scale, "dropout": a.dropout})
+    # mlx-lm's distribution, drawn per weight name from the seed (backends/train.py), so a ring of
+    # peers (`--mesh`) starts from the very adapter this process would
+    start = [(n, mx.array(init_lora(n, v.shape[0], a.rank, a.seed)))
+             for n, v in _flat(model.trainable_parameters()).items() if n.endswith(".lora_a")]
+    model.load_weights(start, strict=False)
     optimizer = optim.Adam(learning_rate=a.learning_rate)
     if resume_dir is not None:
         model.load_weights(str(resume_dir / ADAPTER_FILE), strict=False)
@@ -336,6 +343,11 @@ def _load(a: argparse.Namespace) -> tuple[Path, nn.Module, dict[str, Any]]:
     model, tokenizer = load(str(path))[:2]
     if a.dtype != "auto":
         model.set_dtype(getattr(mx, a.dtype))
+    return path, model, checked_datasets(splits, tokenizer, a)
+
+
+def checked_datasets(splits: Splits, tokenizer: TokenizerWrapper, a: argparse.Namespace) -> dict[str, Any]:
+    """The datasets of the splits, refused (DataError) unless every record fits and each split fills a batch."""
     data = make_datasets(splits, tokenizer, a.max_seq_length, a.mask_prompt)
     train_set, valid_set = data["train"], data.get("valid")
     if len(train_set) < a.batch_size:
@@ -343,11 +355,15 @@ def _load(a: argparse.Namespace) -> tuple[Path, nn.Module, dict[str, Any]]:
                         f"add records or lower --batch-size")
     if valid_set is not None and len(valid_set) < a.batch_size:
         raise DataError(f"valid.jsonl has {len(valid_set)} records but --batch-size is {a.batch_size}")
-    return path, model, data
+    return data
 
 
 def run_lora(a: argparse.Namespace) -> int:
     require_mlx()
+    if a.mesh or a.peer:
+        from apps.lora_mesh import run_lora_mesh
+
+        return run_lora_mesh(a)
     import mlx.core as mx
     from mlx_lm.tuner.callbacks import TrainingCallback
     from mlx_lm.tuner.trainer import TrainingArgs, train
@@ -435,4 +451,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="compute dtype (auto: as the converted model: float32 on a CPU, float16 on Metal)")
     p.add_argument("--seed", type=int, default=0)
+    m = p.add_argument_group("training across a ring of peers (each trains the LoRA weights of its own layers)")
+    m.add_argument("--mesh", default=None, metavar="NAME",
+                   help="train on the ring of this mesh (found over mDNS, or through --peer)")
+    m.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
+                   help="a peer of the mesh to ask for its ring (repeatable; where multicast is blocked)")
+    m.add_argument("--mesh-key", default=None, help="the mesh's key (prefer TOGETHER_MESH_KEY or --mesh-key-file)")
+    m.add_argument("--mesh-key-file", default=None, metavar="PATH", help="read the mesh key from this file")
+    m.add_argument("--micro-batches", type=int, default=0, metavar="N",
+                   help="split each batch into N micro-batches that follow each other through the ring, so "
+                        "its stages work at once (gradients add up over them; default 0: one per stage; 1: none)")
+    m.add_argument("--settle", type=float, default=3.0, metavar="S", help="seconds to look for the mesh's peers")
     p.set_defaults(func=lambda a: run_lora(a))
