@@ -124,7 +124,8 @@ async def mesh_view(request: web.Request) -> web.Response:
                       "tokens_per_s": round(p.tokens_per_s, 2), "dtype": p.dtype,
                       "weight_format": p.weight_format, "layer_ms": round(p.layer_ms, 3),
                       "adapters": [a for a in p.adapters.split(",") if a], "tp_group": p.tp_group,
-                      "standby": st is None, "weights": p.weights, "links": links_view(node, p)})
+                      "standby": st is None, "weights": p.weights, "training": p.training,
+                      "links": links_view(node, p)})
     hop = sched.hop_overhead_ms
     return web.json_response({
         "model": node.cfg.model, "epoch": node.plan.epoch, "complete": node.plan.complete,
@@ -135,8 +136,12 @@ async def mesh_view(request: web.Request) -> web.Response:
         "scheduler": {"running": len(sched.running), "waiting": len(sched.waiting), **sched.stats,
                       "step_ms_p50": _pct(sched.step_ms, 0.5),
                       "hop_overhead_ms_p50": _pct(hop, 0.5), "hop_overhead_ms_p90": _pct(hop, 0.9),
-                      "hop_samples": len(hop)},
+                      "hop_samples": len(hop),
+                      "speculation": sched.drafting.view() if sched.drafting else {"draft": "off"}},
         "bytes_per_token_hop": node.bytes_per_token_hop, "speed": speed_view(node, sched),
+        # this peer's stage's prefix cache, and what this API peer believes the ring's stages hold
+        "prefix_cache": {**(node.shard.prefix_stats() if node.shard else {}),
+                         **(sched.prefixes.stats() if sched.prefixes is not None else {"keys": 0})},
     })
 
 
@@ -236,14 +241,14 @@ def _context_check(node: Node, prompts: list[list[int]]) -> None:
 
 
 def _submit(sched: Scheduler, prompts: list[list[int]], params: SamplingParams, n: int,
-            adapter: str) -> list[Request]:
+            adapter: str, draft: bool = True) -> list[Request]:
     reqs = []
     try:
         for pr in prompts:
             for i in range(n):
                 p = params if params.seed is None or i == 0 else \
                     SamplingParams.from_dict({**params.to_dict(), "seed": (params.seed + i + 2**63) % 2**64 - 2**63})
-                reqs.append(sched.submit(pr, p, adapter))
+                reqs.append(sched.submit(pr, p, adapter, draft=draft))
     except RequestError as e:
         for r in reqs:
             sched.cancel(r)
@@ -261,7 +266,7 @@ async def _serve(request: web.Request, body: ChatBody | CompletionBody, adapter:
     _context_check(node, prompts)
     if not node.plan.complete:
         raise RingUnavailable(f"the ring is incomplete: {node.plan.missing}")
-    reqs = _submit(sched, prompts, body.sampling(), body.n, adapter)
+    reqs = _submit(sched, prompts, body.sampling(), body.n, adapter, body.draft)
     out = Output(isinstance(body, ChatBody), reqs, sched.tok, body.model)
     try:
         if not body.stream:
@@ -296,6 +301,22 @@ def _gauges(node: Node, sched: Scheduler) -> None:
     g("plan_epoch", "Current plan epoch.", lambda: node.plan.epoch)
     g("stage_sequences", "Sequences with a KV cache on this peer.", stage_sequences)
     g("stage_kv_cache_bytes", "Bytes of KV cache on this peer.", stage_kv_bytes)
+    for key, what in (("bytes", "Bytes of KV this peer's prefix cache holds."),
+                      ("blocks", "Blocks this peer's prefix cache holds."),
+                      ("hits", "Blocks a sequence took from this peer's prefix cache."),
+                      ("misses", "Blocks a sequence asked of this peer's prefix cache that it lacked."),
+                      ("evictions", "Blocks this peer's prefix cache evicted (least recently used).")):
+        g(f"prefix_cache_{key}", what, _prefix_stat(node, key))
+    mirror = sched.prefixes
+    if mirror is not None:
+        g("prefix_cached_tokens", "Prompt tokens of this API peer's requests the stages took from their "
+          "prefix caches instead of computing them.", lambda: mirror.cached_tokens)
+        g("prefix_retries", "Starts a stage refused for a prefix it lacked, sent again whole.",
+          lambda: mirror.retries)
+
+
+def _prefix_stat(node: Node, key: str) -> Callable[[], float]:
+    return lambda: node.shard.prefix_stats()[key] if node.shard else 0
 
 
 def cors_middleware(origin: str) -> Middleware:

@@ -14,6 +14,8 @@ from backends.errors import TogetherError
 if TYPE_CHECKING:
     from backends.sampling import SamplingParams
 
+DRAFT_TOKENS = 8  # --draft-tokens: the most tokens a sequence drafts per trip around the ring
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m",
@@ -51,12 +53,15 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from backends.models import resolve_model
     from backends.pipeline import Pipeline, SliceSpec, parse_shards
     from backends.shard import available_backends
+    from backends.speculation import make_drafter
     from backends.tokenizer import Tokenizer
     from backends.weights import open_checkpoint
 
     params = _sampling(a)
+    if a.draft_tokens < 0:
+        raise TogetherError(f"--draft-tokens must be >= 0, got {a.draft_tokens}")
+    ck = open_checkpoint(resolve_model(a.model))  # a bad --model is an error before any framework imports
     backend = a.backend or (available_backends() or ["torch"])[0]
-    ck = open_checkpoint(resolve_model(a.model))
     n = ck.config.num_hidden_layers
     slices = parse_shards(a.shards, n, backend) if a.shards else [SliceSpec(backend, 0, n)]
     adapters = [open_adapter(a.adapter)] if a.adapter else []
@@ -72,23 +77,41 @@ def cmd_generate(a: argparse.Namespace) -> int:
     pipe = Pipeline.load(ck, slices, dtype=a.dtype, threads=a.threads, device=a.device)
     for ad in adapters:
         pipe.load_adapter(ad)
+    drafter = make_drafter(a.draft, ck, tok, backend=slices[-1].backend, dtype=a.dtype, device=a.device,
+                           threads=a.threads) if a.draft_tokens else None
     load_s = time.perf_counter() - t
     stats: dict = {}
     use = adapters[0].name if adapters else ""
-    for d in pipe.generate(prompt, params, tok, stats, adapter=use):
-        sys.stdout.write(d.text)
-        sys.stdout.flush()
+    try:
+        for d in pipe.generate(prompt, params, tok, stats, adapter=use, draft=drafter,
+                               draft_tokens=a.draft_tokens):
+            sys.stdout.write(d.text)
+            sys.stdout.flush()
+    finally:
+        pipe.close()  # stops tensor-parallel workers (they also exit when this process does)
+        if drafter is not None:
+            drafter.close()
     sys.stdout.write("\n")
     sys.stdout.flush()
-    pipe.close()  # stops tensor-parallel workers (they also exit when this process does)
     split = ",".join(f"{s.backend}:{s.start}-{s.end}" + (f"*{s.tp}" if s.tp > 1 else "")
                      for s in slices) + (f"+{use}" if use else "")
     print(f"[{split}] load {load_s:.1f}s | prompt {stats['prompt_tokens']} tok, "
           f"{stats['prompt_tokens'] / max(stats['prefill_s'], 1e-9):.1f} tok/s | "
           f"generated {stats['generated_tokens']} tok, "
           f"{max(stats['generated_tokens'] - 1, 0) / max(stats['decode_s'], 1e-9):.1f} tok/s | "
-          f"finish: {stats['finish_reason']}", file=sys.stderr)
+          f"finish: {stats['finish_reason']}{_draft_stats(a.draft if drafter else 'off', stats)}",
+          file=sys.stderr)
     return 0
+
+
+def _draft_stats(draft: str, stats: dict) -> str:
+    """The stats line's speculation part: drafts accepted and tokens per step."""
+    if draft.lower() == "off":
+        return " | draft off"
+    rate = stats["accepted"] / stats["drafted"] if stats["drafted"] else 0.0
+    per = (stats["generated_tokens"] - 1) / max(stats["steps"], 1)
+    return (f" | draft {draft}: accepted {stats['accepted']}/{stats['drafted']} ({rate:.0%}), "
+            f"{per:.2f} tok/step")
 
 
 def cmd_join(a: argparse.Namespace) -> int:
@@ -96,7 +119,13 @@ def cmd_join(a: argparse.Namespace) -> int:
 
     from apps.join import run_join
 
-    return asyncio.run(run_join(a))
+    code = asyncio.run(run_join(a))
+    # the peer has left and closed everything: end the process now, without the interpreter's teardown (a
+    # garbage collection over torch's and transformers' objects: seconds before a stopped peer is gone)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cmd_status(a: argparse.Namespace) -> int:
@@ -159,6 +188,18 @@ def _add_join_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
                         "running sequences (default 0: one per stage, so every stage has work)")
     j.add_argument("--prefill-chunk", type=int, default=512, metavar="TOKENS",
                    help="prompt tokens per frame: a long prompt goes in chunks between decode steps")
+    j.add_argument("--draft", default="lookup", metavar="off|lookup|MODEL",
+                   help="speculative decoding on this API peer: drafts verified by the ring several "
+                        "tokens per trip (the answer is unchanged); lookup (default) drafts from n-grams of "
+                        "the prompt and the text so far, MODEL (a name or path as --model takes, with the "
+                        "same tokenizer) runs a draft model here, off turns it off")
+    j.add_argument("--draft-tokens", type=int, default=DRAFT_TOKENS, metavar="K",
+                   help=f"the most tokens a sequence drafts per trip (default {DRAFT_TOKENS}; each "
+                        f"sequence drafts fewer, down to none, where its drafts are rejected)")
+    j.add_argument("--prefix-cache-memory", default=None, metavar="SIZE",
+                   help="memory this peer's stage keeps of computed prompts' KV, so that requests sharing a "
+                        "prefix (a system prompt, a chat's history) skip its prefill, e.g. 512MB (default: "
+                        "1/8 of --max-memory or of the memory offered, at most 1GiB; 0: off)")
     j.add_argument("--seq-lease", type=float, default=60.0, metavar="SECONDS",
                    help="free a sequence's caches when no frame of it came for this long (its API peer is gone)")
     j.add_argument("--mesh", default="default", help="mesh name: peers of other meshes are ignored")
@@ -204,6 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--raw", action="store_true", help="no chat template: continue the prompt as is")
     g.add_argument("--adapter", default=None, metavar="PATH",
                    help="answer with this LoRA adapter (a `together lora` output directory)")
+    g.add_argument("--draft", default="lookup", metavar="off|lookup|MODEL",
+                   help="speculative decoding: drafted tokens verified several per step (the answer is "
+                        "unchanged); lookup (default) drafts from n-grams of the prompt and the text so far, "
+                        "MODEL (a name or path as --model takes, same tokenizer) runs a draft model, off")
+    g.add_argument("--draft-tokens", type=int, default=DRAFT_TOKENS, metavar="K",
+                   help=f"the most tokens drafted per step (default {DRAFT_TOKENS}; fewer, down to none, "
+                        f"where drafts are rejected)")
     _add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
 

@@ -59,20 +59,25 @@ def render_plan(plan: pb.Plan, me: str = "") -> str:
             + "\n".join(lines) + "\n(C = coordinator, * = this peer)")
 
 
+def _auto_backend() -> str:
+    """MLX on a Mac, torch elsewhere, else whichever is installed. It imports only the frameworks it tries
+    (a Mac's MLX peer never loads torch: seconds of its start)."""
+    for b in ("mlx", "torch") if sys.platform == "darwin" else ("torch", "mlx"):
+        try:
+            __import__("mlx.core" if b == "mlx" else "torch")
+            return b
+        except Exception:  # as backends.shard.available_backends: one that fails to import is not there
+            continue
+    raise TogetherError("neither mlx nor torch is installed: pip install 'together[mlx]' or 'together[torch]'")
+
+
 def _node_config(a: argparse.Namespace) -> NodeConfig:
     """The peer's settings from the command line, checked (the model resolved to a path)."""
     from backends.models import local_model, model_label
-    from backends.shard import available_backends
     from mesh.node import NodeConfig
     from mesh.placement import parse_size
 
-    backend = a.backend
-    if backend == "auto":
-        have = available_backends()
-        if not have:
-            raise TogetherError("neither mlx nor torch is installed: pip install 'together[mlx]' or "
-                                "'together[torch]'")
-        backend = "mlx" if sys.platform == "darwin" and "mlx" in have else have[-1]
+    backend = _auto_backend() if a.backend == "auto" else a.backend
     layers = None
     if a.layers:
         try:
@@ -91,6 +96,10 @@ def _node_config(a: argparse.Namespace) -> NodeConfig:
                             "or --tp-group")
     if not 0 <= a.link_delay_ms <= 60_000:
         raise TogetherError(f"--link-delay-ms {a.link_delay_ms}: use 0 (no delay) to 60000")
+    if a.draft_tokens < 0:
+        raise TogetherError(f"--draft-tokens {a.draft_tokens}: use 0 (no drafts) or more")
+    if not a.draft.strip():
+        raise TogetherError("--draft '': use off, lookup, or a draft model's name or path")
     if a.micro_batches < 0 or a.prefill_chunk < 1:
         raise TogetherError(f"--micro-batches {a.micro_batches} / --prefill-chunk {a.prefill_chunk}: use "
                             f"--micro-batches 0 (one per stage) or more, and --prefill-chunk 1 or more")
@@ -102,6 +111,10 @@ def _node_config(a: argparse.Namespace) -> NodeConfig:
         max_memory = parse_size(a.max_memory) if a.max_memory else None
     except ValueError as e:
         raise TogetherError(f"--max-memory: {e}") from None
+    try:
+        prefix_memory = None if a.prefix_cache_memory is None else parse_size(a.prefix_cache_memory)
+    except ValueError as e:
+        raise TogetherError(f"--prefix-cache-memory: {e} (0 turns the prefix cache off)") from None
     path = local_model(a.model)  # else from a peer, else from PyPI / the hub (`_model_path`)
     return NodeConfig(model=model_label(a.model), model_path=str(path or ""), backend=backend, host=a.host,
                      port=a.port, mesh=a.mesh, mesh_key=a.mesh_key, peers=list(a.peer), name=a.name,
@@ -109,6 +122,7 @@ def _node_config(a: argparse.Namespace) -> NodeConfig:
                      threads=a.threads, mdns=not a.no_mdns, adapters=list(a.adapter),
                      tp_group=a.tp_group, tp_size=tp_size if a.tp_group else 0, seq_lease=a.seq_lease,
                      link_delay_ms=a.link_delay_ms, placement=a.placement, weight_faults=a.weight_faults,
+                     draft=a.draft.strip(), draft_tokens=a.draft_tokens, prefix_cache_memory=prefix_memory,
                      settle_s=a.settle if not a.no_mdns else 0.0,
                      interfaces=[a.host] if a.host not in ("0.0.0.0", "") else None)
 
@@ -129,8 +143,15 @@ async def _start_api(a: argparse.Namespace, node: Node, tok: Tokenizer, sock: so
     from apps.api import make_app
     from mesh.scheduler import Scheduler
 
+    from mesh.prefixes import PrefixMirror
+
+    # with the prefix cache off here, this API peer sends no prefixes and asks no stage to keep anything
+    prefixes = PrefixMirror(node.cfg.model) if node.prefix_cache_bytes() else None
+    from mesh.drafting import start_drafting
+
+    drafting = await start_drafting(node, tok)  # a draft model loads here, off the event loop
     node.scheduler = sched = Scheduler(node, tok, max_kv_tokens=a.max_kv_tokens, prefill_chunk=a.prefill_chunk,
-                                       micro_batches=a.micro_batches)
+                                       micro_batches=a.micro_batches, prefixes=prefixes, drafting=drafting)
     runner = web.AppRunner(make_app(node, sched, api_key=a.api_key, cors_origin=a.cors_origin), access_log=None)
     await runner.setup()
     await web.SockSite(runner, sock).start()

@@ -63,11 +63,17 @@ class Output:
         c["finish_reason"] = finish
         return c
 
-    def usage(self) -> dict[str, int]:
-        # n choices of one prompt count its tokens once, as OpenAI does
-        pt = sum(len(p) for p in {tuple(r.gen.prompt) for r in self.reqs})
+    def usage(self) -> dict[str, Any]:
+        # n choices of one prompt count its tokens once, as OpenAI does (its cached tokens too: the most
+        # any of its choices took from the stages' prefix caches)
+        prompts: dict[tuple[int, ...], int] = {}
+        for r in self.reqs:
+            key = tuple(r.gen.prompt)
+            prompts[key] = max(prompts.get(key, 0), r.cached)
+        pt = sum(len(p) for p in prompts)
         ct = sum(len(r.gen.tokens) for r in self.reqs)
-        return {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
+        return {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct,
+                "prompt_tokens_details": {"cached_tokens": sum(prompts.values())}}
 
     def final(self) -> dict[str, Any]:
         choices = [self.choice(i, r.gen.text, r.deltas, r.gen.finish_reason, False, True)
@@ -76,7 +82,7 @@ class Output:
                 "created": self.created, "model": self.model, "choices": choices, "usage": self.usage(),
                 "system_fingerprint": None}
 
-    def chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None,
+    def chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None,
               with_usage: bool = False) -> str:
         payload: dict[str, Any] = {"id": self.id, "created": self.created, "model": self.model,
                                    "object": "chat.completion.chunk" if self.chat else "text_completion",

@@ -151,6 +151,7 @@ class _Body(BaseModel):
     frequency_penalty: Annotated[float, _range(-2, 2)] = 0.0
     seed: Annotated[int, _range(-(2**63), 2**63 - 1)] | None = None
     ignore_eos: bool = False
+    draft: bool = True  # false: no speculative decoding for this request (same answer, one token a trip)
     user: str | None = None
     metadata: Ignored = None
     store: Ignored = None

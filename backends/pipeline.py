@@ -17,6 +17,7 @@ from backends.sampling import SamplingParams
 from backends.shard import BACKENDS, LayerShard, Sample, SeqChunk, load_shard
 from backends.tokenizer import Tokenizer
 from backends.weights import Checkpoint
+from backends.speculation import AdaptiveK, Drafter
 from backends.wire import Hidden
 
 _SPEC = re.compile(r"^(?:(?P<backend>[a-z]+):)?(?P<start>\d+)-(?P<end>\d+)(?:\*(?P<tp>\w*))?$")
@@ -136,11 +137,17 @@ class Pipeline:
         return out
 
     def generate(self, prompt: list[int], params: SamplingParams, tok: Tokenizer,
-                 stats: dict | None = None, adapter: str = "") -> Iterator[Delta]:
-        """Stream the deltas of one sequence (a batch of one; the mesh scheduler batches)."""
+                 stats: dict | None = None, adapter: str = "", draft: Drafter | None = None,
+                 draft_tokens: int = 8, adaptive: bool = True) -> Iterator[Delta]:
+        """Stream the deltas of one sequence (a batch of one; the mesh scheduler batches). With a
+        drafter, each step verifies up to `draft_tokens` drafted tokens (as many as AdaptiveK finds
+        worth it; adaptive=False: always that many): the answer is the same, in fewer steps."""
         seq_id = f"local-{next(self._ids)}"
         gen = Generation(seq_id, prompt, params, tok, self.config.max_position_embeddings)
         self.add(seq_id, params, prompt, adapter)
+        # in one process a trip is compute: AdaptiveK weighs the measured price of a drafted position
+        ak = AdaptiveK(draft_tokens, cost=0.3, timed=True) if draft is not None and adaptive else None
+        spec = {"steps": 0, "drafted": 0, "accepted": 0}
         try:
             t0 = time.perf_counter()
             (s,) = self.step([SeqChunk(seq_id, 0, len(prompt))], np.asarray(prompt, np.int32))
@@ -148,12 +155,38 @@ class Pipeline:
             yield gen.add(s)
             while not gen.finished:
                 pos = len(prompt) + len(gen.tokens) - 1
-                (s,) = self.step([SeqChunk(seq_id, pos, 1)], np.asarray([s.token], np.int32))
-                yield gen.add(s)
+                ts = time.perf_counter()  # a trip's time counts its drafting
+                drafts = self._drafts(seq_id, gen, pos, draft, ak.k() if ak else draft_tokens)
+                out = self.step([SeqChunk(seq_id, pos, 1 + len(drafts), drafts=len(drafts), draft_ids=drafts)],
+                                np.asarray([gen.tokens[-1]] + drafts, np.int32))
+                assert isinstance(out, list)
+                spec["steps"] += 1
+                if ak is not None:
+                    ak.update(len(drafts), len(out) - 1, time.perf_counter() - ts)
+                if drafts:
+                    spec["drafted"] += len(drafts)
+                    spec["accepted"] += len(out) - 1
+                    for sh in self.shards[:-1]:  # the last slice rolled itself back
+                        sh.trim(seq_id, pos + len(out))
+                for s in out:
+                    if not gen.finished:
+                        yield gen.add(s)
             t2 = time.perf_counter()
             if stats is not None:
                 stats.update(prompt_tokens=len(prompt), generated_tokens=len(gen.tokens),
                              prefill_s=t1 - t0, decode_s=t2 - t1, finish_reason=gen.finish_reason,
-                             bytes_per_hop=self.bytes_per_hop)
+                             bytes_per_hop=self.bytes_per_hop, **spec)
         finally:
             self.free(seq_id)
+            if draft is not None:
+                draft.free(seq_id)
+
+    def _drafts(self, seq_id: str, gen: Generation, pos: int, draft: Drafter | None, k: int) -> list[int]:
+        """Up to k drafts to verify after the last token: no more than the answer and the context
+        have room for, and only where every slice can roll the rejected ones back."""
+        if draft is None:
+            return []
+        k = min(k, gen.max_new - len(gen.tokens) - 1, self.config.max_position_embeddings - pos - 2)
+        if k <= 0 or not all(sh.can_draft(seq_id, k) for sh in self.shards):
+            return []
+        return draft.propose_many({seq_id: (gen.all_tokens, k)}).get(seq_id, [])[:k]

@@ -3,27 +3,31 @@
 numpy and bytes at its edges, never framework tensors:
 - the first slice takes token ids (int32, all chunks concatenated), others take `Hidden`;
 - a non-last slice returns `Hidden` (tokens, hidden_size) in its wire dtype;
-- the last slice returns one `Sample` per chunk, drawn from the chunk's last position.
+- the last slice returns one `Sample` per chunk, drawn from the chunk's last position; a chunk with
+  drafts (speculative decoding) gets 1 + a: its a accepted drafts, then a token of its own.
 """
 
 from __future__ import annotations
 
 import abc
+import logging
 import functools
 import importlib
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
 from backends.config import ModelConfig
 from backends.errors import BackendMissing, RequestError
 from backends.lora import Adapter, Route, module_dims
+from backends.prefix import BLOCK, MISS, NO_CACHE, PrefixCache, PrefixMiss
 from backends.sampling import SamplingParams
 from backends.weights import Checkpoint
 from backends.wire import DTYPES, Hidden
 
+log = logging.getLogger(__name__)
 BACKENDS = ("mlx", "torch")
 _NEEDS = {"torch": "torch", "mlx": "mlx", "mlx_lm": "mlx-lm"}  # top-level module -> package
 
@@ -56,6 +60,12 @@ class SeqChunk:
     offset: int
     length: int
     sample: bool = True  # False: more chunks of this prompt follow, the last slice draws no token yet
+    # speculation: the chunk's last `drafts` tokens are drafted (chunk = last accepted token + k drafts);
+    # the last slice verifies them (see LayerShard.forward); only with sample
+    drafts: int = 0
+    # the drafted tokens' ids, for a last slice that is not the first (it sees hidden states only; a
+    # first slice reads them from its input when this is empty)
+    draft_ids: Sequence[int] = ()
 
 
 @dataclass
@@ -95,6 +105,7 @@ class LayerShard(abc.ABC):
         self.seqs: dict[str, SeqState] = {}
         self.adapters: dict[str, Adapter] = {}
         self.route = Route()  # which adapter each row of the batch being computed uses
+        self.prefix: PrefixCache | None = None  # see enable_prefix_cache
 
     @property
     def is_first(self) -> bool:
@@ -117,24 +128,38 @@ class LayerShard(abc.ABC):
     # ---- sequences
 
     def add_sequence(self, seq_id: str, params: SamplingParams | None = None,
-                     prompt: Sequence[int] = (), adapter: str = "") -> None:
+                     prompt: Sequence[int] = (), adapter: str = "", prefix: int = 0) -> None:
         """Create an empty cache for a sequence (the last slice also keeps its sampler); it runs
-        with LoRA adapter `adapter` (loaded with `load_adapter`) or, if empty, the base model."""
+        with LoRA adapter `adapter` (loaded with `load_adapter`) or, if empty, the base model.
+        prefix > 0: the cache starts with the KV of prompt[:prefix] from the prefix cache (a copy),
+        or PrefixMiss; with a prefix cache, the prompt's blocks are kept once its last chunk has run."""
         if adapter and adapter not in self.adapters:
             have = ", ".join(sorted(self.adapters)) or "none"
             raise RequestError(f"adapter {adapter!r} is not loaded on layers [{self.start}, {self.end}) "
                                f"(loaded: {have}); start the peer with --adapter")
+        blobs = self._prefix_blobs(prompt, prefix, adapter) if prefix else []
         if seq_id in self.seqs:
             self.free_sequence(seq_id)
         st = SeqState(params or SamplingParams(), list(prompt), adapter=adapter)
         self.seqs[seq_id] = st
         self._new_cache(seq_id, st)
+        if blobs:
+            try:
+                self._import_kv(seq_id, blobs)
+            except Exception:
+                self.free_sequence(seq_id)
+                raise
+            st.length = prefix
+        if self.prefix is not None and len(prompt) >= BLOCK:
+            self.prefix.prompts[seq_id] = list(prompt)
 
     def free_sequence(self, seq_id: str) -> bool:
         """Drop a sequence's cache; True if it existed."""
         st = self.seqs.pop(seq_id, None)
         if st is None:
             return False
+        if self.prefix is not None:
+            self.prefix.prompts.pop(seq_id, None)
         self._free_cache(seq_id)
         return True
 
@@ -167,7 +192,15 @@ class LayerShard(abc.ABC):
     # ---- compute
 
     def forward(self, chunks: list[SeqChunk], x: np.ndarray | Hidden) -> Hidden | list[Sample]:
-        """Run a batch of chunks through the slice, appending to each sequence's cache."""
+        """Run a batch of chunks through the slice, appending to each sequence's cache.
+
+        The last slice returns a Sample per sampled chunk; for a chunk with drafts=k, 1 + a Samples
+        (the a drafts it accepted, then its own token: a correction, or a bonus when a == k), after
+        which its cache holds offset + 1 + a positions. Every position is drawn exactly as the plain
+        path would draw it (same processing, penalties over the tokens before it, the seeded key of
+        its position), and draft i is accepted while it equals the token drawn before it: for drafts
+        proposed deterministically that is the rejection rule, so the answer is unchanged. Other
+        slices compute every position of every chunk (a later `trim` drops the rejected ones)."""
         self._check(chunks, x)
         out = self._forward(chunks, x, want_logits=False)
         for c in chunks:
@@ -177,6 +210,41 @@ class LayerShard(abc.ABC):
             out = [s for s in out if s.seq_id in drawn]  # a prompt's inner chunks yield no token
             for s in out:
                 self.seqs[s.seq_id].history.append(s.token)
+            for c in chunks:
+                if c.drafts:  # roll back past the rejected drafts: keep offset + 1 + accepted
+                    self.trim(c.seq_id, c.offset + sum(1 for s in out if s.seq_id == c.seq_id))
+        if self.prefix is not None and self.prefix.prompts:
+            self._keep_prompts(chunks)
+        return out
+
+    def trim(self, seq_id: str, length: int) -> None:
+        """Drop a sequence's cached positions at or past `length` (rejected drafts); a no-op when the
+        cache holds no more than that."""
+        st = self.seqs.get(seq_id)
+        if st is None:
+            raise RequestError(f"unknown sequence {seq_id!r}")
+        if length < 0:
+            raise RequestError(f"sequence {seq_id!r}: cannot trim to a negative length ({length})")
+        if length < st.length:
+            self._trim_cache(seq_id, length)
+            st.length = length
+
+    def can_draft(self, seq_id: str, k: int) -> bool:
+        """Whether a chunk with k drafts can be verified and rolled back for this sequence now (a
+        sliding-window cache that would wrap around cannot drop positions again)."""
+        return seq_id in self.seqs
+
+    def _draft_ids(self, chunks: list[SeqChunk], x: np.ndarray | Hidden | None) -> dict[str, list[int]]:
+        """The drafted tokens of each chunk with drafts, by sequence (from the chunk, else the input)."""
+        out: dict[str, list[int]] = {}
+        at = 0
+        for c in chunks:
+            if c.drafts:
+                if c.draft_ids:
+                    out[c.seq_id] = [int(t) for t in c.draft_ids]
+                elif isinstance(x, np.ndarray):
+                    out[c.seq_id] = [int(t) for t in x[at + c.length - c.drafts:at + c.length]]
+            at += c.length
         return out
 
     def logits(self, chunks: list[SeqChunk], x: np.ndarray | Hidden) -> np.ndarray:
@@ -200,6 +268,8 @@ class LayerShard(abc.ABC):
                                    f"holds {st.length} tokens")
             if c.length < 1:
                 raise RequestError(f"sequence {c.seq_id!r}: empty chunk")
+            if c.drafts:
+                self._check_drafts(c)
             if c.offset + c.length > self.config.max_position_embeddings:
                 raise RequestError(f"sequence {c.seq_id!r}: {c.offset + c.length} tokens exceed the "
                                    f"model's context of {self.config.max_position_embeddings}")
@@ -215,13 +285,125 @@ class LayerShard(abc.ABC):
                 raise RequestError(f"expected hidden states of shape ({total}, "
                                    f"{self.config.hidden_size}), got {got}")
 
+    def _check_drafts(self, c: SeqChunk) -> None:
+        if not (0 < c.drafts < c.length) or not c.sample:
+            raise RequestError(f"sequence {c.seq_id!r}: {c.drafts} drafts in a chunk of {c.length} tokens "
+                               f"(drafts ride after the last accepted token of a sampled chunk)")
+        if not self.can_draft(c.seq_id, c.drafts):
+            raise RequestError(f"sequence {c.seq_id!r}: its sliding-window cache cannot take {c.drafts} "
+                               f"drafts here (it could not drop them again); send it without drafts")
+        if not self.is_last:
+            return
+        if c.draft_ids and len(c.draft_ids) != c.drafts:
+            raise RequestError(f"sequence {c.seq_id!r}: {len(c.draft_ids)} draft ids for {c.drafts} drafts")
+        if not c.draft_ids and not self.is_first:
+            raise RequestError(f"sequence {c.seq_id!r}: the last slice needs the ids of its {c.drafts} "
+                               f"drafts to verify them (SeqChunk.draft_ids)")
+        if any(not 0 <= int(t) < self.config.vocab_size for t in c.draft_ids):
+            raise RequestError(f"sequence {c.seq_id!r}: a draft id out of the vocabulary")
+
+    # ---- the prefix cache (backends/prefix.py)
+
+    def enable_prefix_cache(self, budget_bytes: int, label: str, memory: int | None = None) -> None:
+        """Keep the KV of computed prompt blocks, up to `budget_bytes`, keyed by model `label` and
+        adapter; `memory`: bytes this peer offers for weights and caches, so the store yields to
+        live sequences (never holding what they leave of it). A backend without KV export ignores it."""
+        if budget_bytes <= 0 or not self.prefix_supported:
+            self.prefix = None
+            return
+        weights = self.weight_nbytes()
+        room = None if memory is None else (lambda: memory - weights - self.cache_nbytes())
+        self.prefix = PrefixCache(budget_bytes, label, room)
+
+    @property
+    def prefix_supported(self) -> bool:
+        """Whether this backend can export and import a sequence's KV (`_export_kv`, `_import_kv`)."""
+        return False
+
+    def prefix_missing(self, prompt: Sequence[int], prefix: int, adapter: str = "") -> str | None:
+        """Why `add_sequence(prompt=..., prefix=...)` would fail (a message with "prefix not cached"),
+        or None if this stage holds that prefix."""
+        try:
+            self._prefix_check(prompt, prefix)
+        except RequestError as e:
+            return str(e)
+        assert self.prefix is not None
+        keys = self.prefix.keys(prompt[:prefix], adapter)
+        have = self.prefix.store.depth(keys)
+        if have < len(keys):
+            self.prefix.store.misses += len(keys) - have
+            return (f"{MISS} on layers [{self.start}, {self.end}): this stage holds {have} of its "
+                    f"{len(keys)} blocks")
+        return None
+
+    def keep(self, seq_id: str, tokens: Sequence[int]) -> int:
+        """Keep the complete blocks of a sequence's committed tokens (prompt and generated) that its
+        cache holds: positions below min(its length, len(tokens) - 1), since the last committed token
+        has not been through the layers. Returns the blocks added to the store."""
+        st = self.seqs.get(seq_id)
+        if st is None or self.prefix is None:
+            return 0
+        return self._keep(seq_id, tokens[:max(0, min(st.length, len(tokens) - 1))])
+
+    def prefix_stats(self) -> dict[str, int]:
+        """The store's bytes, blocks, budget, hits, misses and evictions (zeros when off)."""
+        if self.prefix is None:
+            return {"bytes": 0, "blocks": 0, "budget": 0, "hits": 0, "misses": 0, "evictions": 0}
+        return self.prefix.store.stats()
+
+    def _prefix_check(self, prompt: Sequence[int], prefix: int) -> None:
+        if self.prefix is None:
+            raise PrefixMiss(f"{MISS} on layers [{self.start}, {self.end}): this stage {NO_CACHE}")
+        if prefix % BLOCK or not 0 < prefix < len(prompt):  # (another version's blocks): sent whole again
+            raise PrefixMiss(f"{MISS}: a prefix of {prefix} tokens for a prompt of {len(prompt)}: it must be "
+                             f"a multiple of {BLOCK} below the prompt's length")
+
+    def _prefix_blobs(self, prompt: Sequence[int], prefix: int, adapter: str) -> list:
+        self._prefix_check(prompt, prefix)
+        assert self.prefix is not None
+        blobs = self.prefix.store.take(self.prefix.keys(prompt[:prefix], adapter))
+        self.prefix.fit()
+        return blobs
+
+    def _keep(self, seq_id: str, tokens: Sequence[int]) -> int:
+        assert self.prefix is not None
+        self.prefix.fit()
+        keys = self.prefix.keys(tokens, self.seqs[seq_id].adapter)
+        return self.prefix.store.put(keys, lambda i: self._export_kv(seq_id, i * BLOCK, (i + 1) * BLOCK),
+                                     self.prefix.budget_now())
+
+    def _keep_prompts(self, chunks: list[SeqChunk]) -> None:
+        """Keep the blocks of each prompt whose last chunk has just run."""
+        assert self.prefix is not None
+        for c in chunks:
+            prompt = self.prefix.prompts.get(c.seq_id)
+            if prompt is not None and self.seqs[c.seq_id].length >= len(prompt):
+                del self.prefix.prompts[c.seq_id]
+                try:
+                    self._keep(c.seq_id, prompt)
+                except Exception:  # a cache's favour never fails the frame that computed the prompt
+                    log.exception("could not keep the prompt of %s", c.seq_id)
+
     # ---- backend hooks
+
+    def _export_kv(self, seq_id: str, start: int, end: int):
+        """A copy of a sequence's cached keys and values at positions [start, end) of every layer of
+        the slice (a blob with `nbytes`: its true size), for the prefix cache."""
+        raise RequestError(f"{type(self).__name__} cannot export its KV caches")
+
+    def _import_kv(self, seq_id: str, blobs: list) -> None:
+        """Fill a new, empty cache with these exported blocks, in order, from position 0 (copies)."""
+        raise RequestError(f"{type(self).__name__} cannot import KV caches")
 
     @abc.abstractmethod
     def _new_cache(self, seq_id: str, st: SeqState) -> None: ...
 
     @abc.abstractmethod
     def _free_cache(self, seq_id: str) -> None: ...
+
+    def _trim_cache(self, seq_id: str, length: int) -> None:
+        """Drop cached positions >= length (below the sequence's current length)."""
+        raise RequestError(f"{type(self).__name__} cannot roll back its caches (no speculation)")
 
     @abc.abstractmethod
     def _forward(self, chunks: list[SeqChunk], x: np.ndarray | Hidden | None, want_logits: bool):
@@ -239,6 +421,19 @@ class LayerShard(abc.ABC):
     @abc.abstractmethod
     def weight_nbytes(self) -> int:
         """Bytes held by this slice's weights."""
+
+
+def accept(drafts: Sequence[int], drawn: Iterable[Sample]) -> list[Sample]:
+    """Speculation's acceptance: the j-th draw is the token drawn at the position of drafts[j]; keep
+    the draws while they equal the drafts, up to and including the first that does not (the
+    correction), or all len(drafts) + 1 when every draft matched (the last is the bonus token).
+    `drawn` may be lazy: nothing past the correction is drawn."""
+    out: list[Sample] = []
+    for j, s in enumerate(drawn):
+        out.append(s)
+        if j == len(drafts) or s.token != drafts[j]:
+            break
+    return out
 
 
 def token_seed(seed: int, position: int) -> int:

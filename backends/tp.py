@@ -10,7 +10,7 @@ and hidden states enter and leave the group through it. Ranks > 0 are workers
 
 - control: a multiprocessing.connection channel from rank 0 to each worker, authenticated with the
   group's key (its HMAC challenge), carries small JSON messages as raw bytes (`send_msg`/`recv_msg`:
-  never pickle): add / free a sequence, forward a batch of chunks, stats, close. A worker answers
+  never pickle): add / free / trim a sequence, forward a batch of chunks, stats, close. A worker answers
   only stats, or reports its own failure just before it exits. Anything else is refused.
 - data: the backend's collectives. torch.distributed (gloo on CPU, NCCL on CUDA) over a TCPStore
   rendezvous, MLX's mx.distributed ring backend over TCP. Rank 0 broadcasts the hidden states it
@@ -55,7 +55,7 @@ from backends.shard import BACKENDS, LayerShard, SeqChunk, SeqState, backend_mod
 from backends.weights import Checkpoint, open_checkpoint
 from backends.wire import Hidden
 
-PROTO = 1
+PROTO = 2  # 2: the trim command (speculation's rollback)
 MAX_MESSAGE = 16 * 1024 * 1024  # a command is a few KiB; a longer length prefix is garbage
 KEY_ENV = "TOGETHER_TP_KEY"  # a spawned worker's group key (hex); kept off its command line
 ROOT = Path(__file__).resolve().parents[1]
@@ -413,6 +413,10 @@ class TPRank(LayerShard):
     _incoming = 0  # a worker: tokens of the forward under way
 
     @property
+    def prefix_supported(self) -> bool:
+        return False  # a rank holds only its heads' KV: the group's cache cannot be kept by one rank
+
+    @property
     def is_first(self) -> bool:
         return self.start == 0 and self.part.edges
 
@@ -431,10 +435,15 @@ class TPRank(LayerShard):
         if self.links is not None:
             self.links.command(("free", seq_id), quiet=True)
 
+    def _trim_cache(self, seq_id: str, length: int) -> None:
+        if self.links is not None:  # every rank drops the same positions (rejected drafts)
+            self.links.command(("trim", seq_id, length))
+        super()._trim_cache(seq_id, length)
+
     def _forward(self, chunks: list[SeqChunk], x: np.ndarray | Hidden | None, want_logits: bool):
         if self.links is None:
             return super()._forward(chunks, x, want_logits)  # type: ignore[safe-super]
-        self.links.command(("fwd", [(c.seq_id, c.offset, c.length) for c in chunks]))
+        self.links.command(("fwd", [(c.seq_id, c.offset, c.length, c.drafts) for c in chunks]))
         try:
             return super()._forward(chunks, x, want_logits)  # type: ignore[safe-super]
         except RuntimeError as e:  # gloo / NCCL / the MLX ring: a peer left or timed out
@@ -785,11 +794,13 @@ def serve(conn: Connection, shard: TPRank) -> None:
         op = msg[0]
         try:
             if op == "fwd":
-                shard.serve_forward([SeqChunk(str(s), int(o), int(n)) for s, o, n in msg[1]])
+                shard.serve_forward([SeqChunk(str(s), int(o), int(n), drafts=int(d)) for s, o, n, d in msg[1]])
             elif op == "add":
                 shard.add_sequence(str(msg[1]))
             elif op == "free":
                 shard.free_sequence(str(msg[1]))
+            elif op == "trim":
+                shard.trim(str(msg[1]), int(msg[2]))
             elif op == "stats":
                 send_msg(conn, "stats", shard.stats())
             elif op == "close":

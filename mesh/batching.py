@@ -28,12 +28,21 @@ class Request:
     ended: bool = False  # finished or failed: its caches go once no frame carries it
     released: bool = False
     adapter: str = ""
+    draft: bool = True  # its decodes may carry drafts (speculative decoding), if this peer drafts
     created: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     stalled_since: float | None = None  # when a failure paused it (for replay and its deadline)
     stalled_at: float = 0.0
     stalled_epoch: int = -1
+    trim: bool = False  # its last trip had rejected drafts: stages before the last hold positions past `fed`
     deltas: list[Delta] = field(default_factory=list)  # kept for logprobs of non-streamed answers
+    # the prefix cache (mesh/prefixes.py): tokens its next (re)start takes from the stages' stores; its
+    # start's blocks are still to be learnt; it must start cold (a stage lacked its prefix); the prompt
+    # tokens its answer got from the stores (usage's cached_tokens)
+    prefix: int = 0
+    learn: bool = False
+    cold: bool = False
+    cached: int = 0
 
     @property
     def seq_id(self) -> str:
@@ -63,10 +72,16 @@ class Flight:
     alone: bool  # no other frame was in the ring when it left (its wall time is a clean step time)
     launch_no: int
     t0: float = field(default_factory=time.perf_counter)
+    drafts: dict[str, list[int]] = field(default_factory=dict)  # seq id -> the drafts it carries
 
     @property
     def fed(self) -> dict[str, int]:
         return {r.seq_id: n for r, _, n in self.entries}
+
+    @property
+    def positions(self) -> int:
+        """Positions every stage computes: its tokens plus their drafts."""
+        return self.tokens + sum(len(d) for d in self.drafts.values())
 
 
 def group_size(live: int, micro_batches: int) -> int:
@@ -74,11 +89,14 @@ def group_size(live: int, micro_batches: int) -> int:
     return max(1, -(-live // max(1, micro_batches)))
 
 
-def pick(running: list[Request], group: int, room: int, prefill: int, token_bytes: int
+def pick(running: list[Request], group: int, room: int, prefill: int, token_bytes: int,
+         drafts: dict[str, list[int]] | None = None
          ) -> tuple[list[pb.SeqEntry], list[int], list[tuple[Request, int]], list[tuple[Request, Exception]]]:
     """The next frame's entries and tokens, and (request, tokens fed) for each: decodes first (oldest
     first), then prompts and replays a chunk at a time, at most `group` sequences, under `room` bytes
-    and `prefill` prompt tokens. Requests whose parameters cannot go on the wire come back apart."""
+    and `prefill` prompt tokens. A decode with `drafts` (seq id -> proposed tokens) carries its last
+    token and as many of them as fit (`SeqEntry.drafts`). Requests whose parameters cannot go on the
+    wire come back apart."""
     seqs: list[pb.SeqEntry] = []
     tokens: list[int] = []
     fed: list[tuple[Request, int]] = []
@@ -88,11 +106,13 @@ def pick(running: list[Request], group: int, room: int, prefill: int, token_byte
             break
         history = r.gen.all_tokens
         start = r.sent == 0
+        skip = r.prefix if start else 0  # tokens the stages take from their prefix caches
+        at, todo = r.sent + skip, r.todo - skip
         head = 64 + (5 * len(history) + 64 if start else 0)  # entry, with the sampler and history
-        n = 1 if r.todo == 1 else min(r.todo, prefill, (room - head) // token_bytes)
+        n = 1 if todo == 1 else min(todo, prefill, (room - head) // token_bytes)
         if n < 1 or room < head + n * token_bytes:
             continue  # no room left in this frame: it goes in a later one
-        e = pb.SeqEntry(seq_id=r.seq_id, offset=r.sent, length=n, more=r.sent + n < len(history))
+        e = pb.SeqEntry(seq_id=r.seq_id, offset=at, length=n, more=at + n < len(history), prefix=skip)
         if start:  # first chunk, or a replay's: (re)create the caches
             try:
                 e.sampling.CopyFrom(params_to_pb(r.gen.params))
@@ -102,10 +122,16 @@ def pick(running: list[Request], group: int, room: int, prefill: int, token_byte
                 continue
             e.start, e.adapter = True, r.adapter
             e.history.extend(history)
+        elif r.trim:  # rejected drafts of its last trip still sit in the caches before the last stage
+            e.trim = True
+        d = (drafts or {}).get(r.seq_id, []) if n == 1 and not (start or e.more) else []
+        d = d[:max(0, (room - head) // token_bytes - 1)]
         if n > 1:
             prefill -= n
-        room -= head + n * token_bytes
+        room -= head + (n + len(d)) * token_bytes
+        e.length, e.drafts = n + len(d), len(d)
+        e.draft_ids.extend(d)
         seqs.append(e)
-        tokens.extend(history[r.sent:r.sent + n])
-        fed.append((r, n))
+        tokens.extend(history[at:at + n] + d)
+        fed.append((r, skip + n))
     return seqs, tokens, fed, bad

@@ -38,6 +38,12 @@ class PeerMetrics:
         self.recovery_seconds = Histogram(
             "together_recovery_seconds", "Time a sequence stalled by a lost stage waited to resume.",
             buckets=_RECOVERY_BUCKETS, registry=r)
+        # speculative decoding (mesh/drafting.py): drafts this API peer sent, and those the ring accepted
+        self.spec_drafted = Counter("together_spec_drafted_tokens",
+                                    "Drafted tokens this API peer sent around the ring to be verified.", registry=r)
+        self.spec_accepted = Counter("together_spec_accepted_tokens",
+                                     "Drafted tokens the last stage accepted (each one a ring trip saved).",
+                                     registry=r)
         # this peer's stage
         self.stage_tokens = Counter("together_stage_tokens",
                                     "Tokens sampled by this peer's stage (last stage only).", registry=r)

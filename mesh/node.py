@@ -44,6 +44,7 @@ from mesh.stage import Stage
 from mesh.supply import Supply
 from mesh.tasks import TaskSet
 from mesh.tpgroup import TPManager
+from mesh.training import Trainer
 from mesh.view import PlanView
 from mesh.weights import Faults, WeightServer
 from protos import together_pb2 as pb
@@ -56,6 +57,7 @@ __all__ = ["Node", "NodeConfig", "FrameError", "params_to_pb", "params_from_pb",
            "HEARTBEAT_S", "PEER_TIMEOUT_S", "VERSION"]
 VERSION = "0.1.0"
 KV_RESERVE_TOKENS = 4096
+PREFIX_CACHE_MAX = 1 << 30  # the default prefix cache's cap (1 GiB)
 log = logging.getLogger("together.node")
 
 
@@ -87,6 +89,11 @@ class NodeConfig:
     weight_faults: str = ""  # test only: faults of this peer's weight server (mesh.weights.Faults.parse)
     link_delay_ms: float = 0.0  # test only: every message to another peer arrives this much later
     placement: str = "measured"  # as coordinator: "measured" (speeds and links) or "memory" (memory alone)
+    # bytes of KV its stage keeps of computed prefixes (backends/prefix.py); None: min(1 GiB, 1/8 of
+    # the memory it offers); 0: off (its stage keeps nothing; as an API peer it sends no prefixes)
+    prefix_cache_memory: int | None = None
+    draft: str = "lookup"  # API peer: speculative decoding's drafts: off, lookup, or a draft model's name/path
+    draft_tokens: int = 8  # API peer: the most tokens a sequence drafts per trip (apps/cli.py's DRAFT_TOKENS)
 
 
 class Node:
@@ -143,9 +150,11 @@ class Node:
         self.supply = Supply(cfg, checkpoint, self.view, self.links, self.stage, self.weights, self.adapters,
                              self.metrics.weight_bytes_received, locked=lambda fn: self.membership.locked(fn),
                              report=lambda: self.membership.report(), seeds=seeds)
+        # its part in LoRA training jobs (`together lora --mesh`): a trainable slice of its own layers
+        self.trainer = Trainer(self.view, self.links, self.stage, checkpoint, cfg.model, cfg.backend, self.device)
         self.servicer = Servicer(cfg.mesh_key, self.num_layers, self.started_at, self.view, self.membership,
                                  self.coordinator, self.stage, self.origin, status=self.status,
-                                 prober=self.prober, weights=self.weights)
+                                 prober=self.prober, weights=self.weights, trainer=self.trainer)
         self._server: grpc.aio.Server | None = None
         self._discovery: Discovery | None = None
 
@@ -178,7 +187,18 @@ class Node:
                         device=self.device, threads=cfg.threads)
         for ad in self.adapters:  # only this slice's layers of each adapter are read
             sh.load_adapter(ad)
+        # a new slice starts with an empty prefix cache: a block is only valid for the same layers
+        sh.enable_prefix_cache(self.prefix_cache_bytes(), cfg.model, cfg.max_memory)
         return sh
+
+    def prefix_cache_bytes(self) -> int:
+        """The prefix cache's budget: --prefix-cache-memory, else 1/8 of the memory this peer offers
+        (a cache: it yields to live sequences), at most 1 GiB."""
+        if self.cfg.prefix_cache_memory is not None:
+            return self.cfg.prefix_cache_memory
+        # as info() counts the offer, without reading the roles' state (this runs on the compute thread)
+        free = self.cfg.max_memory if self.cfg.max_memory is not None else free_memory()
+        return min(PREFIX_CACHE_MAX, max(0, free - self.head_bytes) // 8)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -279,7 +299,7 @@ class Node:
             layer_bytes=self.layer_bytes,
             tokens_per_s=self.stage_tokens_per_s(), adapters=",".join(ad.name for ad in self.adapters),
             tp_group=self.tp.group_name, tp_size=self.tp.size, tp_address=self.tp.address,
-            links=self.prober.link_stats(), weights=self.supply.progress)
+            links=self.prober.link_stats(), weights=self.supply.progress, training=self.trainer.progress)
 
     def _txt(self) -> dict[str, str]:
         return {"backend": self.cfg.backend, "free_memory": str(self.info().free_memory),
@@ -293,7 +313,9 @@ class Node:
                               tokens_per_s=self.stage_tokens_per_s(), tasks=len(asyncio.all_tasks()),
                               open_fds=open_fds(), pending_frames=len(self.origin.pending),
                               running=len(sched.running) if sched else 0,
-                              waiting=len(sched.waiting) if sched else 0)
+                              waiting=len(sched.waiting) if sched else 0,
+                              prefix_cache_bytes=sh.prefix_stats()["bytes"] if sh else 0,
+                              prefix_blocks=sh.prefix_stats()["blocks"] if sh else 0)
 
     # ---------------------------------------------------------------- what the API and the CLI read
 
@@ -347,9 +369,9 @@ class Node:
         """Send a frame into the ring at stage 0 and wait for its tokens."""
         return await self.origin.run_frame(frame, timeout)
 
-    async def release(self, seq_ids: list[str]) -> int:
-        """Free these sequences' caches on every stage."""
-        return await self.origin.release(seq_ids)
+    async def release(self, seq_ids: list[str], keep: Sequence[pb.KeepSeq] = ()) -> int:
+        """Free these sequences' caches on every stage (keeping `keep`'s blocks in their prefix caches)."""
+        return await self.origin.release(seq_ids, keep)
 
     def adapter_names(self) -> set[str]:
         """Adapters any peer of the plan (or this one) serves."""

@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import logging
 import os
+from typing import Sequence
 
 import grpc
 
@@ -62,24 +63,25 @@ class Origin:
                 fut.set_result(pb.Result(frame_id=fid, error="the ring changed (a peer left or joined)",
                                          error_code=grpc.StatusCode.UNAVAILABLE.value[0]))
 
-    async def release(self, seq_ids: list[str]) -> int:
-        """Free these sequences' caches on every stage; how many the stages that answered held. A
-        stage that did not answer is asked again in the background until it acknowledges (or leaves
-        the plan); one that never hears frees them when their lease runs out."""
+    async def release(self, seq_ids: list[str], keep: Sequence[pb.KeepSeq] = ()) -> int:
+        """Free these sequences' caches on every stage (each first keeps the complete blocks of `keep`'s
+        tokens in its prefix cache); how many the stages that answered held. A stage that did not
+        answer is asked again in the background until it acknowledges (or leaves the plan); one that
+        never hears frees them when their lease runs out."""
         stages = [st.node_id for st in self.view.plan.stages]
-        out = await asyncio.gather(*(self._release_at(n, seq_ids) for n in stages), return_exceptions=True)
+        out = await asyncio.gather(*(self._release_at(n, seq_ids, keep) for n in stages), return_exceptions=True)
         for node_id, r in zip(stages, out):
             if isinstance(r, grpc.aio.AioRpcError):
                 self.tasks.spawn(self._retry_release(node_id, seq_ids, r))
         return sum(n for n in out if isinstance(n, int))
 
-    async def _release_at(self, node_id: str, seq_ids: list[str]) -> int:
+    async def _release_at(self, node_id: str, seq_ids: list[str], keep: Sequence[pb.KeepSeq] = ()) -> int:
         if node_id == self.view.node_id:
-            return await self.stage.release(seq_ids)
+            return await (self.stage.release(seq_ids, keep) if keep else self.stage.release(seq_ids))
         p = self.view.known.get(node_id)
         if p is None:
             return 0
-        reply = await self.links.stub(p.address).Release(pb.ReleaseRequest(seq_ids=seq_ids), timeout=5)
+        reply = await self.links.stub(p.address).Release(pb.ReleaseRequest(seq_ids=seq_ids, keep=keep), timeout=5)
         return int(reply.freed)
 
     async def _retry_release(self, node_id: str, seq_ids: list[str], e: grpc.aio.AioRpcError) -> None:

@@ -48,8 +48,8 @@ def check_peer_info(info: pb.PeerInfo, num_layers: int) -> str | None:
     if not all(math.isfinite(x) for x in (info.layer_ms, info.head_ms, info.prefill_ms, info.started_at,
                                           info.tokens_per_s)):
         return "non-finite numbers"
-    if len(info.dtype) > 32 or len(info.weight_format) > 64 or len(info.weights) > 256:
-        return "oversized dtype, weight format or weights progress"
+    if len(info.dtype) > 32 or len(info.weight_format) > 64 or len(info.weights) > 256 or len(info.training) > 256:
+        return "oversized dtype, weight format, weights or training progress"
     host, _, port = info.address.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         return f"bad address {info.address!r}"

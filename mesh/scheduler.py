@@ -19,7 +19,10 @@ from backends.tokenizer import Tokenizer
 from backends.weights import Checkpoint
 from mesh.auth import MAX_MESSAGE_BYTES
 from mesh.batching import Flight, Request, group_size, pick
+from mesh.drafting import Drafting, landed
 from mesh.metrics import PeerMetrics
+from mesh.prefixes import PrefixMirror
+from mesh.steptimes import FRAME_TIMEOUT_FLOOR_S, StepTimes
 from mesh.protocol import FrameError
 from protos import together_pb2 as pb
 
@@ -29,9 +32,7 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE.value[0], grpc.StatusCode.FAILED_PRECON
 FAIL_FAST_S = 4.0  # how long stalled sequences wait for a reassignment before a plan without capacity fails them
 MAX_FRAME_BYTES = MAX_MESSAGE_BYTES // 8  # a frame's share of the gRPC message limit, headers and all
 WIRE_VALUE_BYTES = 4  # hidden states travel as float32 at most
-FRAME_TIMEOUT_FLOOR_S = 10.0  # a lost frame is noticed after this, or a few step times if longer
 PREFILL_CHUNK = 512  # prompt tokens per frame: a long prompt never holds up decodes for longer
-PREFILL_GUESS_S = 0.02  # seconds per prefill token until one is measured (generous: no false timeouts)
 
 
 class Ring(Protocol):
@@ -48,7 +49,7 @@ class Ring(Protocol):
     def metrics(self) -> PeerMetrics: ...
     def new_frame_id(self) -> int: ...
     async def run_frame(self, frame: pb.Frame, timeout: float = ...) -> pb.Result: ...
-    async def release(self, seq_ids: list[str]) -> int: ...
+    async def release(self, seq_ids: list[str], keep: list[pb.KeepSeq] = ...) -> int: ...
 
 
 class RingUnavailable(Exception):
@@ -70,19 +71,22 @@ class Scheduler:
                  max_prefill_tokens: int = 4096, max_kv_tokens: int = 1 << 20,
                  recovery_timeout: float = 30.0, max_frame_bytes: int = MAX_FRAME_BYTES,
                  frame_timeout_floor: float = FRAME_TIMEOUT_FLOOR_S, prefill_chunk: int = PREFILL_CHUNK,
-                 micro_batches: int = 0) -> None:
-        # micro_batches: frames in the ring at once (0: one per stage of the plan)
+                 micro_batches: int = 0, drafting: Drafting | None = None,
+                 prefixes: PrefixMirror | None = None) -> None:
+        # micro_batches: frames in the ring at once (0: one per stage of the plan); drafting: speculative
+        # decoding's drafts (mesh/drafting.py), None: none
         self.node, self.tok, self.metrics = node, tok, node.metrics
+        self.drafting = drafting
+        self.prefixes = prefixes  # what the stages' prefix caches hold (mesh/prefixes.py), None: off
         self.token_bytes = node.ck.config.hidden_size * WIRE_VALUE_BYTES + 8  # hidden row + its token id
         if max_frame_bytes < 4 * self.token_bytes + 4096:
             raise ValueError(f"max_frame_bytes {max_frame_bytes} cannot carry a frame of this model")
         if prefill_chunk < 1 or micro_batches < 0:
             raise ValueError("prefill_chunk must be at least 1 and micro_batches at least 0")
-        self.max_frame_bytes, self.frame_timeout_floor = max_frame_bytes, frame_timeout_floor
+        self.max_frame_bytes = max_frame_bytes
         self.prefill_chunk, self.micro_batches = prefill_chunk, micro_batches
         self._flights: dict[int, asyncio.Task[None]] = {}  # frame id -> the task awaiting its Result
         self._launches = 0
-        self._s_per_token: float | None = None  # measured prefill time per token
         self.max_kv_tokens = max_kv_tokens
         self.max_batch, self.max_queue, self.max_prefill_tokens = max_batch, max_queue, max_prefill_tokens
         self.waiting: list[Request] = []
@@ -91,10 +95,10 @@ class Scheduler:
         self._task: asyncio.Task[None] | None = None
         self._releases: set[asyncio.Task[int]] = set()  # held until done: the loop keeps only weak references
         self.recovery_timeout = recovery_timeout
-        # recent windows for the web page's percentiles; the totals live in self.metrics
-        self.step_ms: list[float] = []  # wall time of each frame around the ring
-        self.decode_ms: list[float] = []  # ... of one-token frames alone in the ring: one stream's decode step
-        self.hop_overhead_ms: list[float] = []
+        self.times = StepTimes(node, frame_timeout_floor)  # step times, and the deadlines they give
+        # recent windows for the web page's percentiles (the totals live in self.metrics)
+        self.step_ms, self.decode_ms = self.times.step_ms, self.times.decode_ms
+        self.hop_overhead_ms = self.times.hop_overhead_ms
 
     async def start(self) -> None:
         self._task = asyncio.ensure_future(self._loop())
@@ -111,6 +115,8 @@ class Scheduler:
             rt.cancel()
         for r in self.waiting + self.running:
             r.queue.put_nowait(RingUnavailable("the peer is shutting down"))
+        if self.drafting is not None:
+            await self.drafting.close()
 
     @property
     def stats(self) -> dict[str, int]:
@@ -122,6 +128,10 @@ class Scheduler:
     @property
     def queue_depth(self) -> int:
         return len(self.waiting)
+
+    def _group(self) -> int:
+        """Sequences per frame: the running ones spread over the slots."""
+        return group_size(sum(1 for r in self.running if not r.cancelled), self.slots())
 
     def slots(self) -> int:
         """How many frames may be in the ring at once: one per stage, so each has one to compute."""
@@ -145,7 +155,7 @@ class Scheduler:
     def kv_in_use(self) -> int:
         return sum(len(r.gen.prompt) + r.gen.max_new for r in self.running)
 
-    def submit(self, prompt: list[int], params: SamplingParams, adapter: str = "") -> Request:
+    def submit(self, prompt: list[int], params: SamplingParams, adapter: str = "", draft: bool = True) -> Request:
         if len(self.waiting) >= self.max_queue:
             raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
         seq_id = f"{self.node.node_id[:8]}-{uuid.uuid4().hex[:12]}"
@@ -154,7 +164,7 @@ class Scheduler:
         if need > budget:
             raise TooLarge(f"this request needs room for {need} tokens of KV cache but the ring holds "
                            f"at most {budget}; lower max_tokens or shorten the prompt")
-        req = Request(gen, adapter=adapter)
+        req = Request(gen, adapter=adapter, draft=draft)
         self.waiting.append(req)
         self.metrics.requests.inc()
         self._wake.set()
@@ -176,6 +186,8 @@ class Scheduler:
         while True:
             self._wake.clear()
             try:
+                if self.drafting is not None:  # a draft model drafts off the loop before the frames go
+                    await self.drafting.prepare(self.running, self._group())
                 self._fill()
             except Exception as e:  # the loop outlives any bug: only the requests of that frame fail
                 log.exception("a scheduler step failed")
@@ -198,9 +210,12 @@ class Scheduler:
             return
         self._admit()
         while len(self._flights) < self.slots():
-            live = sum(1 for r in self.running if not r.cancelled)
-            seqs, tokens, fed, bad = pick(self.running, group_size(live, self.slots()),
-                                          self.max_frame_bytes - 1024, self.prefill_chunk, self.token_bytes)
+            drafts = self.drafting.drafts(self.running, self._group()) if self.drafting is not None else {}
+            if self.prefixes is not None:  # how much of each (re)start the stages hold already
+                self.prefixes.starting(self.running)
+            seqs, tokens, fed, bad = pick(self.running, self._group(),
+                                          self.max_frame_bytes - 1024, self.prefill_chunk, self.token_bytes,
+                                          drafts)
             for r, err in bad:
                 self._fail([r], err)
             if not fed:
@@ -209,15 +224,18 @@ class Scheduler:
             for r, n in fed:
                 r.sent += n
                 r.inflight += 1
+                r.trim = False  # the stages drop its rejected drafts before they run this frame
             self._launches += 1
-            fl = Flight(frame, [(r, r.incarnation, n) for r, n in fed], sum(n for _, n in fed),
-                        alone=not self._flights, launch_no=self._launches)
+            computed = sum(n - e.prefix for (_, n), e in zip(fed, seqs))  # not the prefixes the stages hold
+            fl = Flight(frame, [(r, r.incarnation, n) for r, n in fed], computed,
+                        alone=not self._flights, launch_no=self._launches,
+                        drafts={e.seq_id: list(e.draft_ids) for e in seqs if e.drafts})
             self._flights[frame.frame_id] = asyncio.ensure_future(self._fly(fl))
 
     async def _fly(self, fl: Flight) -> None:
         """One frame around the ring, then its tokens to their requests (failures to theirs alone)."""
         try:
-            result = await self.node.run_frame(fl.frame, timeout=self._deadline(fl.tokens))
+            result = await self.node.run_frame(fl.frame, timeout=self.times.deadline(fl.positions))
         except FrameError as e:
             result = pb.Result(error=str(e), error_code=e.code.value[0])
         except Exception as e:  # the loop outlives any bug: only this frame's requests fail
@@ -243,6 +261,8 @@ class Scheduler:
         wall = time.perf_counter() - fl.t0
         failed = set(result.failed_seqs) or ({r.seq_id for r, _ in live} if result.error else set())
         hit = [r for r, _ in live if r.seq_id in failed and not r.cancelled]
+        if hit and self.prefixes is not None:  # a stage lacked a prefix: those start again at once, whole
+            hit = self.prefixes.refused(hit, result.error)
         if hit and result.error_code in RETRYABLE:
             self._stall(hit, result.error)
         elif hit:
@@ -253,49 +273,10 @@ class Scheduler:
                 r.fed += n
         if ok:
             clean = fl.alone and fl.launch_no == self._launches  # no other frame shared the ring with it
-            self._measure(result, wall * 1000, fl.tokens, clean)
-            self._dispatch(ok, result)
-
-    def _deadline(self, tokens: int) -> float:
-        """How long a frame of `tokens` may take before it counts as lost: a few recent step times
-        (with a floor), plus a few times the measured prefill time of its tokens."""
-        recent = sorted(self.step_ms[-32:])
-        step = recent[len(recent) // 2] / 1000 if recent else 0.0
-        per_token = self._s_per_token if self._s_per_token is not None else self._prefill_guess()
-        return max(self.frame_timeout_floor, 4 * step) + 4 * tokens * per_token
-
-    def _prefill_guess(self) -> float:
-        """Seconds per prompt token before one is measured: the ring's measured decode step (each
-        peer's layer time over its stage, plus the head), which bounds a prompt token's share of a
-        chunk, so a slow ring (MLX on a CPU) does not time out its first prompt."""
-        plan = self.node.plan
-        peers = {p.node_id: p for p in plan.peers}
-        step_ms = sum((st.end - st.start) * peers[st.node_id].layer_ms for st in plan.stages
-                      if st.node_id in peers)
-        if plan.stages and plan.stages[-1].node_id in peers:
-            step_ms += peers[plan.stages[-1].node_id].head_ms
-        return max(PREFILL_GUESS_S, step_ms / 1000)
-
-    def _measure(self, result: pb.Result, wall: float, tokens: int, clean: bool) -> None:
-        if tokens >= 32:  # a prefill: its time per token sizes the next long frame's deadline
-            rate = wall / 1000 / tokens
-            self._s_per_token = rate if self._s_per_token is None else 0.7 * self._s_per_token + 0.3 * rate
-        if tokens == 1 and result.hop_ms and clean:
-            # what the ring adds on top of compute, per network hop, for one-token frames
-            stages = self.node.plan.stages
-            hops = len(result.hop_ms) - (1 if stages and stages[0].node_id == self.node.node_id else 0)
-            hops += 0 if stages and stages[-1].node_id == self.node.node_id else 1
-            if hops > 0:
-                overhead = (wall - sum(result.hop_ms)) / hops
-                self.metrics.hop_overhead_seconds.observe(overhead / 1000)
-                self.hop_overhead_ms.append(overhead)
-                del self.hop_overhead_ms[:-1024]
-            self.decode_ms.append(wall)
-            del self.decode_ms[:-64]
-        self.metrics.steps.inc()
-        self.metrics.step_seconds.observe(wall / 1000)
-        self.step_ms.append(wall)
-        del self.step_ms[:-1024]
+            self.times.record(result, wall * 1000, fl.tokens, clean)
+            if clean and self.drafting is not None:
+                self.drafting.timed(fl, wall)
+            self._dispatch(ok, result, fl.drafts)
 
     def _stall(self, reqs: list[Request], why: str) -> None:
         """A stage failed or the ring changed: keep the sequences and replay them on the new path."""
@@ -308,6 +289,9 @@ class Scheduler:
             r.stalled_at = now
             r.fed = r.sent = 0  # the next frames carry its whole history and rebuild the caches
             r.incarnation += 1  # frames of it still in the ring come back stale
+            r.trim = False  # a replay creates its caches anew
+            if self.drafting is not None:
+                self.drafting.reset(r)
 
     def _ready_to_step(self) -> bool:
         """False while stalled sequences wait for a new plan; fails them when no recovery comes."""
@@ -345,22 +329,34 @@ class Scheduler:
             kv_free -= need
             self.running.append(self.waiting.pop(0))
 
-    def _dispatch(self, batch: list[Request], result: pb.Result) -> None:
-        by_id = {tr.seq_id: tr for tr in result.results}
+    def _dispatch(self, batch: list[Request], result: pb.Result, drafts: dict[str, list[int]]) -> None:
+        by_id: dict[str, list[pb.TokenResult]] = {}
+        for tr in result.results:  # a sequence with drafts has several, in order
+            by_id.setdefault(tr.seq_id, []).append(tr)
         done: list[Request] = []
         for r in batch:
             if r.cancelled or r.fed < len(r.gen.all_tokens):
                 continue  # dropped by its client, or more chunks of its prompt to go
-            tr = by_id.get(r.seq_id)
-            if tr is None:
-                self._stall([r], "its token did not come back")
+            trs, drafted = by_id.get(r.seq_id, []), drafts.get(r.seq_id, [])
+            accepted = landed(self.drafting, r, drafted, [tr.token for tr in trs])
+            if accepted is None:
+                self._stall([r], "its token did not come back" if not trs else
+                            f"the ring answered {len(trs)} tokens for {len(drafted)} drafts")
                 continue
+            if self.prefixes is not None:
+                self.prefixes.answered(r)
             try:
-                self._deliver(r, tr)
+                for n, tr in enumerate(trs, 1):  # the accepted drafts, then the last stage's own token
+                    self._deliver(r, tr)
+                    if r.gen.finished:
+                        break  # a stop string, EOS or max_tokens among them: the rest is dropped
             except Exception as e:  # one request's bug (e.g. its detokenizer) fails it alone
                 log.exception("cannot deliver a token of %s", r.seq_id)
                 self._fail([r], RequestError(f"cannot deliver this request's token: {type(e).__name__}: {e}"))
                 continue
+            # the accepted drafts it kept are in every stage's cache; rejected ones go on its next trip
+            r.fed, r.sent = r.fed + min(n, accepted), r.sent + min(n, accepted)
+            r.trim = accepted < len(drafted)
             if r.gen.finished:
                 r.queue.put_nowait(None)
                 self.running.remove(r)
@@ -401,11 +397,14 @@ class Scheduler:
             r.released = True
             if r in self.running:
                 self.running.remove(r)
+        if gone and self.drafting is not None:
+            self.drafting.release([r.seq_id for r in gone])
         if gone:
-            self._release([r.seq_id for r in gone])
+            self._release([r.seq_id for r in gone], self.prefixes.keep(gone) if self.prefixes else [])
 
-    def _release(self, seq_ids: list[str]) -> None:
-        """Free finished or failed sequences' caches on every stage, without holding up the step."""
-        task = asyncio.ensure_future(self.node.release(seq_ids))
+    def _release(self, seq_ids: list[str], keep: list[pb.KeepSeq]) -> None:
+        """Free finished or failed sequences' caches on every stage, without holding up the step (the
+        stages keep the complete blocks of `keep`'s tokens first)."""
+        task = asyncio.ensure_future(self.node.release(seq_ids, keep) if keep else self.node.release(seq_ids))
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)

@@ -14,6 +14,7 @@ from mesh.membership import Membership
 from mesh.origin import Origin
 from mesh.protocol import FrameError, caller_id, check_peer_info, check_plan
 from mesh.stage import Stage
+from mesh.training import Trainer, TrainError
 from mesh.view import PlanView
 from mesh.weights import WeightServer
 from protos import together_pb2 as pb
@@ -29,12 +30,13 @@ class Servicer(pbg.TogetherServicer):
     def __init__(self, mesh_key: str | None, num_layers: int, started_at: float, view: PlanView,
                  membership: Membership, coord: CoordinatorRole, stage: Stage, origin: Origin,
                  status: Callable[[], pb.StatusReply], prober: LinkProber | None = None,
-                 weights: WeightServer | None = None) -> None:
+                 weights: WeightServer | None = None, trainer: Trainer | None = None) -> None:
         self.mesh_key, self.num_layers, self.started_at, self.view = mesh_key, num_layers, started_at, view
         self.membership, self.coord, self.stage, self.origin = membership, coord, stage, origin
         self._status = status
         self.prober = prober
         self.weights = weights  # what this peer serves of its model and adapters (mesh/weights.py)
+        self.trainer = trainer  # its part in a LoRA training job (mesh/training.py)
 
     # ---------------------------------------------------------------- the ring's streams
 
@@ -55,7 +57,7 @@ class Servicer(pbg.TogetherServicer):
             self.origin.deliver(result)
 
     async def Release(self, request: pb.ReleaseRequest, context: Context) -> pb.ReleaseReply:
-        return pb.ReleaseReply(freed=await self.stage.release(list(request.seq_ids)))
+        return pb.ReleaseReply(freed=await self.stage.release(list(request.seq_ids), list(request.keep)))
 
     # ---------------------------------------------------------------- membership
 
@@ -112,6 +114,33 @@ class Servicer(pbg.TogetherServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, "this peer serves no weights")
         async for chunk in self.weights.FetchWeights(request, context):
             yield chunk
+
+    # ---------------------------------------------------------------- LoRA training (mesh/training.py)
+
+    async def TrainOpen(self, request: pb.TrainOpenRequest, context: Context) -> pb.TrainOpenReply:
+        return await self._train(context, lambda t: t.open(request))
+
+    async def TrainBatch(self, request: pb.TrainBatchRequest, context: Context) -> pb.TrainBatchReply:
+        return await self._train(context, lambda t: t.batch(request))
+
+    async def TrainStep(self, request: pb.TrainStepRequest, context: Context) -> pb.TrainStepReply:
+        return await self._train(context, lambda t: t.step(request))
+
+    async def TrainSave(self, request: pb.TrainSaveRequest, context: Context) -> pb.TrainSaveReply:
+        return await self._train(context, lambda t: t.save(request))
+
+    async def TrainClose(self, request: pb.TrainCloseRequest, context: Context) -> pb.Ack:
+        if self.trainer is not None:
+            self.trainer.close(request.job)
+        return pb.Ack()
+
+    async def _train(self, context: Context, call: Callable[[Trainer], Any]) -> Any:
+        if self.trainer is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this peer does not train")
+        try:
+            return await call(self.trainer)
+        except TrainError as e:
+            await context.abort(e.code, str(e))
 
     # ---------------------------------------------------------------- checks
 

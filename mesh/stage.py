@@ -9,7 +9,7 @@ import logging
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import grpc
 import numpy as np
@@ -73,14 +73,24 @@ class Stage:
         ms, n = sum(self.hop_ms[-32:]), sum(self._hop_tokens[-32:])
         return 1000.0 * n / ms if ms > 0 else 0.0
 
-    async def release(self, seq_ids: list[str]) -> int:
-        """Free these sequences' caches here; how many this stage held."""
+    async def release(self, seq_ids: list[str], keep: Sequence[pb.KeepSeq] = ()) -> int:
+        """Free these sequences' caches here (after keeping the complete blocks of `keep`'s committed
+        tokens in the prefix cache); how many this stage held."""
         for s in seq_ids:
             self.seen.pop(s, None)
         sh = self.shard
         if sh is None:
             return 0
-        return await self.call(lambda: sum(sh.free_sequence(s) for s in seq_ids))
+
+        def free() -> int:
+            for k in keep:
+                try:
+                    sh.keep(k.seq_id, list(k.tokens))
+                except Exception:  # keeping is a cache's favour: the caches are freed regardless
+                    log.exception("could not keep the prefix of %s", k.seq_id)
+            return sum(sh.free_sequence(s) for s in seq_ids)
+
+        return await self.call(free)
 
     def _renew(self, seq_ids: list[str], origin: str) -> None:
         now = time.monotonic()
@@ -252,7 +262,15 @@ def _run(sh: LayerShard, entries: list[pb.SeqEntry], x: np.ndarray | Hidden
     pos = 0
     for e in entries:
         at = sh.position(e.seq_id)
-        if e.start or at == e.offset:
+        if e.trim and not e.start and at is not None and at > e.offset:
+            sh.trim(e.seq_id, e.offset)  # drafts the last stage rejected on the sequence's last trip
+            at = e.offset
+        if e.drafts and (e.more or e.drafts >= e.length or len(e.draft_ids) != e.drafts):
+            dropped.append((e.seq_id, f"sequence {e.seq_id!r}: {e.drafts} drafts ({len(e.draft_ids)} ids) in a "
+                                      f"chunk of {e.length} tokens{' that draws no token' if e.more else ''}"))
+        elif e.start and e.prefix and (why := sh.prefix_missing(e.history, e.prefix, e.adapter)):
+            dropped.append((e.seq_id, f"sequence {e.seq_id!r}: {why}"))  # its API peer sends it whole
+        elif e.start or at == e.offset:
             kept.append(e)
             rows.append((pos, pos + e.length))
         elif at is None:
@@ -268,9 +286,10 @@ def _run(sh: LayerShard, entries: list[pb.SeqEntry], x: np.ndarray | Hidden
     started = [e.seq_id for e in kept if e.start]
     for e in kept:
         if e.start:
-            sh.add_sequence(e.seq_id, params_from_pb(e.sampling), list(e.history), e.adapter)
+            sh.add_sequence(e.seq_id, params_from_pb(e.sampling), list(e.history), e.adapter, e.prefix)
     try:
-        return kept, dropped, sh.forward([SeqChunk(e.seq_id, e.offset, e.length, not e.more) for e in kept], x)
+        return kept, dropped, sh.forward([SeqChunk(e.seq_id, e.offset, e.length, not e.more, e.drafts,
+                                                list(e.draft_ids)) for e in kept], x)
     except Exception:
         for s in started:  # a refused frame must not leave caches behind
             sh.free_sequence(s)

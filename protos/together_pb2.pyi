@@ -33,7 +33,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., penalty_context: _Optional[int] = ..., has_seed: _Optional[bool] = ..., seed: _Optional[int] = ..., logprobs: _Optional[int] = ...) -> None: ...
 
 class SeqEntry(_message.Message):
-    __slots__ = ("seq_id", "offset", "length", "start", "sampling", "history", "adapter", "more", "drafts", "trim", "prefix")
+    __slots__ = ("seq_id", "offset", "length", "start", "sampling", "history", "adapter", "more", "drafts", "trim", "prefix", "draft_ids")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,7 @@ class SeqEntry(_message.Message):
     DRAFTS_FIELD_NUMBER: _ClassVar[int]
     TRIM_FIELD_NUMBER: _ClassVar[int]
     PREFIX_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_IDS_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     offset: int
     length: int
@@ -56,7 +57,8 @@ class SeqEntry(_message.Message):
     drafts: int
     trim: bool
     prefix: int
-    def __init__(self, seq_id: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., start: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., history: _Optional[_Iterable[int]] = ..., adapter: _Optional[str] = ..., more: _Optional[bool] = ..., drafts: _Optional[int] = ..., trim: _Optional[bool] = ..., prefix: _Optional[int] = ...) -> None: ...
+    draft_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, seq_id: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., start: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., history: _Optional[_Iterable[int]] = ..., adapter: _Optional[str] = ..., more: _Optional[bool] = ..., drafts: _Optional[int] = ..., trim: _Optional[bool] = ..., prefix: _Optional[int] = ..., draft_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("frame_id", "epoch", "seqs", "dtype", "shape", "data", "tokens", "origin", "hop_ms", "failed_seqs", "error", "error_code")
@@ -121,7 +123,7 @@ class Ack(_message.Message):
     def __init__(self) -> None: ...
 
 class PeerInfo(_message.Message):
-    __slots__ = ("node_id", "name", "address", "backend", "free_memory", "layer_ms", "started_at", "api", "version", "model", "start", "end", "tp_group", "ready", "layer_bytes", "adapters", "tokens_per_s", "tp_size", "tp_address", "dtype", "weight_format", "head_ms", "links", "weights", "prefill_ms")
+    __slots__ = ("node_id", "name", "address", "backend", "free_memory", "layer_ms", "started_at", "api", "version", "model", "start", "end", "tp_group", "ready", "layer_bytes", "adapters", "tokens_per_s", "tp_size", "tp_address", "dtype", "weight_format", "head_ms", "links", "weights", "prefill_ms", "training")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +149,7 @@ class PeerInfo(_message.Message):
     LINKS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     address: str
@@ -172,7 +175,8 @@ class PeerInfo(_message.Message):
     links: _containers.RepeatedCompositeFieldContainer[LinkStat]
     weights: str
     prefill_ms: float
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., backend: _Optional[str] = ..., free_memory: _Optional[int] = ..., layer_ms: _Optional[float] = ..., started_at: _Optional[float] = ..., api: _Optional[str] = ..., version: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., tp_group: _Optional[str] = ..., ready: _Optional[bool] = ..., layer_bytes: _Optional[int] = ..., adapters: _Optional[str] = ..., tokens_per_s: _Optional[float] = ..., tp_size: _Optional[int] = ..., tp_address: _Optional[str] = ..., dtype: _Optional[str] = ..., weight_format: _Optional[str] = ..., head_ms: _Optional[float] = ..., links: _Optional[_Iterable[_Union[LinkStat, _Mapping]]] = ..., weights: _Optional[str] = ..., prefill_ms: _Optional[float] = ...) -> None: ...
+    training: str
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., backend: _Optional[str] = ..., free_memory: _Optional[int] = ..., layer_ms: _Optional[float] = ..., started_at: _Optional[float] = ..., api: _Optional[str] = ..., version: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., tp_group: _Optional[str] = ..., ready: _Optional[bool] = ..., layer_bytes: _Optional[int] = ..., adapters: _Optional[str] = ..., tokens_per_s: _Optional[float] = ..., tp_size: _Optional[int] = ..., tp_address: _Optional[str] = ..., dtype: _Optional[str] = ..., weight_format: _Optional[str] = ..., head_ms: _Optional[float] = ..., links: _Optional[_Iterable[_Union[LinkStat, _Mapping]]] = ..., weights: _Optional[str] = ..., prefill_ms: _Optional[float] = ..., training: _Optional[str] = ...) -> None: ...
 
 class LinkStat(_message.Message):
     __slots__ = ("node_id", "rtt_ms", "mbps", "measured_at")
@@ -391,7 +395,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("peer", "plan", "sequences", "cache_bytes", "tokens_per_s", "tasks", "open_fds", "pending_frames", "running", "waiting")
+    __slots__ = ("peer", "plan", "sequences", "cache_bytes", "tokens_per_s", "tasks", "open_fds", "pending_frames", "running", "waiting", "prefix_cache_bytes", "prefix_blocks")
     PEER_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
@@ -402,6 +406,8 @@ class StatusReply(_message.Message):
     PENDING_FRAMES_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     peer: PeerInfo
     plan: Plan
     sequences: int
@@ -412,4 +418,160 @@ class StatusReply(_message.Message):
     pending_frames: int
     running: int
     waiting: int
-    def __init__(self, peer: _Optional[_Union[PeerInfo, _Mapping]] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., sequences: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., tasks: _Optional[int] = ..., open_fds: _Optional[int] = ..., pending_frames: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ...) -> None: ...
+    prefix_cache_bytes: int
+    prefix_blocks: int
+    def __init__(self, peer: _Optional[_Union[PeerInfo, _Mapping]] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., sequences: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., tasks: _Optional[int] = ..., open_fds: _Optional[int] = ..., pending_frames: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., prefix_cache_bytes: _Optional[int] = ..., prefix_blocks: _Optional[int] = ...) -> None: ...
+
+class TrainTensor(_message.Message):
+    __slots__ = ("name", "shape", "data")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class TrainHop(_message.Message):
+    __slots__ = ("address", "start", "end", "node_id")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    start: int
+    end: int
+    node_id: str
+    def __init__(self, address: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., node_id: _Optional[str] = ...) -> None: ...
+
+class TrainOpenRequest(_message.Message):
+    __slots__ = ("job", "model", "ring", "index", "rank", "scale", "lora_start", "lora_end", "keys", "seed", "learning_rate", "dtype", "step", "tensors")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    RING_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    LORA_START_FIELD_NUMBER: _ClassVar[int]
+    LORA_END_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    model: str
+    ring: _containers.RepeatedCompositeFieldContainer[TrainHop]
+    index: int
+    rank: int
+    scale: float
+    lora_start: int
+    lora_end: int
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    seed: int
+    learning_rate: float
+    dtype: str
+    step: int
+    tensors: _containers.RepeatedCompositeFieldContainer[TrainTensor]
+    def __init__(self, job: _Optional[str] = ..., model: _Optional[str] = ..., ring: _Optional[_Iterable[_Union[TrainHop, _Mapping]]] = ..., index: _Optional[int] = ..., rank: _Optional[int] = ..., scale: _Optional[float] = ..., lora_start: _Optional[int] = ..., lora_end: _Optional[int] = ..., keys: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., learning_rate: _Optional[float] = ..., dtype: _Optional[str] = ..., step: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TrainTensor, _Mapping]]] = ...) -> None: ...
+
+class TrainOpenReply(_message.Message):
+    __slots__ = ("backend", "dtype", "trainable", "weight_bytes")
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    TRAINABLE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    backend: str
+    dtype: str
+    trainable: int
+    weight_bytes: int
+    def __init__(self, backend: _Optional[str] = ..., dtype: _Optional[str] = ..., trainable: _Optional[int] = ..., weight_bytes: _Optional[int] = ...) -> None: ...
+
+class TrainBatchRequest(_message.Message):
+    __slots__ = ("job", "step", "micro", "rows", "width", "tokens", "offsets", "lengths", "norm", "eval", "want_grad", "dtype", "shape", "data")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MICRO_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    NORM_FIELD_NUMBER: _ClassVar[int]
+    EVAL_FIELD_NUMBER: _ClassVar[int]
+    WANT_GRAD_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    step: int
+    micro: int
+    rows: int
+    width: int
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    offsets: _containers.RepeatedScalarFieldContainer[int]
+    lengths: _containers.RepeatedScalarFieldContainer[int]
+    norm: float
+    eval: bool
+    want_grad: bool
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., micro: _Optional[int] = ..., rows: _Optional[int] = ..., width: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., offsets: _Optional[_Iterable[int]] = ..., lengths: _Optional[_Iterable[int]] = ..., norm: _Optional[float] = ..., eval: _Optional[bool] = ..., want_grad: _Optional[bool] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class TrainBatchReply(_message.Message):
+    __slots__ = ("loss", "tokens", "dtype", "shape", "data")
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    loss: float
+    tokens: int
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, loss: _Optional[float] = ..., tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class TrainStepRequest(_message.Message):
+    __slots__ = ("job", "step", "progress")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    step: int
+    progress: str
+    def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., progress: _Optional[str] = ...) -> None: ...
+
+class TrainStepReply(_message.Message):
+    __slots__ = ("step", "peak_bytes", "compute_s", "name")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    peak_bytes: int
+    compute_s: float
+    name: str
+    def __init__(self, step: _Optional[int] = ..., peak_bytes: _Optional[int] = ..., compute_s: _Optional[float] = ..., name: _Optional[str] = ...) -> None: ...
+
+class TrainSaveRequest(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    def __init__(self, job: _Optional[str] = ...) -> None: ...
+
+class TrainSaveReply(_message.Message):
+    __slots__ = ("step", "tensors")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    tensors: _containers.RepeatedCompositeFieldContainer[TrainTensor]
+    def __init__(self, step: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TrainTensor, _Mapping]]] = ...) -> None: ...
+
+class TrainCloseRequest(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    def __init__(self, job: _Optional[str] = ...) -> None: ...

@@ -99,6 +99,31 @@ class TogetherStub:
                 request_serializer=together__pb2.FetchRequest.SerializeToString,
                 response_deserializer=together__pb2.WeightChunk.FromString,
                 _registered_method=True)
+        self.TrainOpen = channel.unary_unary(
+                '/together.Together/TrainOpen',
+                request_serializer=together__pb2.TrainOpenRequest.SerializeToString,
+                response_deserializer=together__pb2.TrainOpenReply.FromString,
+                _registered_method=True)
+        self.TrainBatch = channel.unary_unary(
+                '/together.Together/TrainBatch',
+                request_serializer=together__pb2.TrainBatchRequest.SerializeToString,
+                response_deserializer=together__pb2.TrainBatchReply.FromString,
+                _registered_method=True)
+        self.TrainStep = channel.unary_unary(
+                '/together.Together/TrainStep',
+                request_serializer=together__pb2.TrainStepRequest.SerializeToString,
+                response_deserializer=together__pb2.TrainStepReply.FromString,
+                _registered_method=True)
+        self.TrainSave = channel.unary_unary(
+                '/together.Together/TrainSave',
+                request_serializer=together__pb2.TrainSaveRequest.SerializeToString,
+                response_deserializer=together__pb2.TrainSaveReply.FromString,
+                _registered_method=True)
+        self.TrainClose = channel.unary_unary(
+                '/together.Together/TrainClose',
+                request_serializer=together__pb2.TrainCloseRequest.SerializeToString,
+                response_deserializer=together__pb2.Ack.FromString,
+                _registered_method=True)
 
 
 class TogetherServicer:
@@ -188,6 +213,38 @@ class TogetherServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TrainOpen(self, request, context):
+        """LoRA training across the ring (mesh/training.py): a job's slice, its micro-batches hop by hop
+        (the reply of each hop carries the gradient back), the optimizer step, its state, its end
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TrainBatch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TrainStep(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TrainSave(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TrainClose(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TogetherServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -255,6 +312,31 @@ def add_TogetherServicer_to_server(servicer, server):
                     servicer.FetchWeights,
                     request_deserializer=together__pb2.FetchRequest.FromString,
                     response_serializer=together__pb2.WeightChunk.SerializeToString,
+            ),
+            'TrainOpen': grpc.unary_unary_rpc_method_handler(
+                    servicer.TrainOpen,
+                    request_deserializer=together__pb2.TrainOpenRequest.FromString,
+                    response_serializer=together__pb2.TrainOpenReply.SerializeToString,
+            ),
+            'TrainBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.TrainBatch,
+                    request_deserializer=together__pb2.TrainBatchRequest.FromString,
+                    response_serializer=together__pb2.TrainBatchReply.SerializeToString,
+            ),
+            'TrainStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.TrainStep,
+                    request_deserializer=together__pb2.TrainStepRequest.FromString,
+                    response_serializer=together__pb2.TrainStepReply.SerializeToString,
+            ),
+            'TrainSave': grpc.unary_unary_rpc_method_handler(
+                    servicer.TrainSave,
+                    request_deserializer=together__pb2.TrainSaveRequest.FromString,
+                    response_serializer=together__pb2.TrainSaveReply.SerializeToString,
+            ),
+            'TrainClose': grpc.unary_unary_rpc_method_handler(
+                    servicer.TrainClose,
+                    request_deserializer=together__pb2.TrainCloseRequest.FromString,
+                    response_serializer=together__pb2.Ack.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -608,6 +690,141 @@ class Together:
             '/together.Together/FetchWeights',
             together__pb2.FetchRequest.SerializeToString,
             together__pb2.WeightChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrainOpen(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/together.Together/TrainOpen',
+            together__pb2.TrainOpenRequest.SerializeToString,
+            together__pb2.TrainOpenReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrainBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/together.Together/TrainBatch',
+            together__pb2.TrainBatchRequest.SerializeToString,
+            together__pb2.TrainBatchReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrainStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/together.Together/TrainStep',
+            together__pb2.TrainStepRequest.SerializeToString,
+            together__pb2.TrainStepReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrainSave(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/together.Together/TrainSave',
+            together__pb2.TrainSaveRequest.SerializeToString,
+            together__pb2.TrainSaveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrainClose(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/together.Together/TrainClose',
+            together__pb2.TrainCloseRequest.SerializeToString,
+            together__pb2.Ack.FromString,
             options,
             channel_credentials,
             insecure,

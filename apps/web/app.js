@@ -297,6 +297,7 @@ function peerBox(p, stage, mesh) {
   if (p && p.dtype) item("runs", `${p.dtype} · ${p.weight_format || p.dtype}`, "runs");
   if (p && p.layer_ms) item("layer", `${p.layer_ms.toFixed(2)} ms`, "layer-ms");
   if (p && p.weights) item("weights", p.weights, "weights");  // fetching its slice from peers
+  if (p && p.training) item("training", p.training, "training");  // its part in a LoRA training job
   if (stage && stage.address) item("at", stage.address, "address");
   box.append(d);
 
@@ -367,6 +368,9 @@ function renderMesh(mesh) {
   if (s.step_ms_p50 != null) kv("step p50", s.step_ms_p50.toFixed(1) + " ms");
   if (s.hop_overhead_ms_p50 != null) kv("hop overhead p50 / p90",
     `${s.hop_overhead_ms_p50.toFixed(2)} / ${(s.hop_overhead_ms_p90 ?? 0).toFixed(2)} ms`);
+  const sp = s.speculation || {};
+  if (sp.draft && sp.draft !== "off") kv(`drafts (${sp.draft})`, sp.drafted_tokens
+    ? `${(100 * sp.acceptance).toFixed(0)}% of ${sp.drafted_tokens} accepted` : "none yet");
   if (mesh.bytes_per_token_hop) kv("bytes per token per hop", mesh.bytes_per_token_hop);
   if (mesh.stage_tokens_per_s) kv("this stage", mesh.stage_tokens_per_s.toFixed(1) + " tok/s");
   dl.dataset.running = String(s.running ?? "");

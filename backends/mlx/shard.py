@@ -7,6 +7,7 @@ does); only the slice's tensors are read, and quantized ones stay packed.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 from dataclasses import dataclass
 from typing import cast
@@ -17,13 +18,12 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 from mlx_lm.models.cache import KVCache, RotatingKVCache
-from mlx_lm.utils import MODEL_REMAPPING
 
 from backends.lora import Adapter
 from backends.mlx.lora import apply_adapter
 from backends.errors import ModelError, RequestError
 from backends.mlx.sampling import Drawn, Sampler, make_sampler, new_key
-from backends.shard import LayerShard, Sample, SeqChunk, SeqState
+from backends.shard import LayerShard, Sample, SeqChunk, SeqState, accept
 from backends.weights import Checkpoint, expected_shapes, validate_slice
 from backends.wire import Hidden
 
@@ -49,7 +49,12 @@ def _scalar(a: mx.array) -> float:
 
 def arch_module(model_type: str):
     """The mlx_lm.models module for a model_type (respecting mlx_lm's remapping)."""
-    name = MODEL_REMAPPING.get(model_type, model_type)
+    name = model_type
+    if importlib.util.find_spec(f"mlx_lm.models.{model_type}") is None:
+        # a remapped type (mlx_lm.utils imports transformers: seconds a peer needs only here)
+        from mlx_lm.utils import MODEL_REMAPPING
+
+        name = MODEL_REMAPPING.get(model_type, model_type)
     try:
         return importlib.import_module(f"mlx_lm.models.{name}")
     except ImportError:
@@ -132,7 +137,7 @@ class MLXShard(LayerShard):
         hf["tie_word_embeddings"] = tied
         args = arch.ModelArgs.from_dict(hf)
         self.model = SliceModel(arch, args, start, end, self.is_first, self.is_last, tied)
-        self._batched_decode = MODEL_REMAPPING.get(cfg.model_type, cfg.model_type) in _BATCHED_DECODE
+        self._batched_decode = arch.__name__.rpartition(".")[2] in _BATCHED_DECODE
         self._load(checkpoint)
         self.caches: dict[str, list] = {}
         self.samplers: dict[str, Sampler] = {}
@@ -217,6 +222,49 @@ class MLXShard(LayerShard):
         self.caches.pop(seq_id, None)
         self.samplers.pop(seq_id, None)
 
+    def _trim_cache(self, seq_id: str, length: int) -> None:
+        a = self.ahead.pop(seq_id, None)
+        if a is not None:  # its step ahead goes too (its cache entry below, its key here)
+            self.ahead_dropped += 1
+            self.seqs[seq_id].rng = a.rng
+        for kv in self.caches[seq_id]:
+            n = kv.offset - length
+            if n > 0:
+                if not kv.is_trimmable():
+                    raise RequestError(f"sequence {seq_id!r}: its sliding-window cache has wrapped around "
+                                       f"and cannot drop positions past {length}")
+                kv.trim(n)
+
+    def can_draft(self, seq_id: str, k: int) -> bool:
+        """A rotating (sliding-window) cache can drop positions only until it wraps around: a sequence
+        drafts while its 1 + k positions still fit under the window."""
+        st = self.seqs.get(seq_id)
+        if st is None:
+            return False
+        return all(not isinstance(c, RotatingKVCache) or st.length + k + 1 < c.max_size
+                   for c in self.caches[seq_id])
+
+    # ---- the prefix cache: a block is (keys; values) of every layer, (2, layers, Hkv, n, D), a copy
+
+    @property
+    def prefix_supported(self) -> bool:
+        return not self.model.window  # a rotating cache's positions are not where its tokens stand
+
+    def _export_kv(self, seq_id: str, start: int, end: int) -> mx.array:
+        cache = self.caches[seq_id]
+        blob = mx.stack([mx.stack([c.keys[0, :, start:end] for c in cache]),
+                         mx.stack([c.values[0, :, start:end] for c in cache])])
+        mx.eval(blob)  # a new buffer: the slices' parents (the live cache) are not kept alive
+        return blob
+
+    def _import_kv(self, seq_id: str, blobs: list) -> None:
+        n = sum(int(b.shape[3]) for b in blobs)
+        for i, c in enumerate(self.caches[seq_id]):
+            c.keys = mx.concatenate([b[0, i] for b in blobs], axis=1)[None]  # (1, Hkv, n, D)
+            c.values = mx.concatenate([b[1, i] for b in blobs], axis=1)[None]
+            c.offset = n
+        mx.eval([a for c in self.caches[seq_id] for a in (c.keys, c.values)])
+
     def _apply_adapter(self, adapter: Adapter, weights: dict) -> None:
         apply_adapter(self.model.layers, self.start, adapter.name, weights, adapter.scale, self.route)
         mx.eval(self.model.parameters())
@@ -241,6 +289,7 @@ class MLXShard(LayerShard):
         return h.astype(self.dt)
 
     def _forward(self, chunks: list[SeqChunk], x: np.ndarray | Hidden | None, want_logits: bool):
+        drafts = self._draft_ids(chunks, x) if self.is_last else {}
         done = self._claim_ahead(chunks, x, want_logits) if self.ahead else {}
         todo = [c for c in chunks if c.seq_id not in done]
         if todo:
@@ -255,12 +304,15 @@ class MLXShard(LayerShard):
                 logits = [self.model.head(o)[0] for o in outs]
                 y = mx.concatenate(logits, axis=0) if len(logits) > 1 else logits[0]
                 return np.array(y.astype(mx.float32))
-            drawn = self._draw(todo, outs)
+            # a prompt's inner chunks draw nothing: no head over their positions
+            want = [(c, o) for c, o in zip(todo, outs) if c.sample]
+            drawn = self._draw([c for c, _ in want], [o for _, o in want], drafts=drafts) if want else []
             mx.async_eval(_arrays(drawn))  # evaluates while the step ahead is built
-            done.update((c.seq_id, d) for c, d in zip(todo, drawn))
+            done.update((c.seq_id, d) for (c, _), d in zip(want, drawn))
+        chunks = [c for c in chunks if c.seq_id in done]
         ordered = [done[c.seq_id] for c in chunks]
         ahead = self._run_ahead(chunks, ordered) if self.speculate and self.is_first and self.is_last else {}
-        out = self._read(chunks, ordered)
+        out = self._read(chunks, ordered, drafts)
         for s in out:
             if s.seq_id in ahead:
                 ahead[s.seq_id].token = s.token
@@ -289,30 +341,37 @@ class MLXShard(LayerShard):
                 outs[i] = self.model.blocks(h[starts[i]:starts[i + 1]][None], self.caches[c.seq_id])
         return cast(list[mx.array], outs)
 
-    def _draw(self, chunks: list[SeqChunk], outs: list[mx.array],
-              pending: list[mx.array] | None = None) -> list[Drawn]:
-        """Lazy draws from each chunk's last position (`pending`: tokens not in history yet)."""
-        # the head runs on the chunks' last positions only, kept as (n, 1, H) rows like a decode step
-        last = mx.concatenate([o[:, -1:, :] for o in outs], axis=0) if len(outs) > 1 else outs[0][:, -1:, :]
-        logits = self.model.head(last)[:, 0, :]  # (n, vocab)
-        drawn: list[Drawn] = []
+    def _draw(self, chunks: list[SeqChunk], outs: list[mx.array], pending: list[mx.array] | None = None,
+              drafts: dict[str, list[int]] | None = None) -> list[list[Drawn]]:
+        """Lazy draws of each chunk (`pending`: tokens not in history yet): from its last position, or
+        from each of a drafted chunk's 1 + k positions, the penalties seeing the drafts before it."""
+        # the head runs on the positions a draw needs only, kept as (n, 1, H) rows like a decode step
+        rows = [o[:, -(c.drafts + 1):, :].reshape(-1, 1, o.shape[-1]) for c, o in zip(chunks, outs)]
+        logits = self.model.head(mx.concatenate(rows, axis=0) if len(rows) > 1 else rows[0])[:, 0, :]
+        drawn: list[list[Drawn]] = []
+        at = 0
         for i, c in enumerate(chunks):
-            st = self.seqs[c.seq_id]
-            if st.params.seed is not None and not st.params.greedy:  # the draw of position offset+length
-                st.rng = new_key(st.params.seed, c.offset + c.length)
-            drawn.append(self.samplers[c.seq_id](logits[i:i + 1], st, pending[i] if pending else None))
+            st, ids = self.seqs[c.seq_id], (drafts or {}).get(c.seq_id, [])
+            first = c.offset + c.length - c.drafts  # the position of the chunk's first draw
+            per = []
+            for j in range(c.drafts + 1):
+                if st.params.seed is not None and not st.params.greedy:  # the key of that position
+                    st.rng = new_key(st.params.seed, first + j)
+                view = SeqState(st.params, st.history + ids[:j], rng=st.rng) if j else st
+                per.append(self.samplers[c.seq_id](logits[at + j:at + j + 1], view, pending[i] if pending else None))
+                st.rng = view.rng  # an unseeded draw advanced the key
+            drawn.append(per)
+            at += c.drafts + 1
         return drawn
 
-    def _read(self, chunks: list[SeqChunk], drawn: list[Drawn]) -> list[Sample]:
+    def _read(self, chunks: list[SeqChunk], drawn: list[list[Drawn]],
+              drafts: dict[str, list[int]] | None = None) -> list[Sample]:
         keys = [self.seqs[c.seq_id].rng for c in chunks]
         mx.eval(_arrays(drawn) + [k for k in keys if isinstance(k, mx.array)])
         out = []
-        for c, d in zip(chunks, drawn):
-            s = Sample(c.seq_id, int(_scalar(d.token)), _scalar(d.logprob))
-            if d.top_ids is not None and d.top_logprobs is not None:
-                ids, lps = cast(list[int], d.top_ids[0].tolist()), cast(list[float], d.top_logprobs[0].tolist())
-                s.top_logprobs = list(zip(ids, lps))
-            out.append(s)
+        for c, per in zip(chunks, drawn):
+            samples = [_sample(c.seq_id, d) for d in per]
+            out += accept(drafts[c.seq_id], samples) if c.drafts and drafts else samples
         return out
 
     # ---- the step ahead (a slice that is first and last: one peer serves the whole model)
@@ -320,9 +379,9 @@ class MLXShard(LayerShard):
     # evaluated asynchronously while this step's tokens travel back; the next call uses it when it
     # brings exactly those tokens at those positions, else its cache entries are trimmed away.
 
-    def _run_ahead(self, chunks: list[SeqChunk], drawn: list[Drawn]) -> dict[str, _Ahead]:
-        rows = [(c, d) for c, d in zip(chunks, drawn)
-                if c.sample and c.offset + c.length < self.config.max_position_embeddings
+    def _run_ahead(self, chunks: list[SeqChunk], drawn: list[list[Drawn]]) -> dict[str, _Ahead]:
+        rows = [(c, d[-1]) for c, d in zip(chunks, drawn)
+                if c.sample and not c.drafts and c.offset + c.length < self.config.max_position_embeddings
                 and _trimmable(self.caches[c.seq_id])]
         if not rows:
             return {}
@@ -332,19 +391,19 @@ class MLXShard(LayerShard):
         h = self.model.embed_tokens(mx.concatenate(tokens) if len(tokens) > 1 else tokens[0])
         ahead = self._draw(nxt, self._layers(nxt, h), tokens)
         mx.async_eval(_arrays(ahead))
-        return {n.seq_id: _Ahead(n.offset, -1, a, k) for n, a, k in zip(nxt, ahead, keys)}
+        return {n.seq_id: _Ahead(n.offset, -1, a[0], k) for n, a, k in zip(nxt, ahead, keys)}
 
     def _claim_ahead(self, chunks: list[SeqChunk], x: np.ndarray | Hidden | None,
-                     want_logits: bool) -> dict[str, Drawn]:
+                     want_logits: bool) -> dict[str, list[Drawn]]:
         """The steps ahead this call asks for (by sequence); the others of its sequences rolled back."""
-        hits: dict[str, Drawn] = {}
+        hits: dict[str, list[Drawn]] = {}
         at = 0
         for c in chunks:
             a = self.ahead.pop(c.seq_id, None)
             if a is not None:
                 if (not want_logits and c.length == 1 and c.offset == a.position
                         and isinstance(x, np.ndarray) and int(x[at]) == a.token):
-                    hits[c.seq_id] = a.drawn
+                    hits[c.seq_id] = [a.drawn]
                     self.ahead_used += 1
                 else:
                     self.ahead_dropped += 1
@@ -371,8 +430,18 @@ def _weight_format(m: nn.Module) -> str:
     return str(m["weight"].dtype).removeprefix("mlx.core.")
 
 
-def _arrays(drawn: list[Drawn]) -> list[mx.array]:
-    return [a for d in drawn for a in (d.token, d.logprob, d.top_ids, d.top_logprobs) if a is not None]
+def _arrays(drawn: list[list[Drawn]]) -> list[mx.array]:
+    return [a for per in drawn for d in per for a in (d.token, d.logprob, d.top_ids, d.top_logprobs)
+            if a is not None]
+
+
+def _sample(seq_id: str, d: Drawn) -> Sample:
+    """An evaluated draw as a Sample."""
+    s = Sample(seq_id, int(_scalar(d.token)), _scalar(d.logprob))
+    if d.top_ids is not None and d.top_logprobs is not None:
+        ids, lps = cast(list[int], d.top_ids[0].tolist()), cast(list[float], d.top_logprobs[0].tolist())
+        s.top_logprobs = list(zip(ids, lps))
+    return s
 
 
 def _rows(x: np.ndarray | Hidden | None, chunks: list[SeqChunk], skip: dict) -> np.ndarray:

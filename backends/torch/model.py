@@ -60,16 +60,18 @@ class ModelArgs:
 
 
 def warm() -> None:
-    """Pay torch's one-time imports now (the first op under a device context pulls in torch._dynamo,
-    ~2 s), not when a standby must load a lost stage's layers in a hurry."""
-    with torch.device("meta"):
-        torch.ones(2) / 2
+    """Pay torch's first-use costs now (its attention kernel's), not when a standby must load a lost
+    stage's layers in a hurry. Loading runs no op on the meta device (that would import torch._dynamo,
+    ~1 s at every start, which nothing here uses): a test checks it stays out."""
+    q = torch.zeros(1, 1, 2, 8)
+    F.scaled_dot_product_attention(q, q, q, is_causal=True)
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     """Inverse frequencies exactly as transformers computes them (default, linear, llama3)."""
     dim = args.head_dim
-    inv = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    # on the CPU even under a meta device context (SliceModel's skeleton): a meta pow imports torch._dynamo
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
     sc = args.rope_scaling or {}
     kind = sc.get("rope_type", sc.get("type", "default"))
     if kind == "default":
@@ -141,6 +143,11 @@ class KVPool:
             self._resize(len(self.lens), self._round(end))
         self.lens[slot] = end
 
+    def trim(self, slot: int, length: int) -> None:
+        """Drop positions >= length of `slot` (rejected drafts): past a row's end nothing is read, and
+        the next chunk overwrites them."""
+        self.lens[slot] = min(self.lens[slot], length)
+
     def _round(self, n: int) -> int:
         return max(self.step, (n + self.step - 1) // self.step * self.step)
 
@@ -166,10 +173,11 @@ class StepKV:
     outside attention (TP ranks sum them row by row); inside, a batch whose slots are adjacent is
     permuted into slot order and reads the pool's rows in place, others are gathered (one copy)."""
 
-    def __init__(self, pool: KVPool, slots: list[int], pos: torch.Tensor):
+    def __init__(self, pool: KVPool, slots: list[int], pos: torch.Tensor, rowwise: bool = False):
         B, L = pos.shape
         dev = pool.device
         self.pool, self.slots, self.offset = pool, slots, int(pos[0, 0])
+        self.rowwise = rowwise and B == 1 and L > 1
         ends = [int(p) + 1 for p in pos[:, -1].tolist()]
         for s, e in zip(slots, ends):
             pool.reserve(s, e)
@@ -203,6 +211,10 @@ class StepKV:
         if B == 1:  # one sequence: its chunk lands at [offset, offset + L)
             pk[s0, :, self.offset:S] = k[0]
             pv[s0, :, self.offset:S] = v[0]
+            if self.rowwise:  # each position as its own decode step would attend: bit for bit the same
+                return torch.cat([F.scaled_dot_product_attention(
+                    q[:, :, j:j + 1], pk[s0:s0 + 1, :, :self.offset + j + 1], pv[s0:s0 + 1, :, :self.offset + j + 1],
+                    enable_gqa=gqa) for j in range(q.shape[2])], dim=2)
             causal = self.mask is None and q.shape[2] > 1
             return F.scaled_dot_product_attention(q, pk[s0:s0 + 1, :, :S], pv[s0:s0 + 1, :, :S],
                                                   attn_mask=self.mask, is_causal=causal, enable_gqa=gqa)
@@ -288,7 +300,9 @@ class SliceModel(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
         self.args = a
-        self.embed: nn.Module | None = nn.Embedding(a.vocab_size, a.hidden_size) if a.first else None
+        # no random init (on meta it imports torch._dynamo: a second of every start); load_slice replaces it
+        self.embed: nn.Module | None = nn.Embedding.from_pretrained(
+            torch.empty(a.vocab_size, a.hidden_size)) if a.first else None
         self.layers = nn.ModuleList(Block(a) for _ in range(a.start, a.end))
         self.norm = RMSNorm(a.hidden_size, a.norm_eps) if a.last else None
         self.lm_head: nn.Module | None = nn.Linear(a.hidden_size, a.vocab_size, bias=False) if a.last else None
@@ -302,17 +316,19 @@ class SliceModel(nn.Module):
         a = self.args
         return KVPool(len(self.layers), a.n_kv_heads, a.head_dim, self.kv_dtype, self.inv_freq.device)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, pool: KVPool, slots: list[int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, pool: KVPool, slots: list[int],
+                rowwise: bool = False) -> torch.Tensor:
         """x: token ids (B, L) or hidden (B, L, C); pos: (B, L) positions; row b's keys and values in
-        slot slots[b] of `pool`. B > 1 only for decode (L == 1). Returns hidden (B, L, C),
-        final-normed on the last slice."""
+        slot slots[b] of `pool`. B > 1 only for decode (L == 1). rowwise: each position attends as a
+        decode step of its own would (a drafted chunk, whose positions must be drawn exactly as
+        without drafts). Returns hidden (B, L, C), final-normed on the last slice."""
         if self.embed is not None and not x.is_floating_point():
             x = self.embed(x)
         dtype = self.compute_dtype
         x = x.to(dtype)
         freqs = pos.to(self.inv_freq.device, torch.float32)[..., None] * self.inv_freq  # (B, L, D/2)
         cos, sin = freqs.cos().to(self.kv_dtype)[:, :, None], freqs.sin().to(self.kv_dtype)[:, :, None]
-        kv = StepKV(pool, slots, pos)
+        kv = StepKV(pool, slots, pos, rowwise)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, kv, i)
         return self.norm(x) if self.norm is not None else x

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import warnings
-from typing import cast
+from typing import Iterator, Sequence, cast
 
 import numpy as np
 import torch
 
 from backends.lora import Adapter
 from backends.errors import RequestError
-from backends.shard import LayerShard, Sample, SeqChunk, SeqState
+from backends.shard import LayerShard, Sample, SeqChunk, SeqState, accept
 from backends.torch.lora import MultiLoRALinear, apply_adapter
 from backends.torch.model import DTYPES, load_slice
 from backends.torch.sampling import Sampler, make_generator, make_sampler
@@ -56,6 +56,32 @@ class TorchShard(LayerShard):
             self.pool.free(slot)
         self.samplers.pop(seq_id, None)
 
+    def _trim_cache(self, seq_id: str, length: int) -> None:
+        self.pool.trim(self.slots[seq_id], length)
+
+    # ---- the prefix cache: a block is (keys; values) of every layer, (2, layers, Hkv, n, D), a copy
+
+    @property
+    def prefix_supported(self) -> bool:
+        return True
+
+    def _export_kv(self, seq_id: str, start: int, end: int) -> torch.Tensor:
+        k, v, slot = self.pool.k, self.pool.v, self.slots[seq_id]
+        assert k is not None and v is not None
+        return torch.stack((k[:, slot, :, start:end], v[:, slot, :, start:end]))  # stack copies
+
+    def _import_kv(self, seq_id: str, blobs: list) -> None:
+        slot = self.slots[seq_id]
+        self.pool.reserve(slot, sum(int(b.shape[3]) for b in blobs))
+        k, v = self.pool.k, self.pool.v
+        assert k is not None and v is not None
+        at = 0
+        for b in blobs:  # each block straight into the sequence's row: one copy, no concatenation
+            n = int(b.shape[3])
+            k[:, slot, :, at:at + n] = b[0]
+            v[:, slot, :, at:at + n] = b[1]
+            at += n
+
     def _apply_adapter(self, adapter: Adapter, weights: dict) -> None:
         apply_adapter(self.model, self.start, adapter.name, weights, adapter.scale, self.route)
 
@@ -77,7 +103,7 @@ class TorchShard(LayerShard):
 
     def _input(self, x: np.ndarray | Hidden | None) -> torch.Tensor:
         if self.is_first:
-            return torch.from_numpy(np.ascontiguousarray(x)).to(self.device, torch.long)
+            return torch.from_numpy(np.array(x, dtype=np.int64)).to(self.device)  # a copy: wire buffers are read-only
         if not isinstance(x, Hidden):
             raise RequestError("a slice after the first takes hidden states")
         with warnings.catch_warnings():  # read-only wire buffers are fine: we never write to them
@@ -86,10 +112,12 @@ class TorchShard(LayerShard):
         return t.view(x.shape).to(self.device, DTYPES[self.dtype])
 
     def _forward(self, chunks: list[SeqChunk], x: np.ndarray | Hidden | None, want_logits: bool):
+        drafts = self._draft_ids(chunks, x) if self.is_last else {}
         with torch.inference_mode():
-            return self._run(chunks, self._input(x), want_logits)
+            return self._run(chunks, self._input(x), want_logits, drafts)
 
-    def _run(self, chunks: list[SeqChunk], x: torch.Tensor, want_logits: bool):
+    def _run(self, chunks: list[SeqChunk], x: torch.Tensor, want_logits: bool,
+             drafts: dict[str, list[int]] | None = None):
         starts = np.cumsum([0] + [c.length for c in chunks])
         outs: list[torch.Tensor | None] = [None] * len(chunks)
         single = [i for i, c in enumerate(chunks) if c.length == 1]
@@ -104,7 +132,8 @@ class TorchShard(LayerShard):
             if outs[i] is None:  # prefill chunks: one sequence at a time
                 pos = torch.arange(c.offset, c.offset + c.length, device=self.device)[None]
                 self._route([c.seq_id])
-                outs[i] = self.model(x[starts[i]:starts[i + 1]][None], pos, self.pool, [self.slots[c.seq_id]])[0]
+                outs[i] = self.model(x[starts[i]:starts[i + 1]][None], pos, self.pool, [self.slots[c.seq_id]],
+                                     rowwise=c.drafts > 0)[0]
         done = cast(list[torch.Tensor], outs)  # every chunk has its output now
         if not self.is_last:
             h = torch.cat(done) if len(done) > 1 else done[0]  # (T, C)
@@ -113,13 +142,33 @@ class TorchShard(LayerShard):
         if want_logits:
             h = torch.cat(done) if len(done) > 1 else done[0]
             return self.model.head(h).float().cpu().numpy()
-        last = torch.stack([o[-1] for o in done])  # (n_chunks, C)
-        logits = self.model.head(last).float()  # (n_chunks, vocab)
-        samples = []
-        for c, row in zip(chunks, logits):
-            st = self.seqs[c.seq_id]
-            if st.params.seed is not None and not st.params.greedy:  # the draw of position offset+length
-                st.rng = make_generator(st.params, self._rng_device, c.offset + c.length)
-            tok, lp, top = self.samplers[c.seq_id](row, st)
-            samples.append(Sample(c.seq_id, tok, lp, top))
+        # the head runs only on the positions a draw needs: a sampled chunk's last, or a drafted one's 1 + k
+        rows = [o[-(c.drafts + 1):] for c, o in zip(chunks, done) if c.sample]
+        if not rows:
+            return []
+        logits = self.model.head(torch.cat(rows) if len(rows) > 1 else rows[0]).float()  # (rows, vocab)
+        samples: list[Sample] = []
+        at = 0
+        for c in (c for c in chunks if c.sample):
+            part, at = logits[at:at + c.drafts + 1], at + c.drafts + 1
+            if c.drafts and drafts is not None:
+                samples += accept(drafts[c.seq_id], self._draws(c, part, drafts[c.seq_id]))
+            else:
+                samples.append(self._draw(c, part[-1], c.offset + c.length, ()))
         return samples
+
+    def _draws(self, c: SeqChunk, logits: torch.Tensor, drafts: list[int]) -> Iterator[Sample]:
+        """The draws at a drafted chunk's positions, lazily (verification stops at a mismatch)."""
+        first = c.offset + c.length - c.drafts  # the position the first draft stands at
+        for j in range(c.drafts + 1):
+            yield self._draw(c, logits[j], first + j, drafts[:j])
+
+    def _draw(self, c: SeqChunk, row: torch.Tensor, position: int, before: Sequence[int]) -> Sample:
+        """The token at `position` from its logits, as a plain step draws it; the penalties also see
+        `before` (drafts accepted ahead of it, not in the history yet)."""
+        st = self.seqs[c.seq_id]
+        if st.params.seed is not None and not st.params.greedy:  # the key of this position
+            st.rng = make_generator(st.params, self._rng_device, position)
+        view = SeqState(st.params, st.history + list(before), rng=st.rng) if before else st
+        tok, lp, top = self.samplers[c.seq_id](row, view)
+        return Sample(c.seq_id, tok, lp, top)

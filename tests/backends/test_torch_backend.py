@@ -50,11 +50,17 @@ def full(gguf_ck):
 # ---------------------------------------------------------------- reference equivalence
 
 
-def test_gguf_matches_transformers(gguf_ck, full):
+def test_gguf_matches_transformers(gguf_ck, full, monkeypatch):
     # transformers' own GGUF reader (its own dequantization and Q/K un-permutation); from_pretrained
     # with gguf_file would need `accelerate`, so load the state dict into a model built here
+    import functools
+
+    import gguf
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    # it asks gguf for the same (pure) name map once per submodule, ~400 times: seconds of this test
+    monkeypatch.setattr(gguf, "get_tensor_name_map", functools.lru_cache(gguf.get_tensor_name_map))
 
     with torch.device("meta"):
         ref = LlamaForCausalLM(LlamaConfig(**gguf_ck.config.to_hf_dict()))

@@ -183,6 +183,7 @@ def test_a_peer_info_with_bad_links_is_refused():
     # what the planner and the tables read besides the links
     assert check_peer_info(pb.PeerInfo(**base, prefill_ms=float("inf")), 30) == "non-finite numbers"
     assert check_peer_info(pb.PeerInfo(**base, weights="x" * 1000), 30)
+    assert check_peer_info(pb.PeerInfo(**base, training="x" * 1000), 30)  # a LoRA training job's progress
     assert check_peer_info(pb.PeerInfo(**base, prefill_ms=0.2, weights="fetching 41% of 27.5 MB from a"), 30) is None
 
 

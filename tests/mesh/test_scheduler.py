@@ -313,8 +313,8 @@ def test_a_slow_ring_gets_a_first_prompt_deadline_from_its_measured_speed(embedd
     ring = FakeRing(embedded)
     n = embedded.config.num_hidden_layers
     sched = Scheduler(ring, tokenizer)
-    fast = sched._deadline(90)
+    fast = sched.times.deadline(90)
     ring.plan.peers.append(pb.PeerInfo(node_id="e" * 32, layer_ms=200 / n, head_ms=0.0))
-    slow = sched._deadline(90)
+    slow = sched.times.deadline(90)
     assert fast < 18  # the old fixed guess
     assert slow >= 4 * 90 * 0.2
