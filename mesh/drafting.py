@@ -17,7 +17,8 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from backends.errors import TogetherError
-from backends.speculation import AdaptiveK, Drafter, DraftModel, PromptLookup
+from backends.config import ModelConfig
+from backends.speculation import AdaptiveK, Drafter, DraftModel, PromptLookup, max_drafts
 from mesh.batching import Flight, Request
 from mesh.metrics import PeerMetrics
 
@@ -47,7 +48,8 @@ async def start_drafting(node: Node, tok: Tokenizer) -> Drafting:
         raise TogetherError(f"--draft {spec}: {e}; or use --draft lookup (no model) or --draft off") from None
     if isinstance(drafter, DraftModel):
         log.info("drafting with %s (up to %d tokens a trip)", spec, cfg.draft_tokens)
-    return Drafting(drafter, node.metrics, cfg.draft_tokens, spec=spec, run=node.stage.call)
+    return Drafting(drafter, node.metrics, cfg.draft_tokens, spec=spec, run=node.stage.call,
+                    config=node.ck.config)
 
 
 def decoding(r: Request) -> bool:
@@ -60,9 +62,10 @@ class Drafting:
     the ring accepts), the drafts made for its committed tokens, and the acceptance counts."""
 
     def __init__(self, drafter: Drafter | None, metrics: PeerMetrics, k_max: int, spec: str = "",
-                 run: Runner | None = None) -> None:
-        # spec: what drafts, as --draft names it; run: the compute thread of this peer (a draft model's)
-        self.metrics, self.k_max = metrics, k_max
+                 run: Runner | None = None, config: ModelConfig | None = None) -> None:
+        # spec: what drafts, as --draft names it; run: the compute thread of this peer (a draft model's);
+        # config: the served model's (a sliding window caps the drafts an MLX stage can take back)
+        self.metrics, self.k_max, self.config = metrics, k_max, config
         # prompt lookup drafts inline (microseconds); a drafter that computes, in batches off the loop
         self.lookup = drafter if isinstance(drafter, PromptLookup) else None
         self.model = drafter if self.lookup is None else None
@@ -125,6 +128,8 @@ class Drafting:
                 ak = self._k[r.seq_id] = AdaptiveK(k_max=self.k_max)
             ak.cost = min(1.0, self.cost * max(1, group))
             k = max(0, min(ak.k(), r.gen.max_new - len(r.gen.tokens) - 1))
+            cap = max_drafts(self.config, len(r.gen.all_tokens) - 1) if self.config is not None else None
+            k = k if cap is None else min(k, cap)  # past it a rotating cache could not drop rejected drafts
             if k == 0:
                 self._made[r.seq_id] = (len(r.gen.all_tokens), [])
             else:

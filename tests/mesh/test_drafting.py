@@ -410,3 +410,21 @@ def test_a_request_turns_drafting_off_for_itself(tokenizer) -> None:
     on, off = (Request(Generation(s, [1, 2, 1, 2, 1], params(10), tokenizer, 2048), sent=4, fed=4, draft=f)
                for s, f in (("on", True), ("off", False)))
     assert d.drafts([on, off]) == {"on": [2, 1]}  # lookup drafts from the repeats; "off" decodes plainly
+
+
+def test_a_sliding_window_model_gets_no_more_drafts_than_its_rotating_caches_can_take_back(tiny_ck, tokenizer) -> None:
+    """An MLX stage keeps sliding-window layers in rotating caches, which can drop drafted positions only
+    while they have not wrapped: the API peer drafts no further than the window allows, then not at all."""
+    import dataclasses
+
+    from backends.generation import Generation
+
+    raw = {**tiny_ck.config.raw, "sliding_window": 12, "layer_types": ["sliding_attention", "full_attention"]}
+    windowed = dataclasses.replace(tiny_ck.config, raw=raw)
+    reqs = [Request(Generation(s, [1, 2, 3] * n, params(40), tokenizer, 2048), sent=3 * n - 1, fed=3 * n - 1)
+            for s, n in (("short", 2), ("near", 3), ("past", 4))]
+    free = Drafting(PromptLookup(), PeerMetrics(), 8, config=tiny_ck.config).drafts(reqs)
+    capped = Drafting(PromptLookup(), PeerMetrics(), 8, config=windowed).drafts(reqs)
+    assert all(len(free[s]) > 2 for s in ("short", "near", "past"))  # lookup finds the repeats
+    # the caches hold 5, 8 and 11 positions: window 12 - held - 2 drafts fit
+    assert capped["short"] == free["short"] and capped["near"] == free["near"][:2] and "past" not in capped
