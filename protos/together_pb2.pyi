@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SamplingParams(_message.Message):
-    __slots__ = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "penalty_context", "has_seed", "seed", "logprobs")
+    __slots__ = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "penalty_context", "has_seed", "seed", "logprobs", "grammar")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,7 @@ class SamplingParams(_message.Message):
     HAS_SEED_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    GRAMMAR_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     top_p: float
     top_k: int
@@ -30,10 +31,11 @@ class SamplingParams(_message.Message):
     has_seed: bool
     seed: int
     logprobs: int
-    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., penalty_context: _Optional[int] = ..., has_seed: _Optional[bool] = ..., seed: _Optional[int] = ..., logprobs: _Optional[int] = ...) -> None: ...
+    grammar: str
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., penalty_context: _Optional[int] = ..., has_seed: _Optional[bool] = ..., seed: _Optional[int] = ..., logprobs: _Optional[int] = ..., grammar: _Optional[str] = ...) -> None: ...
 
 class SeqEntry(_message.Message):
-    __slots__ = ("seq_id", "offset", "length", "start", "sampling", "history", "adapter", "more", "drafts", "trim", "prefix", "draft_ids")
+    __slots__ = ("seq_id", "offset", "length", "start", "sampling", "history", "adapter", "more", "drafts", "trim", "prefix", "draft_ids", "generated")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +48,7 @@ class SeqEntry(_message.Message):
     TRIM_FIELD_NUMBER: _ClassVar[int]
     PREFIX_FIELD_NUMBER: _ClassVar[int]
     DRAFT_IDS_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     offset: int
     length: int
@@ -58,7 +61,8 @@ class SeqEntry(_message.Message):
     trim: bool
     prefix: int
     draft_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, seq_id: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., start: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., history: _Optional[_Iterable[int]] = ..., adapter: _Optional[str] = ..., more: _Optional[bool] = ..., drafts: _Optional[int] = ..., trim: _Optional[bool] = ..., prefix: _Optional[int] = ..., draft_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    generated: int
+    def __init__(self, seq_id: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., start: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., history: _Optional[_Iterable[int]] = ..., adapter: _Optional[str] = ..., more: _Optional[bool] = ..., drafts: _Optional[int] = ..., trim: _Optional[bool] = ..., prefix: _Optional[int] = ..., draft_ids: _Optional[_Iterable[int]] = ..., generated: _Optional[int] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("frame_id", "epoch", "seqs", "dtype", "shape", "data", "tokens", "origin", "hop_ms", "failed_seqs", "error", "error_code")
@@ -123,7 +127,7 @@ class Ack(_message.Message):
     def __init__(self) -> None: ...
 
 class PeerInfo(_message.Message):
-    __slots__ = ("node_id", "name", "address", "backend", "free_memory", "layer_ms", "started_at", "api", "version", "model", "start", "end", "tp_group", "ready", "layer_bytes", "adapters", "tokens_per_s", "tp_size", "tp_address", "dtype", "weight_format", "head_ms", "links", "weights", "prefill_ms", "training")
+    __slots__ = ("node_id", "name", "address", "backend", "free_memory", "layer_ms", "started_at", "api", "version", "model", "start", "end", "tp_group", "ready", "layer_bytes", "adapters", "tokens_per_s", "tp_size", "tp_address", "dtype", "weight_format", "head_ms", "links", "weights", "prefill_ms", "training", "num_layers", "hidden_size", "kv_reserve")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +154,9 @@ class PeerInfo(_message.Message):
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
     TRAINING_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_RESERVE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     address: str
@@ -176,7 +183,10 @@ class PeerInfo(_message.Message):
     weights: str
     prefill_ms: float
     training: str
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., backend: _Optional[str] = ..., free_memory: _Optional[int] = ..., layer_ms: _Optional[float] = ..., started_at: _Optional[float] = ..., api: _Optional[str] = ..., version: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., tp_group: _Optional[str] = ..., ready: _Optional[bool] = ..., layer_bytes: _Optional[int] = ..., adapters: _Optional[str] = ..., tokens_per_s: _Optional[float] = ..., tp_size: _Optional[int] = ..., tp_address: _Optional[str] = ..., dtype: _Optional[str] = ..., weight_format: _Optional[str] = ..., head_ms: _Optional[float] = ..., links: _Optional[_Iterable[_Union[LinkStat, _Mapping]]] = ..., weights: _Optional[str] = ..., prefill_ms: _Optional[float] = ..., training: _Optional[str] = ...) -> None: ...
+    num_layers: int
+    hidden_size: int
+    kv_reserve: int
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., backend: _Optional[str] = ..., free_memory: _Optional[int] = ..., layer_ms: _Optional[float] = ..., started_at: _Optional[float] = ..., api: _Optional[str] = ..., version: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., tp_group: _Optional[str] = ..., ready: _Optional[bool] = ..., layer_bytes: _Optional[int] = ..., adapters: _Optional[str] = ..., tokens_per_s: _Optional[float] = ..., tp_size: _Optional[int] = ..., tp_address: _Optional[str] = ..., dtype: _Optional[str] = ..., weight_format: _Optional[str] = ..., head_ms: _Optional[float] = ..., links: _Optional[_Iterable[_Union[LinkStat, _Mapping]]] = ..., weights: _Optional[str] = ..., prefill_ms: _Optional[float] = ..., training: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., kv_reserve: _Optional[int] = ...) -> None: ...
 
 class LinkStat(_message.Message):
     __slots__ = ("node_id", "rtt_ms", "mbps", "measured_at")
@@ -203,7 +213,7 @@ class Assignment(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., tp_members: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("epoch", "coordinator", "stages", "peers", "num_layers", "model", "complete", "missing", "predicted_tokens_per_s", "predicted_prefill_tokens_per_s", "limit")
+    __slots__ = ("epoch", "coordinator", "stages", "peers", "num_layers", "model", "complete", "missing", "predicted_tokens_per_s", "predicted_prefill_tokens_per_s", "limit", "rings")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
@@ -215,6 +225,7 @@ class Plan(_message.Message):
     PREDICTED_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_PREFILL_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    RINGS_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     coordinator: str
     stages: _containers.RepeatedCompositeFieldContainer[Assignment]
@@ -226,7 +237,8 @@ class Plan(_message.Message):
     predicted_tokens_per_s: float
     predicted_prefill_tokens_per_s: float
     limit: str
-    def __init__(self, epoch: _Optional[int] = ..., coordinator: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ..., peers: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., num_layers: _Optional[int] = ..., model: _Optional[str] = ..., complete: _Optional[bool] = ..., missing: _Optional[str] = ..., predicted_tokens_per_s: _Optional[float] = ..., predicted_prefill_tokens_per_s: _Optional[float] = ..., limit: _Optional[str] = ...) -> None: ...
+    rings: _containers.RepeatedCompositeFieldContainer[Plan]
+    def __init__(self, epoch: _Optional[int] = ..., coordinator: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ..., peers: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., num_layers: _Optional[int] = ..., model: _Optional[str] = ..., complete: _Optional[bool] = ..., missing: _Optional[str] = ..., predicted_tokens_per_s: _Optional[float] = ..., predicted_prefill_tokens_per_s: _Optional[float] = ..., limit: _Optional[str] = ..., rings: _Optional[_Iterable[_Union[Plan, _Mapping]]] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("peer", "want_start", "want_end")
