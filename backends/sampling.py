@@ -23,6 +23,8 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    # structured output: an llguidance grammar (backends/constrain.py) the last stage enforces
+    grammar: str = ""
 
     def validate(self) -> "SamplingParams":
         if not (self.temperature >= 0):

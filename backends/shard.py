@@ -15,7 +15,7 @@ import functools
 import importlib
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from backends.prefix import BLOCK, MISS, NO_CACHE, PrefixCache, PrefixMiss
 from backends.sampling import SamplingParams
 from backends.weights import Checkpoint
 from backends.wire import DTYPES, Hidden
+
+if TYPE_CHECKING:
+    from backends.constrain import Constraint
 
 log = logging.getLogger(__name__)
 BACKENDS = ("mlx", "torch")
@@ -100,12 +103,14 @@ class LayerShard(abc.ABC):
         if dtype not in DTYPES:
             raise RequestError(f"unknown dtype {dtype!r} (expected one of {', '.join(DTYPES)})")
         self.config: ModelConfig = cfg
+        self.checkpoint = checkpoint  # the last slice loads the tokenizer from it for structured output
         self.start, self.end, self.dtype = start, end, dtype
         self.wire_dtype = wire_dtype or dtype
         self.seqs: dict[str, SeqState] = {}
         self.adapters: dict[str, Adapter] = {}
         self.route = Route()  # which adapter each row of the batch being computed uses
         self.prefix: PrefixCache | None = None  # see enable_prefix_cache
+        self.constraints: dict[str, Constraint] = {}  # last slice: each constrained sequence's grammar
 
     @property
     def is_first(self) -> bool:
@@ -128,20 +133,35 @@ class LayerShard(abc.ABC):
     # ---- sequences
 
     def add_sequence(self, seq_id: str, params: SamplingParams | None = None,
-                     prompt: Sequence[int] = (), adapter: str = "", prefix: int = 0) -> None:
-        """Create an empty cache for a sequence (the last slice also keeps its sampler); it runs
-        with LoRA adapter `adapter` (loaded with `load_adapter`) or, if empty, the base model.
+                     prompt: Sequence[int] = (), adapter: str = "", prefix: int = 0,
+                     generated: int = 0) -> None:
+        """Create an empty cache for a sequence (the last slice also keeps its sampler, and the
+        matcher of its grammar, if any); it runs with LoRA adapter `adapter` (loaded with
+        `load_adapter`) or, if empty, the base model.
         prefix > 0: the cache starts with the KV of prompt[:prefix] from the prefix cache (a copy),
-        or PrefixMiss; with a prefix cache, the prompt's blocks are kept once its last chunk has run."""
+        or PrefixMiss; with a prefix cache, the prompt's blocks are kept once its last chunk has run.
+        generated > 0: the last `generated` tokens of `prompt` are the sequence's output so far (a
+        replay on a new path), which its grammar consumes."""
         if adapter and adapter not in self.adapters:
             have = ", ".join(sorted(self.adapters)) or "none"
             raise RequestError(f"adapter {adapter!r} is not loaded on layers [{self.start}, {self.end}) "
                                f"(loaded: {have}); start the peer with --adapter")
+        constraint = None
+        if self.is_last and params is not None and params.grammar:
+            from backends.constrain import new_constraint
+
+            if not 0 <= generated <= len(prompt):
+                raise RequestError(f"sequence {seq_id!r}: {generated} generated tokens of a history of "
+                                   f"{len(prompt)}")
+            constraint = new_constraint(params.grammar, self.checkpoint,
+                                        list(prompt[len(prompt) - generated:]) if generated else ())
         blobs = self._prefix_blobs(prompt, prefix, adapter) if prefix else []
         if seq_id in self.seqs:
             self.free_sequence(seq_id)
         st = SeqState(params or SamplingParams(), list(prompt), adapter=adapter)
         self.seqs[seq_id] = st
+        if constraint is not None:
+            self.constraints[seq_id] = constraint
         self._new_cache(seq_id, st)
         if blobs:
             try:
@@ -158,6 +178,7 @@ class LayerShard(abc.ABC):
         st = self.seqs.pop(seq_id, None)
         if st is None:
             return False
+        self.constraints.pop(seq_id, None)
         if self.prefix is not None:
             self.prefix.prompts.pop(seq_id, None)
         self._free_cache(seq_id)
@@ -210,6 +231,9 @@ class LayerShard(abc.ABC):
             out = [s for s in out if s.seq_id in drawn]  # a prompt's inner chunks yield no token
             for s in out:
                 self.seqs[s.seq_id].history.append(s.token)
+                grammar = self.constraints.get(s.seq_id)
+                if grammar is not None:
+                    grammar.consume((s.token,))
             for c in chunks:
                 if c.drafts:  # roll back past the rejected drafts: keep offset + 1 + accepted
                     self.trim(c.seq_id, c.offset + sum(1 for s in out if s.seq_id == c.seq_id))
@@ -233,6 +257,15 @@ class LayerShard(abc.ABC):
         """Whether a chunk with k drafts can be verified and rolled back for this sequence now (a
         sliding-window cache that would wrap around cannot drop positions again)."""
         return seq_id in self.seqs
+
+    def _grammar_masks(self, seq_id: str, drafts: Sequence[int] = ()) -> list[np.ndarray] | None:
+        """A constrained sequence's allowed tokens at its next 1 + len(drafts) positions (bool over
+        the vocabulary; position j's after drafts[:j]; fewer where the grammar refuses a draft: no
+        later position can then be accepted, so any mask serves it), or None when unconstrained."""
+        c = self.constraints.get(seq_id)
+        if c is None:
+            return None
+        return c.masks(drafts) if drafts else [c.mask()]
 
     def _draft_ids(self, chunks: list[SeqChunk], x: np.ndarray | Hidden | None) -> dict[str, list[int]]:
         """The drafted tokens of each chunk with drafts, by sequence (from the chunk, else the input)."""

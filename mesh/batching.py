@@ -122,6 +122,7 @@ def pick(running: list[Request], group: int, room: int, prefill: int, token_byte
                 continue
             e.start, e.adapter = True, r.adapter
             e.history.extend(history)
+            e.generated = len(history) - len(r.gen.prompt)  # a replay's output: its grammar consumes it
         elif r.trim:  # rejected drafts of its last trip still sit in the caches before the last stage
             e.trim = True
         d = (drafts or {}).get(r.seq_id, []) if n == 1 and not (start or e.more) else []

@@ -30,7 +30,7 @@ def params_to_pb(p: SamplingParams) -> pb.SamplingParams:
         temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
         repetition_penalty=p.repetition_penalty, presence_penalty=p.presence_penalty,
         frequency_penalty=p.frequency_penalty, penalty_context=p.penalty_context,
-        has_seed=p.seed is not None, seed=p.seed or 0, logprobs=p.logprobs)
+        has_seed=p.seed is not None, seed=p.seed or 0, logprobs=p.logprobs, grammar=p.grammar)
 
 
 def params_from_pb(m: pb.SamplingParams) -> SamplingParams:
@@ -38,7 +38,7 @@ def params_from_pb(m: pb.SamplingParams) -> SamplingParams:
         temperature=m.temperature, top_p=m.top_p or 1.0, top_k=m.top_k, min_p=m.min_p,
         repetition_penalty=m.repetition_penalty or 1.0, presence_penalty=m.presence_penalty,
         frequency_penalty=m.frequency_penalty, penalty_context=m.penalty_context or 64,
-        seed=m.seed if m.has_seed else None, logprobs=m.logprobs)
+        seed=m.seed if m.has_seed else None, logprobs=m.logprobs, grammar=m.grammar)
 
 
 def check_peer_info(info: pb.PeerInfo, num_layers: int) -> str | None:

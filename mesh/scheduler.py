@@ -11,6 +11,7 @@ from typing import Protocol
 
 import grpc
 
+from backends.constrain import check_grammar
 from backends.errors import RequestError
 from backends.generation import Generation
 from backends.sampling import SamplingParams
@@ -158,6 +159,8 @@ class Scheduler:
     def submit(self, prompt: list[int], params: SamplingParams, adapter: str = "", draft: bool = True) -> Request:
         if len(self.waiting) >= self.max_queue:
             raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
+        if params.grammar:  # a grammar that cannot compile is the client's 400, never a stage's failure
+            check_grammar(params.grammar, self.tok)
         seq_id = f"{self.node.node_id[:8]}-{uuid.uuid4().hex[:12]}"
         gen = Generation(seq_id, prompt, params, self.tok, self.node.ck.config.max_position_embeddings)
         need, budget = len(prompt) + gen.max_new, self.kv_budget()

@@ -286,7 +286,8 @@ def _run(sh: LayerShard, entries: list[pb.SeqEntry], x: np.ndarray | Hidden
     started = [e.seq_id for e in kept if e.start]
     for e in kept:
         if e.start:
-            sh.add_sequence(e.seq_id, params_from_pb(e.sampling), list(e.history), e.adapter, e.prefix)
+            sh.add_sequence(e.seq_id, params_from_pb(e.sampling), list(e.history), e.adapter, e.prefix,
+                            e.generated)
     try:
         return kept, dropped, sh.forward([SeqChunk(e.seq_id, e.offset, e.length, not e.more, e.drafts,
                                                 list(e.draft_ids)) for e in kept], x)

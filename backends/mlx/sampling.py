@@ -27,8 +27,9 @@ class Drawn(NamedTuple):
     top_logprobs: mx.array | None  # (1, k)
 
 
-# (logits (1, vocab), state, the token drawn just before if it is not in state.history yet)
-Sampler = Callable[[mx.array, SeqState, "mx.array | None"], Drawn]
+# (logits (1, vocab), state, the token drawn just before if it is not in state.history yet,
+#  the tokens a grammar allows (bool (vocab,)) or None)
+Sampler = Callable[[mx.array, SeqState, "mx.array | None", "mx.array | None"], Drawn]
 
 
 def new_key(seed: int | None, position: int = 0) -> mx.array:
@@ -39,7 +40,8 @@ def new_key(seed: int | None, position: int = 0) -> mx.array:
 def make_sampler(params: SamplingParams) -> Sampler:
     """A callable (logits (1, vocab), state, pending) -> Drawn; logits may be float16 as the model
     gives them; `pending` (lazy, (1,)) is a token drawn before but not yet in `state.history` (a step
-    computed ahead), which the penalties count as its last entry."""
+    computed ahead), which the penalties count as its last entry; `allowed` (structured output)
+    removes the tokens a grammar forbids after the penalties."""
     processors = make_logits_processors(
         repetition_penalty=params.repetition_penalty if params.repetition_penalty != 1.0 else None,
         repetition_context_size=params.penalty_context,
@@ -57,13 +59,16 @@ def make_sampler(params: SamplingParams) -> Sampler:
         filters.append(lambda lp: apply_top_k(lp, params.top_k))
     temp, k = params.temperature, params.logprobs
 
-    def sample(logits: mx.array, st: SeqState, pending: mx.array | None = None) -> Drawn:
+    def sample(logits: mx.array, st: SeqState, pending: mx.array | None = None,
+               allowed: mx.array | None = None) -> Drawn:
         raw = logits
         if processors and (st.history or pending is not None):
             logits = mx.array(logits)  # mlx_lm's penalties assign in place; keep `raw` raw
             tokens = _context(st.history, pending, params.penalty_context)
             for proc in processors:
                 logits = proc(tokens, logits)
+        if allowed is not None:
+            logits = mx.where(allowed, logits, mx.array(-mx.inf, dtype=logits.dtype))
         # the same arithmetic as mlx_lm.generate_step, so greedy picks are bit-identical
         logprobs = logits - mx.logsumexp(logits, keepdims=True)
         if temp == 0:

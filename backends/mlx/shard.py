@@ -353,12 +353,15 @@ class MLXShard(LayerShard):
         for i, c in enumerate(chunks):
             st, ids = self.seqs[c.seq_id], (drafts or {}).get(c.seq_id, [])
             first = c.offset + c.length - c.drafts  # the position of the chunk's first draw
+            masks = self._grammar_masks(c.seq_id, ids[:c.drafts])  # structured output: None if free
             per = []
             for j in range(c.drafts + 1):
                 if st.params.seed is not None and not st.params.greedy:  # the key of that position
                     st.rng = new_key(st.params.seed, first + j)
                 view = SeqState(st.params, st.history + ids[:j], rng=st.rng) if j else st
-                per.append(self.samplers[c.seq_id](logits[at + j:at + j + 1], view, pending[i] if pending else None))
+                allowed = mx.array(masks[min(j, len(masks) - 1)]) if masks else None
+                per.append(self.samplers[c.seq_id](logits[at + j:at + j + 1], view,
+                                                   pending[i] if pending else None, allowed))
                 st.rng = view.rng  # an unseeded draw advanced the key
             drawn.append(per)
             at += c.drafts + 1
@@ -380,9 +383,10 @@ class MLXShard(LayerShard):
     # brings exactly those tokens at those positions, else its cache entries are trimmed away.
 
     def _run_ahead(self, chunks: list[SeqChunk], drawn: list[list[Drawn]]) -> dict[str, _Ahead]:
+        # a constrained sequence's next mask needs the token this step draws: it waits for it
         rows = [(c, d[-1]) for c, d in zip(chunks, drawn)
                 if c.sample and not c.drafts and c.offset + c.length < self.config.max_position_embeddings
-                and _trimmable(self.caches[c.seq_id])]
+                and _trimmable(self.caches[c.seq_id]) and c.seq_id not in self.constraints]
         if not rows:
             return {}
         nxt = [SeqChunk(c.seq_id, c.offset + c.length, 1) for c, _ in rows]

@@ -9,8 +9,8 @@ import torch
 from backends.sampling import SamplingParams
 from backends.shard import SeqState, token_seed
 
-# (logits (vocab,) float32, state) -> (token, logprob, top_logprobs)
-Sampler = Callable[[torch.Tensor, SeqState], tuple[int, float, list[tuple[int, float]]]]
+# (logits (vocab,) float32, state, allowed tokens (bool (vocab,)) or None) -> (token, logprob, top_logprobs)
+Sampler = Callable[[torch.Tensor, SeqState, "torch.Tensor | None"], tuple[int, float, list[tuple[int, float]]]]
 
 
 def make_generator(params: SamplingParams, device: str | torch.device = "cpu",
@@ -75,17 +75,21 @@ def make_filter(params: SamplingParams) -> Callable[[torch.Tensor], torch.Tensor
 
 
 def make_sampler(params: SamplingParams) -> Sampler:
-    """Greedy when temperature is 0, else seeded multinomial sampling (RNG in `state.rng`).
-    Log-probabilities are those of the raw logits, before penalties and temperature."""
+    """Greedy when temperature is 0, else seeded multinomial sampling (RNG in `state.rng`); a mask
+    (structured output) removes the tokens the grammar forbids after the penalties, before the
+    temperature and filters. Log-probabilities are those of the raw logits, before all of that."""
     penalise = make_penalties(params)
     filt = None if params.greedy else make_filter(params)
     n_top = params.logprobs
 
-    def sample(logits: torch.Tensor, st: SeqState) -> tuple[int, float, list[tuple[int, float]]]:
+    def sample(logits: torch.Tensor, st: SeqState, allowed: torch.Tensor | None = None
+               ) -> tuple[int, float, list[tuple[int, float]]]:
         logits = logits.float()
         raw = logits
         if penalise is not None:
             logits = penalise(logits, st.history)
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
         if filt is None:
             tok = int(logits.argmax())
         else:

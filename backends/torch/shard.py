@@ -154,21 +154,26 @@ class TorchShard(LayerShard):
             if c.drafts and drafts is not None:
                 samples += accept(drafts[c.seq_id], self._draws(c, part, drafts[c.seq_id]))
             else:
-                samples.append(self._draw(c, part[-1], c.offset + c.length, ()))
+                masks = self._grammar_masks(c.seq_id)
+                samples.append(self._draw(c, part[-1], c.offset + c.length, (), masks[0] if masks else None))
         return samples
 
     def _draws(self, c: SeqChunk, logits: torch.Tensor, drafts: list[int]) -> Iterator[Sample]:
-        """The draws at a drafted chunk's positions, lazily (verification stops at a mismatch)."""
+        """The draws at a drafted chunk's positions, lazily (verification stops at a mismatch); a
+        constrained one's masks come from its grammar after the drafts before each position."""
         first = c.offset + c.length - c.drafts  # the position the first draft stands at
+        masks = self._grammar_masks(c.seq_id, drafts)
         for j in range(c.drafts + 1):
-            yield self._draw(c, logits[j], first + j, drafts[:j])
+            yield self._draw(c, logits[j], first + j, drafts[:j], masks[min(j, len(masks) - 1)] if masks else None)
 
-    def _draw(self, c: SeqChunk, row: torch.Tensor, position: int, before: Sequence[int]) -> Sample:
+    def _draw(self, c: SeqChunk, row: torch.Tensor, position: int, before: Sequence[int],
+              allowed: np.ndarray | None = None) -> Sample:
         """The token at `position` from its logits, as a plain step draws it; the penalties also see
-        `before` (drafts accepted ahead of it, not in the history yet)."""
+        `before` (drafts accepted ahead of it, not in the history yet); `allowed`: the grammar's mask."""
         st = self.seqs[c.seq_id]
         if st.params.seed is not None and not st.params.greedy:  # the key of this position
             st.rng = make_generator(st.params, self._rng_device, position)
         view = SeqState(st.params, st.history + list(before), rng=st.rng) if before else st
-        tok, lp, top = self.samplers[c.seq_id](row, view)
+        mask = None if allowed is None else torch.from_numpy(allowed).to(row.device, non_blocking=True)
+        tok, lp, top = self.samplers[c.seq_id](row, view, mask)
         return Sample(c.seq_id, tok, lp, top)
