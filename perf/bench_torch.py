@@ -3,6 +3,8 @@
 Contenders, timed round-robin (every round measures each once, medians reported):
 - ours, default settings: a real `together join` process (`--threads 1`, layers 0-30) driven through
   the OpenAI API; on a CPU with native bfloat16 that is bfloat16 compute on packed int4 weights;
+- ours with the other packed-weight kernel (`TOGETHER_KERNEL=q4|torch`: ours, kernels/q4.cpp, or torch's
+  int4 kernel), the same way;
 - ours, `--dtype float32`: the dense float32 path (the default before issue 13), same way;
 - `transformers` `generate`, greedy, on the embedded model dequantized by transformers' own GGUF
   reader, in float32 and in bfloat16 (the best of the two is the target's yardstick);
@@ -50,9 +52,14 @@ class Runner(Protocol):
 class Peer:
     """One `together join` peer holding every layer, with the API, measured through it."""
 
-    def __init__(self, model: str, dtype: str):
+    def __init__(self, model: str, dtype: str, kernel: str | None = None):
         self.mesh = LocalMesh(model)
-        p = self.mesh.add("p", "--backend", "torch", "--dtype", dtype, "--no-mdns", "--layers", "0-30", api=True)
+        env = {"TOGETHER_KERNEL": kernel} if kernel else None  # packed weights: torch's int4 kernel or our q4
+        # no speculation and no prefix cache: the same prompt every round would be a cache hit, and llama-bench
+        # and transformers draft nothing; this measures the peer's own per-token speed
+        p = self.mesh.add("p", "--backend", "torch", "--dtype", dtype, "--no-mdns", "--layers", "0-30",
+                          "--draft", "off", "--prefix-cache-memory", "0", api=True,
+                          env=env)
         self.mesh.wait_ready(p, stages=1)
         _, view = http_json(f"{p.api}/v1/mesh")
         me = (view.get("peers") or [{}])[0]
@@ -162,8 +169,13 @@ def main() -> int:
     long = (tok.encode(PROMPT * 8) * 4)[:PREFILL]
     short = tok.encode("Count from one to one hundred.")
     load0 = os.getloadavg()[0]
+    from backends.torch.quant import DEFAULT_KERNEL
+
+    # the packed-weight kernel that is not the default, for comparison (perf/README.md: issue 13's q4 kernel)
+    other = "TOGETHER_KERNEL=" + ("torch" if os.environ.get("TOGETHER_KERNEL", DEFAULT_KERNEL) == "q4" else "q4")
     makers: dict[str, Callable[[], Runner]] = {
         "ours, default": lambda: Peer(str(gguf), "auto"),
+        f"ours, {other}": lambda: Peer(str(gguf), "auto", other.split("=")[1]),
         "ours, --dtype float32": lambda: Peer(str(gguf), "float32"),
         "transformers float32": lambda: HF(gguf, "float32"),
         "transformers bfloat16": lambda: HF(gguf, "bfloat16"),
@@ -187,10 +199,10 @@ def main() -> int:
     print(f"\none torch peer vs its peers: smollm2-135m Q4_1, 1 compute thread each, {os.cpu_count()} cores, "
           f"default dtype here {default_dtype('torch', ck, 'cpu')}, torch {torch.__version__}, transformers "
           f"{transformers.__version__}, load avg {load0:.1f} -> {os.getloadavg()[0]:.1f}")
-    print(f"{'contender':<24}{'weights':<22}{'decode tok/s':>13}{'ours/it':>9}{'prefill512 tok/s':>18}{'ours/it':>9}")
+    print(f"{'contender':<30}{'weights':<36}{'decode tok/s':>13}{'ours/it':>9}{'prefill512 tok/s':>18}{'ours/it':>9}")
     for name, m in med.items():
         fmt = runners[name].format
-        print(f"{name:<24}{fmt:<22}{m['decode']:>13.1f}{ours['decode'] / m['decode']:>8.2f}x"
+        print(f"{name:<30}{fmt:<36}{m['decode']:>13.1f}{ours['decode'] / m['decode']:>8.2f}x"
               f"{m['prefill']:>18.1f}{ours['prefill'] / m['prefill']:>8.2f}x")
     hf_best = max((n for n in med if n.startswith("transformers")), key=lambda n: med[n]["decode"])
     print(f"decode {a.tokens} tokens, median of {a.rounds} rounds. Targets: decode >= 1.25x {hf_best} "

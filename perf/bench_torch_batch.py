@@ -8,12 +8,16 @@ timed by this thread's CPU time (the machines we measure on are shared: other pr
 would swamp wall time; `--wall` for wall time).
 
     .venv/bin/python perf/bench_torch_batch.py [--batches 1,4,8,16] [--steps 32] [--prompt 64]
-        [--rounds 3] [--dtype auto] [--profile 8]
+        [--rounds 3] [--dtype auto] [--profile 8] [--kernels torch,q4]
+
+`--kernels` compares the packed-weight kernels (torch's int4 kernel, our kernels/q4.cpp) in one run:
+one shard each, rounds interleaved.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -76,30 +80,44 @@ def main() -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--profile", type=int, default=0, help="profile a batch of this size instead")
     ap.add_argument("--wall", action="store_true", help="time by the wall clock, not this thread's CPU time")
+    ap.add_argument("--kernels", default="", help="packed-weight kernels to compare, e.g. torch,q4 (default: "
+                    "the process default, TOGETHER_KERNEL)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     ck = open_checkpoint(cache_dir() / "models" / EMBEDDED["smollm2-135m"]["file"])
     dtype = default_dtype("torch", ck, "cpu") if args.dtype == "auto" else args.dtype
-    shard = TorchShard(ck, 0, ck.config.num_hidden_layers, dtype)
+    kernels = [k for k in args.kernels.split(",") if k] or [os.environ.get("TOGETHER_KERNEL", "")]
+    shards: dict[str, TorchShard] = {}
+    for k in kernels:
+        if k:
+            os.environ["TOGETHER_KERNEL"] = k  # read when the packed projections are built
+        shards[k] = TorchShard(ck, 0, ck.config.num_hidden_layers, dtype)
     if args.profile:
-        profile(shard, args.profile, args.steps, args.prompt)
+        for k, shard in shards.items():
+            print(f"kernel {k or 'default'}:")
+            profile(shard, args.profile, args.steps, args.prompt)
         return 0
     batches = [int(b) for b in args.batches.split(",")]
-    decode(shard, max(batches), 2, args.prompt)  # warm up
+    for shard in shards.values():
+        decode(shard, max(batches), 2, args.prompt)  # warm up
     clock = time.perf_counter if args.wall else time.thread_time
-    runs: dict[int, list[float]] = {b: [] for b in batches}
+    runs: dict[tuple[str, int], list[float]] = {(k, b): [] for k in shards for b in batches}
     for _ in range(args.rounds):
         for b in batches:
-            runs[b].append(decode(shard, b, args.steps, args.prompt, clock=clock))
-    med = {b: statistics.median(r) for b, r in runs.items()}
-    print(f"torch shard, {dtype} ({shard.weight_format}), 1 thread, prompt {args.prompt}+, "
-          f"{args.steps} decode steps, median of {args.rounds}, {'wall' if args.wall else 'CPU'} time")
-    print("| streams | aggregate decode tok/s | per stream tok/s | vs 1 stream |")
-    print("|---|---|---|---|")
-    base = med.get(1)
-    for b in batches:
-        ratio = f"{med[b] / base:.2f}x" if base else "-"
-        print(f"| {b} | {med[b]:.1f} | {med[b] / b:.1f} | {ratio} |")
+            for k, shard in shards.items():
+                runs[k, b].append(decode(shard, b, args.steps, args.prompt, clock=clock))
+    med = {kb: statistics.median(r) for kb, r in runs.items()}
+    first = next(iter(shards.values()))
+    print(f"torch shard, {dtype} ({first.weight_format}), 1 thread, prompt {args.prompt}+, "
+          f"{args.steps} decode steps, median of {args.rounds}, {'wall' if args.wall else 'CPU'} time, "
+          f"load avg {os.getloadavg()[0]:.1f}")
+    print("| kernel | streams | aggregate decode tok/s | per stream tok/s | vs 1 stream |")
+    print("|---|---|---|---|---|")
+    for k in shards:
+        base = med.get((k, 1))
+        for b in batches:
+            ratio = f"{med[k, b] / base:.2f}x" if base else "-"
+            print(f"| {k or 'default'} | {b} | {med[k, b]:.1f} | {med[k, b] / b:.1f} | {ratio} |")
     return 0
 
 

@@ -7,15 +7,22 @@ exact home in torch's int8 kernel (one scale per output row, not per group), so 
 4-bit planes, q = 16 * hi + lo: w = (16 * scale) * hi + (scale * lo + bias), two int4 matmuls summed.
 The kernel is fast with bfloat16 activations only (float32 ones are ~20x slower), so packed weights
 go with bfloat16 compute on a CPU; everything else takes the dense path.
+
+Where the CPU has AVX512-BF16 our own kernel (kernels/q4.cpp, compiled once per machine) replaces it:
+scales and biases as stored (float16, not rounded to bfloat16), weights read once per tile of 8 rows, and
+no dequantized copy for a prefill chunk. TOGETHER_KERNEL=torch keeps torch's.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
 from torch import nn
 
 from backends.errors import ModelError
+from backends.torch import kernels
 from backends.weights import Affine, Checkpoint
 
 GROUP_SIZES = (32, 64, 128, 256)  # what the kernel takes
@@ -23,6 +30,8 @@ BLOCK_N = 64  # the kernel's packed layout interleaves blocks of 64 output rows 
 # from this many rows up (a prefill chunk) dequantizing a layer's weight and one dense bfloat16 matmul
 # beats the int4 kernel, whose large-M path is ~2x slower than the dense one (perf/bench_torch.py)
 DENSE_ROWS = 64
+# ours: decode 1.08-1.27x, 8 streams 1.46x, prefill 1.28x torch's in perf/bench_torch*.py (issue 13)
+DEFAULT_KERNEL = "q4"
 
 
 def packable(a: Affine | None, dtype: torch.dtype, device: torch.device) -> bool:
@@ -52,26 +61,74 @@ def _plane(q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> tuple[torch.Te
     return packed, sz
 
 
+def _q4_layout(a: Affine) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`a` for our q4 kernel (kernels/q4.cpp), output rows in blocks of 16 (the vector lanes): nibble
+    planes (N/16, P, K/4, 32) uint8 (byte j of step t: row j/2, low nibble k = 4t + j%2, high 4t + 2 + j%2);
+    scales (N/16, P, K/g, 16) and biases (N/16, K/g, 16), in float16 where that holds them exactly (GGUF's
+    and MLX's own: 4 bytes a group, as torch's kernel), else float32."""
+    q, s, b = unpack(a), a.scales.astype(np.float32), a.biases.astype(np.float32)
+    planes, scales = ([q], [s]) if a.bits == 4 else ([q >> 4, q & 15], [16 * s, s])
+    n, k = q.shape
+    nb, g = n // 16, k // a.group_size
+    packed = []
+    for p in planes:
+        h = p.reshape(nb, 16, k // 4, 2, 2).transpose(0, 2, 1, 4, 3)  # (block, t, row, e, half)
+        packed.append((h[..., 0] | (h[..., 1] << 4)).reshape(nb, k // 4, 32))
+    meta = [x.reshape(nb, 16, g).transpose(0, 2, 1) for x in scales + [b]]  # (block, group, row)
+    exact = all(np.array_equal(x.astype(np.float16).astype(np.float32), x) for x in meta)
+    meta = [x.astype(np.float16 if exact else np.float32) for x in meta]
+    return (torch.from_numpy(np.ascontiguousarray(np.stack(packed, 1))),
+            torch.from_numpy(np.ascontiguousarray(np.stack(meta[:-1], 1))),
+            torch.from_numpy(np.ascontiguousarray(meta[-1])))
+
+
+def q4_fits(a: Affine) -> bool:
+    """Whether our q4 kernel takes `a`'s shape (blocks of 16 output rows)."""
+    return a.packed.shape[0] % 16 == 0 and a.group_size % 4 == 0
+
+
+def default_kernel() -> str:
+    """'q4' (kernels/q4.cpp) or 'torch' (torch's int4 kernel) for packed weights. TOGETHER_KERNEL=q4|torch
+    picks one for a whole process (benchmarks compare them); q4 falls back to torch where it cannot build."""
+    want = os.environ.get("TOGETHER_KERNEL", DEFAULT_KERNEL)
+    if want not in ("q4", "torch"):
+        raise ModelError(f"TOGETHER_KERNEL={want!r}: use q4 or torch")
+    return "q4" if want == "q4" and kernels.q4() is not None else "torch"
+
+
 class PackedLinear(nn.Module):
-    """y = x W^T + b with W in affine groups, packed as one (4-bit) or two (8-bit) int4 planes."""
+    """y = x W^T + b with W in affine groups, packed as one (4-bit) or two (8-bit) int4 planes, for torch's
+    int4 kernel (`kernel="torch"`) or ours (`kernel="q4"`: scales and biases as stored, weights read once
+    per tile of 8 rows)."""
 
     packed0: torch.Tensor
     sz0: torch.Tensor
+    q4q: torch.Tensor
+    q4s: torch.Tensor
+    q4c: torch.Tensor
 
-    def __init__(self, a: Affine, bias: torch.Tensor | None = None):
+    def __init__(self, a: Affine, bias: torch.Tensor | None = None, kernel: str | None = None):
         super().__init__()
         self.out_features, self.in_features = a.packed.shape[0], a.packed.shape[1] * 32 // a.bits
         self.group_size, self.bits = a.group_size, a.bits
         self.dtype, self.device = torch.bfloat16, torch.device("cpu")
-        q, s, b = unpack(a), a.scales.astype(np.float32), a.biases.astype(np.float32)
-        if a.bits == 4:
-            planes = [_plane(q, s, b + 8 * s)]
-        else:  # w = 16 s hi + s lo + b: the bias rides on the high plane
-            planes = [_plane(q >> 4, 16 * s, b + 128 * s), _plane(q & 15, s, 8 * s)]
-        self.planes = len(planes)
-        for i, (packed, sz) in enumerate(planes):
-            self.register_buffer(f"packed{i}", packed)
-            self.register_buffer(f"sz{i}", sz)
+        kernel = kernel or default_kernel()
+        mod = kernels.q4() if kernel == "q4" and q4_fits(a) else None
+        self.q4 = None if mod is None else mod.q4_mm  # a builtin function: deepcopy takes it as it is
+        self.kernel = "q4" if self.q4 is not None else "torch"
+        self.planes = 1 if a.bits == 4 else 2
+        if self.q4 is not None:
+            for name, t in zip(("q4q", "q4s", "q4c"), _q4_layout(a)):
+                self.register_buffer(name, t)
+        else:
+            q, s, b = unpack(a), a.scales.astype(np.float32), a.biases.astype(np.float32)
+            if a.bits == 4:
+                planes = [_plane(q, s, b + 8 * s)]
+            else:  # w = 16 s hi + s lo + b: the bias rides on the high plane
+                planes = [_plane(q >> 4, 16 * s, b + 128 * s), _plane(q & 15, s, 8 * s)]
+            for i, (packed, sz) in enumerate(planes):
+                self.register_buffer(f"packed{i}", packed)
+                self.register_buffer(f"sz{i}", sz)
         self.bias = None if bias is None else nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
 
     def _plane(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,6 +136,8 @@ class PackedLinear(nn.Module):
 
     def dense(self) -> torch.Tensor:
         """W^T (in, out) in bfloat16, dequantized from the packed planes (a prefill chunk's weight)."""
+        if self.q4 is not None:
+            return self._q4_dense()
         n, k, g, nb = self.out_features, self.in_features, self.group_size, self.out_features // BLOCK_N
         w = None
         for i in range(self.planes):
@@ -92,10 +151,23 @@ class PackedLinear(nn.Module):
         assert w is not None
         return w.to(torch.bfloat16).view(nb, k, BLOCK_N).transpose(0, 1).reshape(k, n)
 
+    def _q4_dense(self) -> torch.Tensor:
+        n, k, g, nb = self.out_features, self.in_features, self.group_size, self.out_features // 16
+        s = self.q4s.float().permute(0, 3, 1, 2)[..., None]  # (block, row, P, G, 1)
+        w = self.q4c.float().transpose(1, 2)[..., None]  # the bias (block, row, G, 1)
+        for i in range(self.planes):  # one plane at a time: no float copy of every plane at once
+            p = self.q4q[:, i].view(nb, k // 4, 16, 2, 1)  # (block, t, row, e, half)
+            q = torch.cat([p & 15, p >> 4], dim=-1).transpose(-1, -2).reshape(nb, k // 4, 16, 4)
+            q = q.transpose(1, 2).reshape(nb, 16, k // g, g)
+            w = torch.addcmul(w, q, s[:, :, i])
+        return w.reshape(n, k).to(torch.bfloat16).T
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] >= DENSE_ROWS:
+        if self.q4 is not None:  # ours beats dequantize-and-matmul at every row count (perf/bench_torch.py)
+            y = self.q4(x2.to(torch.bfloat16), self.q4q, self.q4s, self.q4c, self.group_size)
+        elif x2.shape[0] >= DENSE_ROWS:
             y = x2 @ self.dense()
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed0, self.group_size, self.sz0)

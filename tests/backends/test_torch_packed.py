@@ -56,20 +56,43 @@ KINDS = {"Q4_0": lambda r, c, g: gguf_blocks("Q4_0", r, c, g), "Q4_1": lambda r,
          "mlx8/g64": lambda r, c, g: mlx_groups(8, 64, r, c, g), "mlx4/g128": lambda r, c, g: mlx_groups(4, 128, r, c, g)}
 
 
+@pytest.fixture(scope="session")
+def q4_kernel():
+    """Our q4 kernel (backends/torch/kernels/q4.cpp), built on first use once per machine (~30 s of CPU,
+    about a minute on a loaded 2-core machine); skipped on a CPU without AVX512-BF16 or a compiler."""
+    from backends.torch import kernels
+
+    if kernels.q4() is None:
+        pytest.skip("the q4 kernel cannot build or run here (needs AVX512-BF16, g++ and ninja)")
+    return "q4"
+
+
+@pytest.fixture(params=["torch", "q4"])
+def kernel(request):
+    return request.getfixturevalue("q4_kernel") if request.param == "q4" else "torch"
+
+
 @pytest.mark.parametrize("kind", sorted(KINDS))
-def test_packed_linear_matches_dequantized(kind):
+def test_packed_linear_matches_dequantized(kind, kernel):
     rng = np.random.default_rng(0)
     a = KINDS[kind](192, 256, rng)
     w = torch.from_numpy(a.dequantize())  # the float32 reference weight
     bias = torch.randn(192)
-    lin = PackedLinear(a, bias)
-    assert lin.format == f"int{a.bits}/g{a.group_size}"
-    for rows in (1, 5, DENSE_ROWS):  # the int4 kernel for decode, dequantize-and-matmul for a chunk
+    lin = PackedLinear(a, bias, kernel=kernel)
+    assert lin.format == f"int{a.bits}/g{a.group_size}" and lin.kernel == kernel
+    for rows in (1, 5, 11, DENSE_ROWS, 130):  # the kernel for decode (q4: tiles of 8 rows, every chunk)
         x = torch.randn(rows, 256).bfloat16()
         want = x.float() @ w.T + bias.bfloat16().float()
         bound = 2 * BF16_EPS * (x.float().abs() @ w.abs().T + bias.abs()) + 1e-3  # bf16 rounding's scale
         got = lin(x[None]).float()[0]
         assert got.shape == want.shape and bool(((got - want).abs() <= bound).all()), (rows, (got - want).abs().max())
+    if kernel == "q4":  # exact scales and float32 sums: the exact product rounded once to bfloat16
+        x = torch.randn(130, 256).bfloat16()
+        want = x.float() @ w.T
+        got = PackedLinear(a, kernel="q4")(x).float()
+        assert (got == want.bfloat16().float()).float().mean() >= 0.99  # torch's kernel: ~0.5
+        # the rest one ulp off (near ties), up to float32 sums (torch's kernel strays ~1e-3 |x||w| beyond that)
+        assert ((got - want).abs() <= 2 ** -7 * want.abs() + 1e-5 * (x.float().abs() @ w.abs().T)).all()
     # the dequantized weight of a long chunk: the reference up to the kernel's bfloat16 scales and zeros
     assert ((lin.dense().float().T - w).abs() <= BF16_EPS * (w.abs() + w.abs().max())).all()
 
@@ -119,7 +142,8 @@ def quantized_dir(path, kind: str, rng: np.random.Generator):
 
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "mlx4"])
-def test_tiny_quantized_model(kind, tmp_path):
+def test_tiny_quantized_model(kind, kernel, tmp_path, monkeypatch):
+    monkeypatch.setenv("TOGETHER_KERNEL", kernel)  # what a peer process picks for every packed projection
     ck = quantized_dir(tmp_path / kind, kind, np.random.default_rng(2))
     packed = TorchShard(ck, 0, 3, "bfloat16")
     dense16 = TorchShard(ck, 0, 3, "bfloat16", packed=False)
@@ -180,12 +204,34 @@ def test_estimate_counts_packed_bytes(tmp_path):
     assert estimate_layer_bytes(ck, "torch", "float32") > 6 * layer  # the float32 path dequantizes
 
 
+def test_q4_kernel_falls_back_when_it_cannot_build(tmp_path, monkeypatch, caplog):
+    """No compiler (a fresh cache, CXX pointing nowhere): one warning, and torch's int4 kernel."""
+    import logging
+
+    from backends.torch import kernels
+
+    if not kernels.cpu_supported():
+        pytest.skip("no AVX512-BF16: the kernel is never tried here")
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with caplog.at_level(logging.WARNING, logger=kernels.__name__):
+        lin = PackedLinear(KINDS["Q4_1"](64, 128, np.random.default_rng(4)), kernel="q4")
+    assert lin.kernel == "torch" and kernels.q4() is None
+    assert [r.getMessage() for r in caplog.records if "q4 CPU kernel unavailable" in r.getMessage()]
+
+
 # ---------------------------------------------------------------- the embedded model
 
 
-@pytest.fixture(scope="module")
-def packed_full(embedded):
-    return TorchShard(embedded, 0, 30, "bfloat16")
+@pytest.fixture(scope="module", params=["torch", "q4"])
+def packed_full(embedded, request):
+    kernel = request.getfixturevalue("q4_kernel") if request.param == "q4" else "torch"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TOGETHER_KERNEL", kernel)
+        shard = TorchShard(embedded, 0, 30, "bfloat16")
+    assert {m.kernel for m in shard.model.modules() if isinstance(m, PackedLinear)} == {kernel}
+    return shard
 
 
 def test_embedded_packed_matches_dequantized(embedded, packed_full):

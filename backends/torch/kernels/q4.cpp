@@ -1,0 +1,142 @@
+// Group-quantized matmul over 4-bit planes (GGUF Q4_0/Q4_1/Q8_0, MLX 4/8-bit) with bfloat16
+// activations, on AVX512-BF16. Output rows sit in the vector lanes (blocks of 16 rows), so one
+// vdpbf16ps does 16 rows x 2 inputs against a broadcast pair of activations, and a group's scale is one
+// multiply per 16 rows. A nibble q becomes the bfloat16 128 + q by one OR (0x4300 | q is exact); the
+// 128 offset and the group's bias come back through per-group sums of x (bias - 128 sum_p scale_p).
+// Scales and biases come as float16 (GGUF's and MLX's own, 4 bytes a group as torch's kernel) or float32.
+// Weights are decoded once per tile of up to 8 activation rows. Float32 accumulation, bfloat16 out.
+#include <torch/extension.h>
+#include <immintrin.h>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+inline __m512bh pair(const uint16_t* p) {  // x[k], x[k+1] in every lane (memcpy: any alignment)
+  int32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return (__m512bh)_mm512_set1_epi32(v);
+}
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+
+constexpr int TILE = 8;
+constexpr int64_t BLOCK = 16;  // output rows per vector
+
+// q: (N/16, P, K/4, 32) bytes: byte j of step t holds row j/2 of the block, low nibble k = 4t + j%2,
+// high nibble k = 4t + 2 + j%2. s: (N/16, P, G, 16); c (the biases): (N/16, G, 16).
+template <int MT, typename T>
+void block_tile(const uint16_t* x, int64_t K, const float* xs, int64_t G, int64_t g, const uint8_t* q,
+                const T* s, const T* c, int64_t P, uint16_t* y, int64_t ldy, int64_t b0, int64_t b1) {
+  constexpr int NA = MT >= 4 ? 1 : (MT >= 2 ? 2 : 4);  // independent chains per row hide dpbf16 latency
+  const __m512i lowmask = _mm512_set1_epi16(0x000F), one28 = _mm512_set1_epi16(0x4300);
+  const int64_t steps = g / 4;
+  for (int64_t b = b0; b < b1; ++b) {
+    __m512 tot[MT];
+    for (int m = 0; m < MT; ++m) tot[m] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < P; ++p) {
+      const uint8_t* qb = q + (b * P + p) * (K / 4) * 32;
+      const T* sb = s + (b * P + p) * G * BLOCK;
+      for (int64_t gi = 0; gi < G; ++gi) {
+        __m512 acc[MT][NA];
+        for (int m = 0; m < MT; ++m)
+          for (int a = 0; a < NA; ++a) acc[m][a] = _mm512_setzero_ps();
+        const uint8_t* qg = qb + gi * steps * 32;
+        const int64_t kg = gi * g;
+        for (int64_t t = 0; t < steps; ++t) {
+          __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(qg + t * 32)));
+          __m512bh lo = (__m512bh)_mm512_ternarylogic_epi32(w, lowmask, one28, 0xEA);  // (w & 15) | 0x4300
+          __m512bh hi = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 4), lowmask, one28, 0xEA);
+          const int a0 = (int)((2 * t) % NA), a1 = (int)((2 * t + 1) % NA);
+          for (int m = 0; m < MT; ++m) {
+            const uint16_t* xm = x + m * K + kg + 4 * t;
+            __m512bh x0 = pair(xm), x1 = pair(xm + 2);
+            acc[m][a0] = _mm512_dpbf16_ps(acc[m][a0], lo, x0);
+            acc[m][a1] = _mm512_dpbf16_ps(acc[m][a1], hi, x1);
+          }
+        }
+        __m512 sv = load16(sb + gi * BLOCK);
+        for (int m = 0; m < MT; ++m) {
+          __m512 a = acc[m][0];
+          for (int i = 1; i < NA; ++i) a = _mm512_add_ps(a, acc[m][i]);
+          tot[m] = _mm512_fmadd_ps(sv, a, tot[m]);
+        }
+      }
+    }
+    const T* cb = c + b * G * BLOCK;
+    const __m512 m128 = _mm512_set1_ps(-128.0f);
+    for (int64_t gi = 0; gi < G; ++gi) {
+      __m512 ss = load16(s + (b * P) * G * BLOCK + gi * BLOCK);
+      for (int64_t p = 1; p < P; ++p) ss = _mm512_add_ps(ss, load16(s + (b * P + p) * G * BLOCK + gi * BLOCK));
+      __m512 cv = _mm512_fmadd_ps(m128, ss, load16(cb + gi * BLOCK));  // bias - 128 sum_p scale_p
+      for (int m = 0; m < MT; ++m) tot[m] = _mm512_fmadd_ps(cv, _mm512_set1_ps(xs[m * G + gi]), tot[m]);
+    }
+    for (int m = 0; m < MT; ++m)
+      _mm256_storeu_si256((__m256i*)(y + m * ldy + b * BLOCK), (__m256i)_mm512_cvtneps_pbh(tot[m]));
+  }
+}
+
+template <typename T>
+void run_tile(int mt, const uint16_t* x, int64_t K, const float* xs, int64_t G, int64_t g, const uint8_t* q,
+              const T* s, const T* c, int64_t P, uint16_t* y, int64_t ldy, int64_t b0, int64_t b1) {
+  switch (mt) {
+#define CASE(M) case M: block_tile<M, T>(x, K, xs, G, g, q, s, c, P, y, ldy, b0, b1); break;
+    CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+  }
+}
+
+// x (M, K) bfloat16; q (N/16, P, K/4, 32) uint8; scales s (N/16, P, G, 16), biases c (N/16, G, 16), both
+// float16 or both float32 -> (M, N) bfloat16
+torch::Tensor q4_mm(torch::Tensor x, torch::Tensor q, torch::Tensor s, torch::Tensor c, int64_t g) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "q4_mm: x must be (M, K) bfloat16");
+  TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kByte && q.is_contiguous() && q.size(3) == 32,
+              "q4_mm: q must be (N/16, P, K/4, 32) uint8");
+  x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), NB = q.size(0), P = q.size(1), N = NB * BLOCK, G = K / g;
+  TORCH_CHECK(q.size(2) * 4 == K && g % 4 == 0 && K % g == 0, "q4_mm: K and the group size disagree");
+  TORCH_CHECK((s.scalar_type() == at::kFloat || s.scalar_type() == at::kHalf) && s.scalar_type() == c.scalar_type(),
+              "q4_mm: scales and biases must be both float16 or both float32");
+  TORCH_CHECK(s.is_contiguous() && s.numel() == N * P * G && c.is_contiguous() && c.numel() == N * G, "q4_mm: s, c");
+  auto y = torch::empty({M, N}, x.options());
+  const uint16_t* xp = (const uint16_t*)x.data_ptr();
+  std::vector<float> xs(M * G);  // group sums of x, for the groups' constants
+  for (int64_t i = 0; i < M * G; ++i) {
+    __m512 a = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= g; j += 16)  // bfloat16 -> float32 is a 16-bit shift
+      a = _mm512_add_ps(a, _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(xp + i * g + j))), 16)));
+    float sum = _mm512_reduce_add_ps(a);
+    for (; j < g; ++j) sum += float(c10::bit_cast<at::BFloat16>(xp[i * g + j]));
+    xs[i] = sum;
+  }
+  uint16_t* yp = (uint16_t*)y.data_ptr();
+  const float* xsp = xs.data();
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const bool half = s.scalar_type() == at::kHalf;
+  // blocks of rows over torch's intra-op threads (one on a peer); 16 blocks (256 rows) stay in cache
+  // while every tile of 8 activation rows passes over them
+  at::parallel_for(0, NB, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t b0 = lo; b0 < hi; b0 += 16) {
+      const int64_t b1 = std::min<int64_t>(hi, b0 + 16);
+      for (int64_t m0 = 0; m0 < M; m0 += TILE) {
+        int mt = (int)std::min<int64_t>(TILE, M - m0);
+        if (half)
+          run_tile(mt, xp + m0 * K, K, xsp + m0 * G, G, g, qp, s.data_ptr<at::Half>(), c.data_ptr<at::Half>(), P,
+                   yp + m0 * N, N, b0, b1);
+        else
+          run_tile(mt, xp + m0 * K, K, xsp + m0 * G, G, g, qp, s.data_ptr<float>(), c.data_ptr<float>(), P,
+                   yp + m0 * N, N, b0, b1);
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("q4_mm", &q4_mm, "group-quantized 4-bit-plane matmul, bfloat16 activations (AVX512-BF16)");
+}
