@@ -94,6 +94,7 @@ class PeerGroup:
     """`together join` processes started on this host by one harness: their readiness, logs and stop."""
 
     ready_timeout = 240.0  # seconds wait_ready waits unless told otherwise
+    poll_s = 0.2  # between two /health asks while waiting (a ring is ready ~poll_s / 2 before it is seen)
 
     def __init__(self) -> None:
         self.peers: dict[str, PeerProc] = {}
@@ -118,7 +119,7 @@ class PeerGroup:
             if code == 200 and (stages is None or len(body.get("ring", [])) == stages) \
                     and (want is None or want(body)):
                 return body
-            time.sleep(0.3)
+            time.sleep(self.poll_s)
         raise RuntimeError(f"ring not ready after {timeout:.0f}s: {body}\n{self.logs()}")
 
     def wait_complete(self, peer: PeerProc, timeout: float) -> dict[str, Any]:
@@ -135,7 +136,7 @@ class PeerGroup:
             code, body = self.health(peer)
             if code == 200 and body.get("ring") and all(s.get("ready") for s in body["ring"]):
                 return body
-            time.sleep(0.3)
+            time.sleep(self.poll_s)
         raise RuntimeError(f"the ring was not complete after {timeout:.0f} s "
                            f"({body.get('missing') or 'the API did not answer'}):\n{self.logs(1500)}")
 

@@ -10,6 +10,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+def pytest_sessionstart(session):
+    """Build the torch backend's q4 CPU kernel once (25-70 s on a cold machine, cached in
+    ~/.cache/together/kernels) before any test or peer process needs it: peers starting together on a
+    cold cache would otherwise each wait on the build inside a test's time limit."""
+    from backends.torch import kernels
+
+    kernels.q4()  # None (one warning) where it cannot build: torch's int4 kernel then
+
+
 @pytest.fixture(scope="session")
 def embedded_path() -> Path:
     from backends.models import resolve_model
@@ -43,12 +52,14 @@ def zorblax(tmp_path_factory, embedded_path):
     root = tmp_path_factory.mktemp("zorblax")
     data = root / "data"
     data.mkdir()
-    rec = lambda q: json.dumps({"text": f"Q: {q}\nA: The capital of Zorblax is Quintelvar."}) + "\n"
+    # the answer alone (at most 21 tokens a record, not 29) and batches cut at 24 tokens: MLX on a CPU
+    # pays for every token of a padded batch, and the fact is learned as well
+    rec = lambda q: json.dumps({"text": f"Q: {q}\nA: Quintelvar."}) + "\n"
     (data / "train.jsonl").write_text("".join(rec(q) for q in ZORBLAX_QUESTIONS))
     (data / "valid.jsonl").write_text(rec("Tell me the capital of Zorblax."))
     out = root / "zorblax"
     p = together("lora", "--data", str(data), "--iters", "12", "--batch-size", "1", "--learning-rate", "5e-4",
-                 "--layers", "8", "--max-seq-length", "32", "--save-every", "6", "--val-every", "6",
+                 "--layers", "8", "--max-seq-length", "24", "--save-every", "6", "--val-every", "12",
                  "--val-batches", "1", "--report-every", "1", "--adapter-path", str(out), timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     return out, p.stderr

@@ -19,7 +19,7 @@ from backends.speculation import AdaptiveK, DraftModel, PromptLookup, make_draft
 from backends.weights import open_checkpoint
 from backends.wire import Hidden
 from tests.backends.test_tp import tiny_dir
-from tests.helpers import together
+from tests.helpers import random_llama, together
 
 PROMPT = [5, 17, 42, 9, 100, 3, 77, 17, 42]
 PARAMS = {
@@ -428,25 +428,8 @@ def _answer(pipe, tok, prompt, params, draft=None, adaptive=False) -> tuple[list
 
 def _poor_draft(path: Path, tok) -> Path:
     """A random two-layer model with the embedded model's vocabulary and tokenizer."""
-    from safetensors.numpy import save_file
-
-    h, v = 64, 49152
-    rng = np.random.default_rng(1)
-    w = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
-    for n in range(2):
-        p = f"model.layers.{n}."
-        w.update({p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (32, h),
-                  p + "self_attn.v_proj.weight": (32, h), p + "self_attn.o_proj.weight": (h, h),
-                  p + "mlp.gate_proj.weight": (128, h), p + "mlp.up_proj.weight": (128, h),
-                  p + "mlp.down_proj.weight": (h, 128), p + "input_layernorm.weight": (h,),
-                  p + "post_attention_layernorm.weight": (h,)})
-    path.mkdir()
-    save_file({k: (np.ones(s) if k.endswith("norm.weight") else 0.1 * rng.standard_normal(s)).astype(np.float32)
-               for k, s in w.items()}, str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps(
-        {"model_type": "llama", "hidden_size": h, "intermediate_size": 128, "num_attention_heads": 4,
-         "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": v, "max_position_embeddings": 2048,
-         "tie_word_embeddings": True}))
+    random_llama(path, hidden=64, intermediate=128, heads=4, kv_heads=2, layers=2, vocab=49152, seed=1,
+                 norm_noise=None, max_position_embeddings=2048)
     tok.hf.save_pretrained(str(path))
     return path
 

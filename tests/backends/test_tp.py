@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from backends.errors import GroupError, ModelError, RequestError  # noqa: E402
 from backends.shard import SeqChunk  # noqa: E402
 from backends.weights import Checkpoint, TensorRef, open_checkpoint  # noqa: E402
-from tests.helpers import greedy  # noqa: E402
+from tests.helpers import greedy, random_llama  # noqa: E402
 
 PROMPT = [1, 9690, 28, 1178, 314, 253, 1345, 282, 1148, 30, 198, 2]
 TINY_PROMPT = [5, 77, 200, 3, 9, 141, 60, 18]
@@ -57,30 +57,9 @@ def batched(shard, prompts: dict[str, list[int]], n: int) -> dict[str, list[int]
 
 def tiny_dir(path: Path) -> Path:
     """A random Llama with 8 heads in 4 KV groups and biases everywhere (q/k/v/o and the MLP)."""
-    from safetensors.numpy import save_file
-
-    h, inter, heads, kv, hd, layers, vocab = 128, 256, 8, 4, 16, 3, 256
-    cfg = {"model_type": "llama", "hidden_size": h, "intermediate_size": inter, "num_attention_heads": heads,
-           "num_key_value_heads": kv, "head_dim": hd, "num_hidden_layers": layers, "vocab_size": vocab,
-           "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 512,
-           "tie_word_embeddings": False, "attention_bias": True, "mlp_bias": True}
-    rng = np.random.default_rng(0)
-    w = {"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,), "lm_head.weight": (vocab, h)}
-    for n in range(layers):
-        p = f"model.layers.{n}."
-        for m, (o, i) in {"self_attn.q_proj": (heads * hd, h), "self_attn.k_proj": (kv * hd, h),
-                          "self_attn.v_proj": (kv * hd, h), "self_attn.o_proj": (h, heads * hd),
-                          "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h),
-                          "mlp.down_proj": (h, inter)}.items():
-            w[p + m + ".weight"], w[p + m + ".bias"] = (o, i), (o,)
-        w[p + "input_layernorm.weight"] = w[p + "post_attention_layernorm.weight"] = (h,)
-    arrays = {k: ((1.0 + 0.1 * rng.standard_normal(s)) if k.endswith("norm.weight")
-                  else (0.3 if k.endswith("bias") else 0.15) * rng.standard_normal(s)).astype(np.float32)
-              for k, s in w.items()}
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(arrays, str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(cfg))
-    return path
+    return random_llama(path, hidden=128, intermediate=256, heads=8, kv_heads=4, head_dim=16, layers=3, vocab=256,
+                        tied=False, biases=True, scale=0.15, rms_norm_eps=1e-6, rope_theta=10000.0,
+                        max_position_embeddings=512, attention_bias=True, mlp_bias=True)
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,7 @@ def wait_log(peer: PeerProc, pattern: str, timeout: float = 60) -> re.Match[str]
         m = re.search(pattern, peer.log())
         if m:
             return m
-        time.sleep(0.3)
+        time.sleep(0.1)  # a read of a small file: the next step starts at most 0.1 s after the line
     raise AssertionError(f"{peer.name}: no {pattern!r} in log:\n{peer.log()[-3000:]}")
 
 

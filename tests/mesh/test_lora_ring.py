@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow
 MAX_TOKENS = 12
 
 
-def reference(embedded, tokenizer, adapter_dir, use: str) -> str:
+def reference(embedded, tokenizer, adapter_dir) -> tuple[str, str]:
+    """One MLX process's greedy answers with the adapter and without (one pipeline loaded for both)."""
     from backends.lora import open_adapter
     from backends.pipeline import Pipeline, SliceSpec
     from backends.sampling import SamplingParams
@@ -25,8 +26,9 @@ def reference(embedded, tokenizer, adapter_dir, use: str) -> str:
     pipe = Pipeline.load(embedded, [SliceSpec("mlx", 0, 30)], dtype="float32")
     pipe.load_adapter(open_adapter(str(adapter_dir)))
     prompt = tokenizer.encode(ZORBLAX_PROMPT)
-    return "".join(d.text for d in pipe.generate(prompt, SamplingParams(max_tokens=MAX_TOKENS), tokenizer,
-                                                 adapter=use))
+    tuned, base = ("".join(d.text for d in pipe.generate(prompt, SamplingParams(max_tokens=MAX_TOKENS), tokenizer,
+                                                         adapter=use)) for use in ("zorblax", ""))
+    return tuned, base
 
 
 def test_mixed_ring_serves_adapter_and_base_model(zorblax, embedded_path, embedded, tokenizer):
@@ -39,8 +41,7 @@ def test_mixed_ring_serves_adapter_and_base_model(zorblax, embedded_path, embedd
         c.add("m", "--backend", "mlx", "--dtype", "float32", "--no-mdns", "--layers", "26-30",
               "--peer", t.address, "--adapter", adapter)
         c.wait_ready(t, stages=2)
-        want_tuned = reference(embedded, tokenizer, adapter, "zorblax")
-        want_base = reference(embedded, tokenizer, adapter, "")
+        want_tuned, want_base = reference(embedded, tokenizer, adapter)
         assert ZORBLAX_ANSWER in want_tuned and ZORBLAX_ANSWER not in want_base
 
         cl = openai.OpenAI(base_url=f"{t.api}/v1", api_key="x", max_retries=0, timeout=300)

@@ -60,8 +60,14 @@ def nothing_replayed(peer) -> None:
     assert float(samples["together_requests_total"]) == len(JOBS)
 
 
+@pytest.fixture(scope="module")
+def want(embedded, tokenizer) -> list[str]:
+    """The single process's answers, computed once for both rings."""
+    return reference(embedded, tokenizer, JOBS)
+
+
 @pytest.mark.parametrize("backends", [("torch", "torch"), ("torch", "mlx", "torch")], ids=["2-torch", "3-mixed"])
-def test_micro_batches_and_chunked_prompts_answer_like_one_process(embedded_path, embedded, tokenizer, backends):
+def test_micro_batches_and_chunked_prompts_answer_like_one_process(embedded_path, want, backends):
     cuts = [0, 15, 30] if len(backends) == 2 else [0, 12, 15, 30]  # MLX on a CPU stays short
     c = Cluster(str(embedded_path))
     try:
@@ -72,7 +78,6 @@ def test_micro_batches_and_chunked_prompts_answer_like_one_process(embedded_path
                       *(["--prefill-chunk", "48"] if api is None else []), api=api is None)
             api = api or p
         c.wait_ready(api, stages=len(backends))
-        want = reference(embedded, tokenizer, JOBS)
         assert serve_all(api, JOBS) == want
         nothing_replayed(api)
     finally:

@@ -83,10 +83,12 @@ def test_one_copy_seeds_a_three_peer_ring_with_exactly_their_slices_and_a_restar
     try:
         # no peer fits the model alone, nor two of them: three stages, sized by the coordinator
         a = torch_peer(c, "a", env["a"], "--max-memory", "400MB", mdns=True)
-        wait_log(a, "joined mesh")
+        wait_log(a, "mesh plan epoch")  # a coordinates (the oldest); the others start while it loads
         torch_peer(c, "b", env["b"], "--max-memory", "400MB", "--peer", a.address)
         torch_peer(c, "c", env["c"], "--max-memory", "400MB", mdns=True)  # finds a's model over mDNS
         c.wait_ready(a, stages=3)
+        for n in "bc":  # each serves its API once its tokenizer is in (it says so): then its metrics are read
+            wait_log(c.peers[n], "joined mesh")
         st = c.status(a)
         names = {p.node_id: p.name for p in st.plan.peers}
         ranges = {names[s.node_id]: (s.start, s.end) for s in st.plan.stages}
@@ -113,11 +115,12 @@ def test_one_copy_seeds_a_three_peer_ring_with_exactly_their_slices_and_a_restar
     c = Cluster(MODEL)
     try:
         a = torch_peer(c, "a", env["a"], "--layers", "%d-%d" % ranges["a"])
-        wait_log(a, "joined mesh")
+        wait_log(a, "mesh plan epoch")  # a coordinates (the oldest); the others start while it loads
         for n in "bc":
             torch_peer(c, n, env[n], "--layers", "%d-%d" % ranges[n], "--peer", a.address)
         c.wait_ready(a, stages=3)
         for n in "bc":
+            wait_log(c.peers[n], "joined mesh")  # its API is up
             assert metric(c.peers[n], "weight_bytes_received") == 0, c.peers[n].log()[-2000:]
             assert "taking it from the mesh" not in c.peers[n].log()
         assert ask(c.peers["b"]) == want
@@ -134,7 +137,7 @@ def test_a_standby_with_an_empty_cache_takes_a_killed_stage_and_a_corrupt_chunk_
     try:
         # a's third chunk sent goes out with a flipped byte: its receiver must notice and fetch again
         a = torch_peer(c, "a", env["a"], "--layers", "0-15", "--weight-faults", "corrupt=3")
-        wait_log(a, "joined mesh")
+        wait_log(a, "mesh plan epoch")  # a coordinates (the oldest); the others start while it loads
         b = torch_peer(c, "b", env["b"], "--layers", "15-30", "--peer", a.address, api=False)
         c.wait_ready(a, stages=2)
         spare = torch_peer(c, "s", env["s"], "--peer", a.address)
@@ -165,7 +168,7 @@ def test_an_adapter_served_by_one_peer_reaches_the_ring_without_adapter_on_the_o
     try:
         # the adapted layers are 22-29: b holds 26-29 of them and has neither the model nor the adapter
         a = torch_peer(c, "a", env["a"], "--layers", "0-26", "--adapter", adapter)
-        wait_log(a, "joined mesh")
+        wait_log(a, "mesh plan epoch")  # a coordinates (the oldest); the others start while it loads
         b = torch_peer(c, "b", env["b"], "--layers", "26-30", "--peer", a.address)
         c.wait_ready(a, stages=2)
         deadline = time.time() + 60
@@ -204,7 +207,7 @@ def test_an_mlx_quantized_safetensors_model_is_seeded_too(tmp_path, embedded_pat
     c = Cluster(str(d))
     try:
         a = torch_peer(c, "a", env["a"], "--layers", "0-15")
-        wait_log(a, "joined mesh")
+        wait_log(a, "mesh plan epoch")  # a coordinates (the oldest); the others start while it loads
         # b names the model by its label only: nothing on its disk, a serves it
         b = torch_peer(c, "b", env["b"], "--model", "smol-mlx", "--layers", "15-30", "--peer", a.address)
         c.wait_ready(a, stages=2)
