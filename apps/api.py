@@ -14,8 +14,10 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from apps.openai_responses import Output, collect, stream
+from apps.chat import ChatRequest, start_chat
+from apps.openai_responses import ChatOutput, Output, collect, stream
 from apps.openai_schema import ChatBody, CompletionBody, InvalidRequest, parse
+from apps.routing import Router, client_ctx, ring_items, rings_view
 from backends.errors import RequestError
 from backends.sampling import SamplingParams
 from mesh.node import Node
@@ -82,18 +84,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 def ring_view(node: Node) -> list[dict[str, Any]]:
-    peers = {p.node_id: p for p in node.plan.peers}
-    out = []
-    for st in node.plan.stages:
-        p = peers.get(st.node_id) or node.known.get(st.node_id)
-        out.append({"node_id": st.node_id, "name": p.name if p else "?", "backend": p.backend if p else "?",
-                    "address": p.address if p else "", "start": st.start, "end": st.end,
-                    # ready only once it holds exactly the assigned range (not while reloading)
-                    "ready": bool(p and p.ready and (p.start, p.end) == (st.start, st.end)),
-                    # a tensor-parallel stage: its peers in rank order (the leader first)
-                    "tp_members": [getattr(peers.get(n) or node.known.get(n), "name", "?")
-                                   for n in st.tp_members]})
-    return out
+    return ring_items(node.plan, node.known)
 
 
 def _pct(xs: list[float], q: float) -> float | None:
@@ -115,6 +106,8 @@ async def mesh_view(request: web.Request) -> web.Response:
     stages = {s.node_id: s for s in node.plan.stages}
     peers = []
     for p in node.plan.peers:
+        if p.model and p.model != node.cfg.model:
+            continue  # the coordinator, of another model's ring: listed under `rings`
         st = stages.get(p.node_id)
         peers.append({"node_id": p.node_id, "name": p.name, "backend": p.backend, "address": p.address,
                       "api": p.api, "layers": [st.start, st.end] if st else None,
@@ -132,6 +125,8 @@ async def mesh_view(request: web.Request) -> web.Response:
         "missing": node.plan.missing, "num_layers": node.num_layers, "self": node.node_id,
         "missing_ranges": _missing_ranges(node),
         "ring": ring_view(node), "peers": peers, "adapters": node.ring_adapters(),
+        # several models in one mesh: every ring (this peer's first), see apps/routing.py
+        "rings": rings_view(node.plan, node.known, node.ring_adapters()),
         "stage_tokens_per_s": node.stage_tokens_per_s(),
         "scheduler": {"running": len(sched.running), "waiting": len(sched.waiting), **sched.stats,
                       "step_ms_p50": _pct(sched.step_ms, 0.5),
@@ -171,13 +166,25 @@ def speed_view(node: Node, sched: Scheduler) -> dict[str, Any]:
 async def models(request: web.Request) -> web.Response:
     node = request.app[NODE]
     return web.json_response({"object": "list", "data": [
-        {"id": m, "object": "model", "created": int(node.started_at), "owned_by": "together"}
-        for m in served_models(node)]})
+        {"id": m, "object": "model", "created": int(node.started_at), "owned_by": "together", "ring": ring}
+        for m, ring in _listed(node)]})
+
+
+def _listed(node: Node) -> list[tuple[str, dict[str, Any]]]:
+    """(model id, its ring) for this peer's model (even while its ring is incomplete: requests then say
+    why) and every other ring of the mesh that is complete, each followed by its adapters' MODEL+ADAPTER."""
+    out = []
+    for r in rings_view(node.plan, node.known, node.ring_adapters()):
+        if r["complete"] or r["self"]:
+            ring = {"complete": r["complete"], "peers": len({s["node_id"] for s in r["ring"]})}
+            out += [(m, ring) for m in [r["model"], *(f"{r['model']}+{a}" for a in r["adapters"])]]
+    return out
 
 
 def served_models(node: Node) -> list[str]:
-    """The base model, then MODEL+ADAPTER for each adapter every stage of the ring has loaded."""
-    return [node.cfg.model] + [f"{node.cfg.model}+{a}" for a in node.ring_adapters()]
+    """Every model of the mesh's complete rings (this peer's first), then MODEL+ADAPTER for each adapter
+    every stage of that ring has loaded."""
+    return [m for m, _ in _listed(node)]
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
@@ -199,8 +206,9 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
 
 
 def _adapter(node: Node, model: str) -> str:
-    """The adapter a request's `model` names ('' for the base model)."""
-    if model not in served_models(node):
+    """The adapter a request's `model` names ('' for the base model); another ring's model reaches no
+    handler (apps/routing.py passes it on), so only this ring's are served here."""
+    if model not in served_models(node) or model.partition("+")[0] != node.cfg.model:
         base, plus, name = model.partition("+")
         if plus and base == node.cfg.model and name in node.adapter_names():
             raise RingUnavailable(f"adapter {name!r} is not loaded on every stage of the ring yet "
@@ -211,11 +219,19 @@ def _adapter(node: Node, model: str) -> str:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
+    """A translation over apps/chat.py's start_chat (tools, response_format, n, logprobs, usage)."""
     body = parse(ChatBody, await _json_body(request))
-    adapter = _adapter(request.app[NODE], body.model)
-    # a long prompt takes seconds to tokenize: off the loop, which also answers the mesh's heartbeats
-    prompt = await asyncio.to_thread(request.app[SCHED].tok.apply_chat, [m.for_template() for m in body.messages])
-    return await _serve(request, body, adapter, [prompt])
+    run = await start_chat(request.app, ChatRequest(
+        model=body.model, messages=[m.for_template() for m in body.messages], sampling=body.sampling(),
+        tools=body.tools, tool_choice=body.tool_choice, response_format=body.response_format, n=body.n,
+        draft=body.draft))
+    out = ChatOutput(run, request.app[SCHED].tok, body.model)
+    try:
+        if not body.stream:
+            return web.json_response(await out.final())
+        return await out.stream(request, body.include_usage)
+    finally:
+        run.cancel()
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -266,7 +282,18 @@ async def _serve(request: web.Request, body: ChatBody | CompletionBody, adapter:
     _context_check(node, prompts)
     if not node.plan.complete:
         raise RingUnavailable(f"the ring is incomplete: {node.plan.missing}")
-    reqs = _submit(sched, prompts, body.sampling(), body.n, adapter, body.draft)
+    params = body.sampling()
+    if body.response_format is not None:  # structured output on plain completions too
+        from backends import constrain
+
+        try:
+            grammar = constrain.response_format_grammar(body.response_format)
+            if grammar:
+                await asyncio.to_thread(constrain.check_grammar, grammar, sched.tok)
+        except constrain.GrammarError as e:
+            raise InvalidRequest(f"response_format: {e}", "response_format") from None
+        params.grammar = grammar
+    reqs = _submit(sched, prompts, params, body.n, adapter, body.draft)
     out = Output(isinstance(body, ChatBody), reqs, sched.tok, body.model)
     try:
         if not body.stream:
@@ -335,7 +362,7 @@ def cors_headers(origin: str) -> Callable[[web.Request, web.StreamResponse], Awa
     handler returns."""
     async def add(request: web.Request, resp: web.StreamResponse) -> None:
         resp.headers["Access-Control-Allow-Origin"] = origin
-        resp.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+        resp.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, x-api-key, anthropic-version"
         resp.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
 
     return add
@@ -347,11 +374,16 @@ def bearer_middleware(api_key: str, open_resources: set[web.AbstractResource]) -
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         got = request.headers.get("Authorization", "")
-        request[AUTHORIZED] = hmac.compare_digest(got.encode(), f"Bearer {api_key}".encode())
+        x_key = request.headers.get("x-api-key", "")  # where Anthropic's clients send the key
+        request[AUTHORIZED] = hmac.compare_digest(got.encode(), f"Bearer {api_key}".encode()) or \
+            hmac.compare_digest(x_key.encode(), api_key.encode())
         # decided by the route that will run, not by spelling the path: no encoding slips past
         if not request[AUTHORIZED] and request.match_info.route.resource not in open_resources:
-            return error_response(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                                  "authentication_error", code="invalid_api_key")
+            message = "missing or wrong API key: send 'Authorization: Bearer KEY' (or 'x-api-key: KEY')"
+            if request.path.startswith("/v1/messages"):  # Anthropic's routes answer in its shape
+                return web.json_response({"type": "error", "error": {"type": "authentication_error",
+                                                                      "message": message}}, status=401)
+            return error_response(401, message, "authentication_error", code="invalid_api_key")
         return await handler(request)
 
     return check
@@ -362,9 +394,12 @@ def make_app(node: Node, sched: Scheduler, api_key: str | None = None,
     """The API app for one peer; the scheduler's background loop lives in cleanup_ctx.
     CORS is off unless an origin is given."""
     open_resources: set[web.AbstractResource] = set()
+    # another ring's model: passed on to that ring's API peer, after the key check (apps/routing.py)
+    router = Router(lambda: node.plan, lambda: node.api_address, lambda: served_models(node))
     mws = ([cors_middleware(cors_origin)] if cors_origin else []) + [errors_middleware] + \
-        ([bearer_middleware(api_key, open_resources)] if api_key else [])
+        ([bearer_middleware(api_key, open_resources)] if api_key else []) + [router.middleware()]
     app = web.Application(middlewares=mws, client_max_size=8 * 1024 * 1024)
+    app.cleanup_ctx.append(client_ctx)
     app[NODE], app[SCHED] = node, sched
     if cors_origin:
         app.on_response_prepare.append(cors_headers(cors_origin))
@@ -385,4 +420,9 @@ def make_app(node: Node, sched: Scheduler, api_key: str | None = None,
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
+    from apps import anthropic_api, responses  # translations over apps/chat.py, which imports this module
+
+    app.router.add_post("/v1/messages", anthropic_api.messages)
+    app.router.add_post("/v1/messages/count_tokens", anthropic_api.count_tokens)
+    app.router.add_post("/v1/responses", responses.responses)
     return app

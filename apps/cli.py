@@ -19,7 +19,8 @@ DRAFT_TOKENS = 8  # --draft-tokens: the most tokens a sequence drafts per trip a
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m",
-                   help="smollm2-135m (embedded), a local HF/MLX dir or .gguf, or an HF hub id")
+                   help="smollm2-135m (embedded), a local HF/MLX dir or .gguf, or an HF hub id (join: A,B "
+                        "serves the first of these whose ring in the mesh lacks layers)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="compute dtype (auto: float16 on MLX, float32 on torch CPU, bfloat16 on CUDA)")
     p.add_argument("--threads", type=int, default=None, help="compute threads for this process")

@@ -28,13 +28,23 @@ OPEN_MESH = ("warning: no mesh key: this mesh is open to anyone on the network (
 
 def render_plan(plan: pb.Plan, me: str = "") -> str:
     """The live table: peers (what each runs: backend, dtype, weight format, measured ms per layer),
-    their layers, the coordinator and the ring's state."""
+    their layers, the coordinator and the ring's state; then one table per other ring of the mesh
+    (several models in one mesh)."""
+    out = _render_ring(plan, me, "mesh plan")
+    for r in plan.rings:
+        out += "\n" + _render_ring(r, me, f"ring of {r.model}:")
+    return out + "\n(C = coordinator, * = this peer)"
+
+
+def _render_ring(plan: pb.Plan, me: str, title: str) -> str:
     stages = {s.node_id: s for s in plan.stages}
     ranks = {n: (s, r) for s in plan.stages for r, n in enumerate(s.tp_members) if r > 0}
     rows = [("", "peer", "backend", "dtype", "weights", "ms/layer", "layers", "memory", "address", "state",
              "adapters")]
     for p in sorted(plan.peers, key=lambda p: (stages[p.node_id].start if p.node_id in stages else 1 << 30,
                                                 p.name)):
+        if p.model and plan.model and p.model != plan.model:
+            continue  # the mesh's coordinator, of another model's ring: listed there
         st = stages.get(p.node_id)
         layers = f"[{st.start}, {st.end})" if st else "standby"
         state = "ready" if p.ready and st else ("loading" if st else "standby")
@@ -55,8 +65,8 @@ def render_plan(plan: pb.Plan, me: str = "") -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     ring = "complete" if plan.complete else f"incomplete ({plan.missing})"
-    return (f"mesh plan epoch {plan.epoch}, {plan.num_layers} layers, ring {ring}\n"
-            + "\n".join(lines) + "\n(C = coordinator, * = this peer)")
+    model = f" of {plan.model}" if plan.rings else ""
+    return f"{title} epoch {plan.epoch}, {plan.num_layers} layers{model}, ring {ring}\n" + "\n".join(lines)
 
 
 def _auto_backend() -> str:
@@ -192,11 +202,65 @@ async def _model_path(cfg: NodeConfig, a: argparse.Namespace) -> list[str]:
     return []
 
 
+def choose_model(choices: list[str], plans: list[pb.Plan]) -> tuple[str, str]:
+    """--model A,B: the first of the models whose ring in the mesh lacks layers (one a peer of its
+    can fill), else the first model; and why, in words. `plans`: what the mesh's peers follow (each
+    carries the other rings)."""
+    from backends.models import model_label
+    from mesh.placement import free_ranges
+
+    rings: dict[str, pb.Plan] = {}
+    for plan in plans:
+        for r in (plan, *plan.rings):
+            if r.model and (r.model not in rings or r.epoch > rings[r.model].epoch):
+                rings[r.model] = r
+    for c in choices:
+        got = rings.get(model_label(c))
+        gaps = free_ranges(got.num_layers, [(s.start, s.end) for s in got.stages]) if got is not None else []
+        if gaps:
+            return c, "its ring lacks layers " + ", ".join(f"[{x}, {y})" for x, y in gaps)
+    if not rings:
+        return choices[0], "no ring of the mesh answered: the first"
+    return choices[0], "no ring of these models lacks layers: the first"
+
+
+async def _pick_model(a: argparse.Namespace) -> str:
+    """--model A,B: ask the mesh's peers (--peer, and those mDNS finds while the peers settle) which
+    rings they see, and stand by for the first model whose ring lacks layers."""
+    from backends.models import model_label
+    from mesh.discovery import Discovery
+
+    choices = [m.strip() for m in a.model.split(",") if m.strip()]
+    if len(choices) < 2:
+        return choices[0] if choices else a.model
+    addrs = list(a.peer)
+    if not a.no_mdns:
+        disc = Discovery(f"pick-{id(a):x}", a.mesh, a.host or "0.0.0.0", 0, advertise=False,
+                         interfaces=[a.host] if a.host not in ("0.0.0.0", "") else None)
+        await disc.start()
+        try:
+            await asyncio.sleep(max(1.0, a.settle))
+            addrs += [p.address for p in disc.peers.values()]
+        finally:
+            await disc.stop()
+    plans = []
+    for addr in dict.fromkeys(addrs):
+        try:
+            plans.append((await peer_status(addr, a.mesh_key, "pick-model")).plan)
+        except TogetherError as e:
+            print(f"--model: {e}", file=sys.stderr, flush=True)
+    model, why = choose_model(choices, plans)
+    print(f"--model {a.model}: serving {model_label(model)} ({why})", file=sys.stderr, flush=True)
+    return model
+
+
 async def run_join(a: argparse.Namespace) -> int:
     from backends.tokenizer import Tokenizer
     from backends.weights import open_checkpoint
     from mesh.node import Node
 
+    if "," in a.model:  # models it could serve: the one whose ring lacks layers
+        a.model = await _pick_model(a)
     cfg = _node_config(a)
     seeds = await _model_path(cfg, a) if not cfg.model_path else []
     ck = open_checkpoint(cfg.model_path)

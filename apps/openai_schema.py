@@ -53,7 +53,10 @@ def _stop(v: Any) -> list[str]:
 
 
 def _text(v: Any) -> Any:
-    """A message's content: a string, or a list of text parts joined into one."""
+    """A message's content: a string, or a list of text parts joined into one (None: checked by the
+    message, since only an assistant message with tool calls may leave it out)."""
+    if v is None:
+        return None
     if isinstance(v, list):
         for p in v:
             if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
@@ -67,9 +70,49 @@ def _text(v: Any) -> Any:
 
 
 def _role(v: Any) -> Any:
-    if v not in ("system", "developer", "user", "assistant"):
-        hint = " (tool messages need tool calling, which is not supported)" if v == "tool" else ""
-        raise PydanticCustomError("role", "needs to be system, developer, user or assistant{hint}", {"hint": hint})
+    if v not in ("system", "developer", "user", "assistant", "tool"):
+        raise PydanticCustomError("role", "needs to be system, developer, user, assistant or tool")
+    return v
+
+
+def _tool_calls(v: Any) -> Any:
+    """An assistant message's calls, as OpenAI sends them back: id, type function, name, arguments text."""
+    if v is None or v == []:
+        return None
+    if not isinstance(v, list):
+        raise PydanticCustomError("tool_calls", "must be a list of tool calls")
+    for c in v:
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and
+                isinstance(fn.get("arguments", ""), (str, dict)) and c.get("type", "function") == "function"):
+            raise PydanticCustomError("tool_calls", "must be a list of {shape}", {
+                "shape": '{"id", "type": "function", "function": {"name", "arguments"}}'})
+    return [{"id": str(c.get("id") or f"call_{i}"), "type": "function",
+             "function": {"name": c["function"]["name"], "arguments": c["function"].get("arguments") or "{}"}}
+            for i, c in enumerate(v)]
+
+
+def _response_format(v: Any) -> Any:
+    """Its shape only; whether the schema/regex/grammar compiles is backends.constrain's call (a 400 too)."""
+    if v is None:
+        return None
+    kinds = ("text", "json_object", "json_schema", "regex", "grammar")
+    if not isinstance(v, dict) or v.get("type") not in kinds:
+        raise PydanticCustomError("response_format", "must be an object with 'type' one of {kinds}",
+                                  {"kinds": ", ".join(kinds)})
+    if v["type"] == "json_schema" and not isinstance(v.get("json_schema"), dict):
+        raise PydanticCustomError("response_format", "of type json_schema needs 'json_schema': {shape}",
+                                  {"shape": '{"name", "schema": {...}, "strict"}'})
+    return v
+
+
+def _tools(v: Any) -> Any:
+    """Its shape only; apps/tools.py checks each function (names, parameters) with errors naming it."""
+    if v is None or v == []:
+        return None
+    if not isinstance(v, list) or not all(isinstance(t, dict) for t in v):
+        raise PydanticCustomError("tools", "must be a list of {shape}",
+                                  {"shape": '{"type": "function", "function": {"name", "parameters"}}'})
     return v
 
 
@@ -106,12 +149,30 @@ _NULL_IS_DEFAULT = {"n", "max_tokens", "temperature", "top_p", "top_k", "min_p",
 class Message(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
-    role: Annotated[Literal["system", "developer", "user", "assistant"], BeforeValidator(_role)]
-    content: Annotated[str, BeforeValidator(_text)]
-    tool_calls: Annotated[Any, _refused("tool calling")] = None
+    role: Annotated[Literal["system", "developer", "user", "assistant", "tool"], BeforeValidator(_role)]
+    content: Annotated[str | None, BeforeValidator(_text)] = None
+    tool_calls: Annotated[list[dict[str, Any]] | None, BeforeValidator(_tool_calls)] = None
+    tool_call_id: str | None = None
 
-    def for_template(self) -> dict[str, str]:
-        return {"role": "system" if self.role == "developer" else self.role, "content": self.content}
+    @model_validator(mode="after")
+    def _content_unless_calls(self) -> Message:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise PydanticCustomError("content_missing", ".content is required (only an assistant message with "
+                                      "tool_calls may leave it out)")
+        if self.tool_calls and self.role != "assistant":
+            raise PydanticCustomError("tool_calls_role", ".tool_calls belong on assistant messages only")
+        if self.role == "tool" and not self.tool_call_id:
+            raise PydanticCustomError("tool_call_id", ".tool_call_id is required on a tool message (the id of "
+                                      "the call it answers)")
+        return self
+
+    def for_template(self) -> dict[str, Any]:
+        m: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.content}
+        if self.tool_calls:
+            m["tool_calls"] = self.tool_calls
+        if self.tool_call_id:
+            m["tool_call_id"] = self.tool_call_id
+        return m
 
 
 class _Body(BaseModel):
@@ -119,17 +180,16 @@ class _Body(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    tools: Annotated[Any, _refused("tool calling")] = None
-    tool_choice: Annotated[Any, _refused("tool calling")] = None
-    functions: Annotated[Any, _refused("function calling")] = None
-    function_call: Annotated[Any, _refused("function calling")] = None
-    parallel_tool_calls: Annotated[Any, _refused("tool calling")] = None
+    tools: Annotated[Any, _refused("tool calling on /v1/completions (use /v1/chat/completions)")] = None
+    tool_choice: Annotated[Any, _refused("tool calling on /v1/completions (use /v1/chat/completions)")] = None
+    functions: Annotated[Any, _refused("the legacy 'functions' (send 'tools')")] = None
+    function_call: Annotated[Any, _refused("the legacy 'function_call' (send 'tool_choice')")] = None
+    parallel_tool_calls: Annotated[Any, _refused("tool calling on /v1/completions")] = None
     audio: Annotated[Any, _refused("audio output")] = None
     modalities: Annotated[Any, _refused("non-text modalities")] = None
     prediction: Annotated[Any, _refused("predicted outputs")] = None
     logit_bias: Annotated[Any, _refused("logit_bias")] = None
-    response_format: Annotated[Any, _refused("structured output (response_format)", lambda v: isinstance(
-        v, dict) and v.get("type") == "text")] = None
+    response_format: Annotated[dict[str, Any] | None, BeforeValidator(_response_format)] = None
     web_search_options: Annotated[Any, _refused("web search")] = None
     suffix: Annotated[Any, _refused("suffix (fill-in-the-middle)")] = None
     best_of: Annotated[Any, _refused("best_of", lambda v: v == 1)] = None
@@ -191,6 +251,9 @@ class ChatBody(_Body):
     """POST /v1/chat/completions."""
 
     messages: Annotated[list[Message], BeforeValidator(_non_empty_list)]
+    tools: Annotated[list[dict[str, Any]] | None, BeforeValidator(_tools)] = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # forced calls are one call; 'auto' parses every call it finds
     logprobs: bool | None = None
     top_logprobs: Annotated[int, _range(0, 20)] | None = None
     prompt: Ignored = None

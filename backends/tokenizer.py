@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -64,12 +65,24 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.hf, "chat_template", None))
 
-    def apply_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of messages rendered with the model's chat template."""
+    @property
+    def chat_template_text(self) -> str:
+        """The chat template's source (all of them, when a model has several by name)."""
+        t = getattr(self.hf, "chat_template", None) or ""
+        return "\n".join(str(v) for v in t.values()) if isinstance(t, dict) else str(t)
+
+    @property
+    def supports_tools(self) -> bool:
+        """Whether the template renders a `tools` list itself (else apps/tools.py puts them in the prompt)."""
+        return bool(re.search(r"\btools\b", self.chat_template_text))
+
+    def apply_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                   tools: list[dict] | None = None) -> list[int]:
+        """Token ids of messages (and tools, for a template that renders them) with the chat template."""
         if not self.has_chat_template:
             raise RequestError("this model has no chat template; use a completion (--raw) instead")
         try:
-            text = self.hf.apply_chat_template(messages, tokenize=False,
+            text = self.hf.apply_chat_template(messages, tokenize=False, tools=tools,
                                                add_generation_prompt=add_generation_prompt)
         except Exception as e:  # jinja errors: a template that rejects these messages
             raise RequestError(f"the chat template rejected the messages: {e}") from None

@@ -247,7 +247,8 @@ class LayerMap:
         """Take over a plan handed over by a leaving coordinator."""
         lm = cls(plan.model, plan.num_layers, plan.coordinator, kv_reserve, plan.epoch, hidden_size, placement)
         for info in plan.peers:
-            lm.upsert(info)
+            if not (info.model and plan.model and info.model != plan.model):  # (another model's coordinator)
+                lm.upsert(info)
         lm.stages = [(s.node_id, s.start, s.end) for s in plan.stages]
         for s in plan.stages:
             if s.tp_members and s.node_id in lm.members:

@@ -17,7 +17,7 @@ from mesh.coordination import STEPPED_DOWN, CoordinatorRole
 from mesh.discovery import Peer
 from mesh.links import Peers
 from mesh.tasks import TaskSet
-from mesh.view import PlanView
+from mesh.view import PlanView, all_peers
 from protos import together_pb2 as pb
 
 if TYPE_CHECKING:
@@ -83,18 +83,20 @@ class Finding:
                 await asyncio.sleep(0.5)
         if st.peer.node_id == self.view.node_id or (expect and st.peer.node_id != expect):
             return False  # an address another machine shares with this one (a container bridge)
-        if st.peer.model != self.cfg.model:
-            log.warning("ignoring peer %s: it serves %s, not %s", address, st.peer.model, self.cfg.model)
+        if st.peer.model != self.cfg.model and st.peer.num_layers <= 0:
+            log.warning("ignoring peer %s: it serves %s, not %s, and is too old to share a mesh with another "
+                        "model (upgrade it)", address, st.peer.model, self.cfg.model)
             return False
+        # a peer of another model belongs to the mesh too: its ring is one of the mesh's rings
         self.view.known[st.peer.node_id] = st.peer
         theirs = st.plan.coordinator
         if self.coord.active and theirs and theirs != self.view.node_id:
             # two coordinators (peers that started together and met late): the older one wins
-            boss = next((p for p in st.plan.peers if p.node_id == theirs), None)
+            boss = next((p for p in all_peers(st.plan) if p.node_id == theirs), None)
             if boss is not None:
                 self.tasks.spawn(self.coord.push(boss.address, self.view.plan))
-        elif st.plan.epoch > self.view.plan.epoch and theirs:
-            self.view.set_plan(st.plan)
+        elif self.view.mine(st.plan).epoch > self.view.plan.epoch and theirs:
+            self.view.adopt(st.plan)
         return True
 
     async def _find_coordinator(self) -> None:
@@ -103,11 +105,11 @@ class Finding:
         view = self.view
         others = [i for i in view.known.values() if i.node_id != view.node_id]
         plans = await asyncio.gather(*(self._plan_of(i.address) for i in others))
-        led = [(next(x for x in p.peers if x.node_id == p.coordinator), p) for p in plans
+        led = [(next(x for x in all_peers(p) if x.node_id == p.coordinator), p) for p in plans
                if p is not None and p.coordinator not in ("", view.node_id)
-               and any(x.node_id == p.coordinator for x in p.peers)]
+               and any(x.node_id == p.coordinator for x in all_peers(p))]
         if led:
-            view.set_plan(min(led, key=lambda b: (b[0].started_at, b[0].node_id))[1])
+            view.adopt(min(led, key=lambda b: (b[0].started_at, b[0].node_id))[1])
             return
         oldest = placement.choose_coordinator([(i.node_id, i.started_at) for i in view.known.values()])
         if oldest != view.node_id:
@@ -142,7 +144,7 @@ class Finding:
                     return reply
                 why = key = STEPPED_DOWN
                 if reply.plan.coordinator:  # it names the coordinator it gave way to
-                    self.view.set_plan(reply.plan)
+                    self.view.adopt(reply.plan)
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.UNAUTHENTICATED:
                     raise TogetherError(f"the coordinator refused this peer: {e.details()}") from None

@@ -20,7 +20,8 @@ from mesh.links import Peers
 from mesh.stage import Stage
 from mesh.tasks import TaskSet
 from mesh.tpgroup import TPManager
-from mesh.view import PlanView
+from mesh.rings import CLASH
+from mesh.view import PlanView, all_peers
 from protos import together_pb2 as pb
 
 if TYPE_CHECKING:
@@ -74,8 +75,10 @@ class Membership(Finding):
             req.peer.CopyFrom(self._info())
             reply = await self._join(req)
         self.claim_reason = reply.reason
-        if reply.plan.epoch >= self.view.plan.epoch:
-            self.view.set_plan(reply.plan)
+        if self.view.mine(reply.plan).epoch >= self.view.plan.epoch:
+            self.view.adopt(reply.plan)
+        if not reply.ok and CLASH in reply.reason:  # its layers would not fit the ring of that name
+            raise TogetherError(reply.reason)
         if self.tp.group_name and not reply.ok:
             if reply.reason.startswith("refused"):
                 raise TogetherError(reply.reason)
@@ -152,6 +155,8 @@ class Membership(Finding):
     async def on_push(self, plan: pb.Plan, started_at: float) -> None:
         """A coordinator pushed a plan (already checked to fit this model)."""
         view = self.view
+        if not self.coord.active:
+            plan = view.mine(plan)  # (a pushed plan is this model's; never follow another's)
         if plan.coordinator == view.node_id and not self.coord.active and not self.stopping:
             self._coord_ok = time.monotonic()
             await self.coord.take_handover(plan)
@@ -171,9 +176,9 @@ class Membership(Finding):
         """The pushed plan comes from a younger coordinator that does not know the one this peer
         follows, and that one answered lately: not a succession, a rival."""
         cur = self.view.plan.coordinator
-        ours = next((p for p in self.view.plan.peers if p.node_id == cur), None)
-        theirs = next((p for p in plan.peers if p.node_id == plan.coordinator), None)
-        if ours is None or theirs is None or any(p.node_id == cur for p in plan.peers):
+        ours = next((p for p in all_peers(self.view.plan) if p.node_id == cur), None)
+        theirs = next((p for p in all_peers(plan) if p.node_id == plan.coordinator), None)
+        if ours is None or theirs is None or any(p.node_id == cur for p in all_peers(plan)):
             return False
         alive = time.monotonic() - self._coord_ok < 3 * HEARTBEAT_S
         return alive and (ours.started_at, ours.node_id) < (theirs.started_at, theirs.node_id)
@@ -208,8 +213,8 @@ class Membership(Finding):
             reply = await self.coord.heartbeat(req)
         else:
             reply = await self.links.stub(addr).Heartbeat(req, timeout=2)
-        if reply.plan.epoch >= view.plan.epoch:
-            view.set_plan(reply.plan)
+        if view.mine(reply.plan).epoch >= view.plan.epoch:
+            view.adopt(reply.plan)
         return True
 
     async def heartbeat_loop(self) -> None:
@@ -269,7 +274,7 @@ class Membership(Finding):
         layer map from the peers' own reports."""
         view = self.view
         dead = view.plan.coordinator
-        alive = [p for p in view.plan.peers if p.node_id != dead]
+        alive = [p for p in all_peers(view.plan) if p.node_id != dead]  # every ring's: one coordinator for all
         if not alive or self.coord.active:
             return
         heir = placement.choose_coordinator([(p.node_id, p.started_at) for p in alive])
@@ -290,7 +295,7 @@ class Membership(Finding):
         self._cut_off = False
         if newer is not None:
             # The others still hear the coordinator (it moved on without us): follow it and rejoin.
-            view.set_plan(newer)
+            view.adopt(newer)
             self.tasks.spawn(self.rejoin())
             return
         self._coord_ok = time.monotonic()
@@ -317,7 +322,7 @@ class Membership(Finding):
             try:
                 st = await self.links.stub(p.address).Status(pb.StatusRequest(), timeout=2)
                 reports.append(st.peer)
-                if st.plan.coordinator == dead and st.plan.epoch > self.view.plan.epoch:
+                if st.plan.coordinator == dead and self.view.mine(st.plan).epoch > self.view.plan.epoch:
                     newer = st.plan
             except grpc.aio.AioRpcError:
                 pass  # also gone: its layers are reassigned below

@@ -122,7 +122,7 @@ class Node:
 
         # the address others reach this peer at: the one given, else the LAN's
         self.view = PlanView(self.node_id, self.name, primary_address() if self._wide() else cfg.host,
-                             self.num_layers)
+                             self.num_layers, cfg.model)
         self.links = Peers(cfg.mesh_key, self.node_id, delay_s=cfg.link_delay_ms / 1000)
         self.prober = LinkProber(self.view, self.links, checkpoint.config.hidden_size, cfg.link_delay_ms / 1000)
         self.tasks = TaskSet()
@@ -299,7 +299,9 @@ class Node:
             layer_bytes=self.layer_bytes,
             tokens_per_s=self.stage_tokens_per_s(), adapters=",".join(ad.name for ad in self.adapters),
             tp_group=self.tp.group_name, tp_size=self.tp.size, tp_address=self.tp.address,
-            links=self.prober.link_stats(), weights=self.supply.progress, training=self.trainer.progress)
+            links=self.prober.link_stats(), weights=self.supply.progress, training=self.trainer.progress,
+            # its model's shape: a coordinator of another model keeps this model's ring from these
+            num_layers=self.num_layers, hidden_size=self.ck.config.hidden_size, kv_reserve=self.kv_reserve)
 
     def _txt(self) -> dict[str, str]:
         return {"backend": self.cfg.backend, "free_memory": str(self.info().free_memory),

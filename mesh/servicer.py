@@ -88,7 +88,9 @@ class Servicer(pbg.TogetherServicer):
         # only a coordinator speaks for its plan, and a plan must fit this model
         if self.mesh_key and caller_id(context) not in (request.coordinator, self.view.plan.coordinator):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "only a coordinator may push a plan")
-        if not check_plan(request, self.num_layers):
+        # a coordinator is pushed another model's plan when two coordinators meet
+        other = self.coord.active and bool(request.model) and request.model != self.view.model
+        if not check_plan(request, request.num_layers if other else self.num_layers):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a plan that does not fit this model")
         await self.membership.on_push(request, self.started_at)
         return pb.Ack()
@@ -152,7 +154,9 @@ class Servicer(pbg.TogetherServicer):
                                 f"a peer may only join, report or leave for itself (signed as {who!r})")
 
     async def _check_info(self, info: pb.PeerInfo, context: Context) -> None:
-        why = check_peer_info(info, self.num_layers)
+        # a peer of another model's ring (several models in one mesh): checked against its own model's size
+        other = bool(info.model) and info.model != self.view.model and info.num_layers > 0
+        why = check_peer_info(info, info.num_layers if other else self.num_layers)
         if why is not None:
             log.warning("refused a peer report from %s: %s", context.peer(), why)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad peer info: {why}")

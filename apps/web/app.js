@@ -1,15 +1,17 @@
-// The together web page: a streaming chat and a live view of the ring. No build step, no CDN.
-// Every text that comes from the server or the user goes into the DOM through textContent.
+// The together web page: a streaming chat and a live view of the mesh. No build step, no CDN.
+// Loaded after vendor/ (marked, DOMPurify), markdown.js, store.js and mesh.js.
+// Every text from the server or the user goes into the DOM through textContent, but for an answer's
+// Markdown, which goes through Markdown.render (raw HTML shown as text, then sanitised).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const POLL_MS = 1000;
 
 const state = {
-  history: [],        // [{role, content}] of the conversation, system prompt excluded
+  store: null,        // Store.load(): {current, chats}
   controller: null,   // AbortController of the answer being streamed
   models: [],
-  conv: 0,            // bumped by Clear, so a late end of an aborted answer leaves the new conversation alone
+  ringSig: null,      // the rings' models, completeness and adapters at the last menu refresh
+  conv: 0,            // bumped by Clear / New chat / a switch, so a late end of an answer stays in its own chat
 };
 
 // ---------------------------------------------------------------- helpers
@@ -58,6 +60,7 @@ function shortModel(id) {
 
 // ---------------------------------------------------------------- models
 
+// The menu: one group per ring's model, its adapters (MODEL+ADAPTER) under it, in /v1/models' order.
 async function loadModels() {
   try {
     const r = await fetch("/v1/models", { headers: headers(false) });
@@ -65,15 +68,24 @@ async function loadModels() {
     const ids = ((await r.json()).data || []).map((m) => m.id);
     if (!ids.length || ids.join("\n") === state.models.join("\n")) return ids.length > 0;
     state.models = ids;
-    const sel = $("model"), keep = sel.value;
+    const sel = $("model"), keep = sel.value, saved = Store.model();
     sel.replaceChildren();
+    const groups = new Map();
     for (const id of ids) {
-      const o = el("option", null, shortModel(id));
+      const plus = id.indexOf("+");
+      const base = plus > 0 ? id.slice(0, plus) : id;
+      if (!groups.has(base)) {
+        const g = el("optgroup");
+        g.label = shortModel(base);
+        groups.set(base, g);
+        sel.append(g);
+      }
+      const o = el("option", null, plus > 0 ? `${shortModel(base)} + ${id.slice(plus + 1)}` : shortModel(id));
       o.value = id;
       o.title = id;
-      sel.append(o);
+      groups.get(base).append(o);
     }
-    sel.value = ids.includes(keep) ? keep : ids[0];
+    sel.value = ids.includes(saved) ? saved : ids.includes(keep) ? keep : ids[0];
     sel.disabled = ids.length < 2;
     return true;
   } catch (_) {
@@ -81,13 +93,124 @@ async function loadModels() {
   }
 }
 
+function onRings(rings) {
+  const sig = rings.map((r) => `${r.model}|${!!r.complete}|${(r.adapters || []).join(",")}`).join("\n");
+  if (sig !== state.ringSig || !state.models.length) {
+    state.ringSig = sig;
+    loadModels();
+  }
+}
+
+// ---------------------------------------------------------------- conversations
+
+const chat = () => state.store.chats.find((c) => c.id === state.store.current);
+
+function saveChats() {
+  chat().updated = Date.now();
+  Store.save(state.store);
+  renderChatList();
+}
+
+function renderChatList() {
+  const list = $("chats");
+  list.replaceChildren();
+  for (const c of state.store.chats) {
+    if (!c.messages.length && c.id !== state.store.current) continue;
+    const li = el("li", c.id === state.store.current ? "chat current" : "chat");
+    li.dataset.id = c.id;
+    const open = el("button", "open", Store.title(c));
+    open.type = "button";
+    open.title = Store.title(c);
+    open.addEventListener("click", () => switchChat(c.id));
+    const del = el("button", "delete", "×");
+    del.type = "button";
+    del.title = "delete this conversation";
+    del.addEventListener("click", () => deleteChat(c.id));
+    li.append(open, del);
+    list.append(li);
+  }
+}
+
+function showChat() {
+  const box = $("messages");
+  box.replaceChildren();
+  const c = chat();
+  if (!c.messages.length) {
+    const p = el("p", "empty", "No messages yet. Ask the mesh something.");
+    p.id = "empty";
+    box.append(p);
+  }
+  for (const m of c.messages) {
+    const e = addMessage(m.role, m.content, m.model);
+    if (m.note) note(e, m.note);
+  }
+  showError("");
+  showSpeed(0, null, null, false);
+}
+
+// Leaves the answer being streamed (it stays, stopped, in the chat it belongs to) and shows another.
+function leave() {
+  stop();
+  state.controller = null;
+  setBusy(false);
+  state.conv += 1;
+}
+
+function switchChat(id) {
+  if (id === state.store.current) return;
+  leave();
+  state.store.current = id;
+  Store.save(state.store);
+  renderChatList();
+  showChat();
+}
+
+function newChat() {
+  leave();
+  const c = Store.fresh();
+  state.store.chats.unshift(c);
+  state.store.current = c.id;
+  saveChats();
+  showChat();
+  $("prompt").focus();
+}
+
+function deleteChat(id) {
+  if (id === state.store.current) leave();
+  state.store.chats = state.store.chats.filter((c) => c.id !== id);
+  if (!state.store.chats.length) state.store.chats.push(Store.fresh());
+  if (!chat()) state.store.current = state.store.chats[0].id;
+  saveChats();
+  showChat();
+}
+
+// Clear: empties the conversation on screen (and forgets it).
+function clearChat() {
+  leave();
+  chat().messages = [];
+  saveChats();
+  showChat();
+}
+
 // ---------------------------------------------------------------- chat
 
-function addMessage(role, text) {
+function addMessage(role, text, model) {
   $("empty")?.remove();
   const m = el("div", "msg " + role);
   m.dataset.role = role;
-  m.append(el("span", "role", role), el("span", "content", text));
+  const label = el("span", "role", role);
+  if (role === "assistant" && model) {
+    label.append(el("span", "model", " · " + shortModel(model)));
+    m.dataset.model = model;
+  }
+  const content = el("div", "content");
+  m.append(label, content);
+  if (role === "assistant") {
+    content.classList.add("md");
+    Markdown.render(content, text);
+  } else {
+    content.textContent = text;
+  }
   $("messages").append(m);
   scrollDown();
   return m;
@@ -115,9 +238,10 @@ function numberField(id, parse) {
   return v;
 }
 
-function requestBody() {
+function requestBody(history) {
   const sys = $("system").value.trim();
-  const messages = (sys ? [{ role: "system", content: sys }] : []).concat(state.history);
+  const messages = (sys ? [{ role: "system", content: sys }] : [])
+    .concat(history.map((m) => ({ role: m.role, content: m.content })));
   const body = {
     model: $("model").value || state.models[0],
     messages,
@@ -161,33 +285,39 @@ async function send() {
   if (!text.trim()) return;
   showError("");
   if (!state.models.length) await loadModels();
+  const c = chat(), conv = state.conv;
   let body;
-  state.history.push({ role: "user", content: text });
   try {
-    body = requestBody();
+    body = requestBody(c.messages.concat([{ role: "user", content: text }]));
   } catch (e) {
-    state.history.pop();
     showError(e.message);
     return;
   }
+  const userMsg = { role: "user", content: text };
+  c.messages.push(userMsg);
+  saveChats();
   const userEl = addMessage("user", text);
   $("prompt").value = "";
 
   const controller = new AbortController();
-  const conv = state.conv;
   state.controller = controller;
   setBusy(true);
   $("tps").textContent = "… tok/s";
 
-  let answer = "", asstEl = null, usage = null, chunks = 0, tFirst = null, tLast = null;
-  const content = () => asstEl.querySelector(".content");
+  let answer = "", asstEl = null, view = null, reply = null, usage = null, chunks = 0, tFirst = null, tLast = null;
+  const mine = () => conv === state.conv;
   try {
     const resp = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(true), body: JSON.stringify(body), signal: controller.signal,
     });
     if (!resp.ok) throw new Error(await errorText(resp));
-    asstEl = addMessage("assistant", "");
-    asstEl.classList.add("streaming");
+    reply = { role: "assistant", content: "", model: body.model };
+    c.messages.push(reply);
+    if (mine()) {
+      asstEl = addMessage("assistant", "", body.model);
+      asstEl.classList.add("streaming");
+      view = Markdown.streamer(asstEl.querySelector(".content"));
+    }
     for await (const ev of sseEvents(resp)) {
       if (ev.error) throw new Error("error from the mesh: " + (ev.error.message || JSON.stringify(ev.error)));
       if (ev.usage) usage = ev.usage;
@@ -198,34 +328,43 @@ async function send() {
         tLast = now;
         chunks += 1;
         answer += delta.content;
-        content().textContent = answer;
-        scrollDown();
+        reply.content = answer;
+        if (view && mine()) {
+          view.update(answer);
+          scrollDown();
+        }
       }
     }
     tLast = performance.now();
-    if (conv === state.conv) state.history.push({ role: "assistant", content: answer });
   } catch (e) {
     const stopped = e.name === "AbortError";
-    if (conv !== state.conv) {
-      // cleared meanwhile: nothing of this answer belongs to the new conversation
-    } else if (asstEl) {
+    if (reply) {
       // keep what arrived: the conversation can go on from a stopped or broken answer
-      if (answer) state.history.push({ role: "assistant", content: answer });
-      else state.history.pop();
-      note(asstEl, stopped ? "stopped" : "interrupted");
+      reply.note = stopped ? "stopped" : "interrupted";
+      if (!answer) c.messages.splice(c.messages.indexOf(reply), 1);
+      if (asstEl && mine()) note(asstEl, reply.note);
+      if (!answer) c.messages.splice(c.messages.indexOf(userMsg), 1);
     } else {
-      state.history.pop();
-      userEl.classList.add("failed");
-      if (!$("prompt").value) $("prompt").value = text;
+      c.messages.splice(c.messages.indexOf(userMsg), 1);
+      if (mine()) {
+        userEl.classList.add("failed");
+        if (!$("prompt").value) $("prompt").value = text;
+      }
     }
-    if (!stopped && conv === state.conv) showError(e.message || String(e));
+    if (!stopped && mine()) showError(e.message || String(e));
   } finally {
+    if (view && mine()) view.finish(answer);
     asstEl?.classList.remove("streaming");
     if (state.controller === controller) {
       state.controller = null;
       setBusy(false);
     }
-    if (conv === state.conv) showSpeed(usage ? usage.completion_tokens : chunks, tFirst, tLast, !usage);
+    if (state.store.chats.includes(c)) {
+      c.updated = Date.now();
+      Store.save(state.store);
+      if (mine()) renderChatList();
+    }
+    if (mine()) showSpeed(usage ? usage.completion_tokens : chunks, tFirst, tLast, !usage);
   }
 }
 
@@ -247,203 +386,6 @@ function stop() {
   state.controller?.abort();
 }
 
-function clearChat() {
-  stop();
-  state.controller = null;
-  setBusy(false);
-  state.conv += 1;
-  state.history = [];
-  $("messages").replaceChildren(el("p", "empty", "No messages yet. Ask the mesh something."));
-  $("messages").firstChild.id = "empty";
-  showError("");
-  $("tps").textContent = "– tok/s";
-  $("tps").dataset.value = "";
-}
-
-// ---------------------------------------------------------------- mesh status
-
-function peerBox(p, stage, mesh) {
-  const backend = (p && p.backend) || (stage && stage.backend) || "?";
-  const name = (p && p.name) || (stage && stage.name) || "?";
-  const layers = stage ? [stage.start, stage.end] : (p && p.layers);
-  const ready = stage ? stage.ready : !!(p && p.ready);
-  const standby = p ? p.standby : !stage;
-  const stateName = standby ? "standby" : ready ? "ready" : "loading";
-
-  const box = el("div", "peer");
-  box.dataset.name = name;
-  box.dataset.backend = backend;
-  box.dataset.state = stateName;
-  if (layers) box.dataset.layers = `${layers[0]}-${layers[1]}`;
-  if (p && p.node_id) box.dataset.nodeId = p.node_id;
-
-  box.append(el("span", "name", name));
-  const tags = el("span", "tags");
-  tags.append(el("span", "tag backend backend-" + backend, backend), el("span", "tag state " + stateName, stateName));
-  if (p && p.coordinator) tags.append(el("span", "tag coordinator", "coordinator"));
-  if (p && p.api) tags.append(el("span", "tag api", "API " + p.api));
-  if (p && p.node_id === mesh.self) tags.append(el("span", "tag self", "this page"));
-  box.append(tags);
-
-  const d = el("div", "details");
-  const item = (label, value, cls) => {
-    const s = el("span", cls);
-    s.append(document.createTextNode(label + " "), el("b", null, value));
-    d.append(s);
-  };
-  item("layers", layers ? `[${layers[0]}, ${layers[1]})` : "none", "layers");
-  item("memory", p ? gib(p.free_memory) : "?", "memory");
-  item("speed", p && p.tokens_per_s ? `${p.tokens_per_s} tok/s` : "–", "speed");
-  if (p && p.dtype) item("runs", `${p.dtype} · ${p.weight_format || p.dtype}`, "runs");
-  if (p && p.layer_ms) item("layer", `${p.layer_ms.toFixed(2)} ms`, "layer-ms");
-  if (p && p.weights) item("weights", p.weights, "weights");  // fetching its slice from peers
-  if (p && p.training) item("training", p.training, "training");  // its part in a LoRA training job
-  if (stage && stage.address) item("at", stage.address, "address");
-  box.append(d);
-
-  if (layers && mesh.num_layers) {
-    const bar = el("div", "layerbar");
-    const fill = el("span");
-    fill.style.left = (100 * layers[0] / mesh.num_layers) + "%";
-    fill.style.width = (100 * (layers[1] - layers[0]) / mesh.num_layers) + "%";
-    bar.append(fill);
-    bar.title = `layers ${layers[0]}–${layers[1]} of ${mesh.num_layers}`;
-    box.append(bar);
-  }
-  return box;
-}
-
-function renderMesh(mesh) {
-  const peers = new Map((mesh.peers || []).map((p) => [p.node_id, p]));
-  const stages = (mesh.ring || []).slice().sort((a, b) => a.start - b.start);
-
-  $("mesh-meta").textContent =
-    `${shortModel(mesh.model)} · ${mesh.num_layers} layers · epoch ${mesh.epoch} · ${peers.size} peer${peers.size === 1 ? "" : "s"}`;
-
-  const banner = $("banner");
-  banner.classList.remove("down");
-  if (mesh.complete) {
-    banner.hidden = true;
-    banner.textContent = "";
-  } else {
-    banner.hidden = false;
-    banner.textContent = "Ring incomplete" + (mesh.missing ? ": " + mesh.missing : "") +
-      ". Requests are refused (503) until it is complete again.";
-  }
-  setHealth(mesh.complete ? "ok" : "incomplete", mesh.complete ? "ring complete" : "ring incomplete");
-
-  // the ring, stage 0 first; a gap in the layers is drawn where it is
-  const ring = $("ring");
-  ring.replaceChildren();
-  let at = 0;
-  const arrow = () => ring.childNodes.length && ring.append(el("div", "arrow", "↓"));
-  for (const st of stages) {
-    if (st.start > at) {
-      arrow();
-      ring.append(el("div", "gap", `layers [${at}, ${st.start}) missing`));
-    }
-    arrow();
-    ring.append(peerBox(peers.get(st.node_id), st, mesh));
-    at = Math.max(at, st.end);
-  }
-  if (mesh.num_layers && at < mesh.num_layers) {
-    arrow();
-    ring.append(el("div", "gap", `layers [${at}, ${mesh.num_layers}) missing`));
-  }
-  if (stages.length) ring.append(el("div", "arrow back", "↺ the last stage samples and sends the token id back to stage 0"));
-
-  const inRing = new Set(stages.map((s) => s.node_id));
-  const rest = (mesh.peers || []).filter((p) => !inRing.has(p.node_id));
-  const sb = $("standby");
-  sb.replaceChildren();
-  if (!rest.length) sb.append(el("p", "empty", "none"));
-  for (const p of rest) sb.append(peerBox(p, null, mesh));
-
-  const s = mesh.scheduler || {};
-  const dl = $("sched");
-  dl.replaceChildren();
-  const kv = (k, v) => dl.append(el("dt", null, k), el("dd", null, v));
-  kv("running", s.running ?? "?");
-  kv("waiting", s.waiting ?? "?");
-  if (s.step_ms_p50 != null) kv("step p50", s.step_ms_p50.toFixed(1) + " ms");
-  if (s.hop_overhead_ms_p50 != null) kv("hop overhead p50 / p90",
-    `${s.hop_overhead_ms_p50.toFixed(2)} / ${(s.hop_overhead_ms_p90 ?? 0).toFixed(2)} ms`);
-  const sp = s.speculation || {};
-  if (sp.draft && sp.draft !== "off") kv(`drafts (${sp.draft})`, sp.drafted_tokens
-    ? `${(100 * sp.acceptance).toFixed(0)}% of ${sp.drafted_tokens} accepted` : "none yet");
-  if (mesh.bytes_per_token_hop) kv("bytes per token per hop", mesh.bytes_per_token_hop);
-  if (mesh.stage_tokens_per_s) kv("this stage", mesh.stage_tokens_per_s.toFixed(1) + " tok/s");
-  dl.dataset.running = String(s.running ?? "");
-  renderLinks(mesh);
-}
-
-function renderLinks(mesh) {
-  // what the plan predicts next to what this peer measures, and every peer's measured links
-  const sp = mesh.speed || {};
-  const parts = [];
-  if (sp.predicted_tokens_per_s) parts.push(`predicted ${sp.predicted_tokens_per_s.toFixed(1)} tok/s`);
-  if (sp.measured_tokens_per_s) parts.push(`measured ${sp.measured_tokens_per_s.toFixed(1)} tok/s`);
-  const rs = $("ring-speed");
-  rs.textContent = parts.length ? parts.join(" · ") + (sp.limit ? ` (limit: ${sp.limit})` : "") : "";
-  rs.dataset.predicted = sp.predicted_tokens_per_s ?? "";
-  rs.dataset.measured = sp.measured_tokens_per_s ?? "";
-  const body = $("links").querySelector("tbody");
-  body.replaceChildren();
-  for (const p of mesh.peers || []) {
-    for (const ln of p.links || []) {
-      const tr = el("tr");
-      tr.dataset.from = p.name;
-      tr.dataset.to = ln.to_name;
-      tr.dataset.rtt = ln.rtt_ms;
-      for (const v of [p.name, ln.to_name, `${ln.rtt_ms.toFixed(2)} ms`, mbit(ln.mbps), `${Math.round(ln.age_s)} s ago`]) {
-        tr.append(el("td", null, v));
-      }
-      body.append(tr);
-    }
-  }
-  if (!body.childNodes.length) {
-    const tr = el("tr", "empty");
-    const td = el("td", null, "not measured yet");
-    td.colSpan = 5;
-    tr.append(td);
-    body.append(tr);
-  }
-}
-
-function mbit(mbps) {
-  return mbps >= 1000 ? `${(mbps / 1000).toFixed(1)} Gbit/s` : `${mbps.toFixed(0)} Mbit/s`;
-}
-
-function setHealth(st, text) {
-  const h = $("health");
-  h.dataset.state = st;
-  h.textContent = text;
-}
-
-function renderDown(msg) {
-  const banner = $("banner");
-  banner.hidden = false;
-  banner.classList.add("down");
-  banner.textContent = msg;
-  setHealth("down", "unreachable");
-}
-
-async function pollMesh() {
-  try {
-    const r = await fetch("/v1/mesh", { headers: headers(false), signal: AbortSignal.timeout(3000) });
-    if (r.ok) {
-      renderMesh(await r.json());
-      if (!state.models.length) loadModels();
-    } else {
-      renderDown("Cannot read the mesh status: " + await errorText(r));
-    }
-  } catch (e) {
-    renderDown("This peer's API does not answer (" + (e.message || e) + ").");
-  } finally {
-    setTimeout(pollMesh, POLL_MS);
-  }
-}
-
 // ---------------------------------------------------------------- wiring
 
 function init() {
@@ -451,17 +393,23 @@ function init() {
   if (saved) $("api_key").value = saved;
   $("api_key").addEventListener("change", () => {
     localStorage.setItem("together.api_key", $("api_key").value.trim());
+    state.models = [];
     loadModels();
   });
+  $("model").addEventListener("change", () => Store.setModel($("model").value));
   $("composer").addEventListener("submit", (e) => { e.preventDefault(); send(); });
   $("prompt").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); send(); }
   });
   $("stop").addEventListener("click", stop);
   $("clear").addEventListener("click", clearChat);
+  $("new-chat").addEventListener("click", newChat);
+  state.store = Store.load();
+  renderChatList();
+  showChat();
   setBusy(false);
   loadModels();
-  pollMesh();
+  pollMesh(onRings);
 }
 
 init();

@@ -79,11 +79,12 @@ WATCH = """() => {
   window.__lens = [];
   new MutationObserver(() => {
     const all = document.querySelectorAll('#messages .msg.assistant .content');
-    if (all.length) window.__lens.push(all[all.length - 1].textContent.length);
+    if (all.length) window.__lens.push((all[all.length - 1].dataset.text || '').length);
   }).observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});
 }"""
+# the answer's Markdown source (the page renders it as HTML and keeps the source on the element)
 LAST_ANSWER = "() => { const a = document.querySelectorAll('#messages .msg.assistant .content');" \
-              " return a.length ? a[a.length - 1].textContent : null; }"
+              " return a.length ? a[a.length - 1].dataset.text : null; }"
 
 
 def set_controls(page, **values) -> None:
@@ -163,6 +164,17 @@ def test_chat_and_ring_status_in_a_real_browser(ring, page):
     assert [m["role"] for m in sent[1]["messages"]] == ["user", "assistant", "user"]
     assert sent[1]["messages"][1]["content"] == streamed and sent[1]["max_tokens"] == 200
 
+    # a reload keeps the conversation (localStorage), the stopped answer and its note included
+    page.reload()
+    page.wait_for_selector("#ring .peer[data-name=alpha]")
+    assert page.eval_on_selector_all("#messages .msg", "ms => ms.map(m => m.dataset.role)") == [
+        "user", "assistant", "user", "assistant"]
+    assert page.eval_on_selector_all("#messages .msg.assistant .content", "cs => cs.map(c => c.dataset.text)") == [
+        streamed, stopped_at]
+    assert page.text_content("#messages .msg.assistant:last-child .note") == "stopped"
+    assert page.text_content("#messages .msg.user .content") == QUESTION
+    assert page.locator("#chats .chat.current").count() == 1
+
     # Clear empties the conversation
     page.click("#clear")
     assert page.locator("#messages .msg").count() == 0
@@ -230,7 +242,11 @@ def test_gaps_standby_and_untrusted_names_render_safely(page):
     page.wait_for_selector("#ring .peer[data-name='<b>x</b>']")
     assert page.locator("#ring b:text-is('x')").count() == 0  # the name is text, not markup
     assert page.eval_on_selector_all("#ring > *", "els => els.map(e => e.className)") == [
-        "peer", "arrow", "gap", "arrow", "peer", "arrow back"]
+        "arrow in", "peer", "arrow", "gap", "arrow", "peer", "arrow back"]
+    # today's token path: ids from the API peer to stage 0, straight back from the last stage to it
+    assert "token ids from the API peer (<b>x</b>)" in page.text_content("#ring .arrow.in")
+    assert "back to the API peer (<b>x</b>), not to stage 0" in page.text_content("#ring .arrow.back")
+    assert page.text_content(".peer[data-name='<b>x</b>'] .speed") == "speed 12.5 tok/s"
     assert page.text_content("#ring .gap") == "layers [10, 20) missing"
     assert page.get_attribute(".peer[data-name=two]", "data-state") == "loading"
     assert "3.00 GiB" in page.text_content(".peer[data-name='<b>x</b>']")
