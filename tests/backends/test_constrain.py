@@ -168,15 +168,19 @@ def is_complete_answer(grammar: str, tokenizer, text: str) -> bool:
 
 @pytest.mark.slow  # seconds of model time; runs in make test
 def test_json_schema_sampled_at_temperature_1_always_validates(torch_pipe, tokenizer):
-    prompt = chat(tokenizer, "Give me a user record as JSON.")
+    asks = ["a user record", "an admin called Ada", "a guest from Oslo", "someone aged 99", "a child",
+            "my neighbour", "a user with two tags", "the CEO", "a person in Lima", "a robot",
+            "a user from zip 90210", "an old friend", "a guest with no tags", "a cat owner", "a pilot",
+            "the first user", "a user named Bo", "a teenager in Rome", "a new admin", "anyone at all"]
     g = json_schema_grammar(PERSON)
-    reqs = [(prompt, SamplingParams(temperature=1.0, seed=seed, max_tokens=120, grammar=g)) for seed in range(20)]
+    reqs = [(chat(tokenizer, f"Describe {ask} as JSON."), SamplingParams(temperature=1.0, seed=seed,
+             max_tokens=120, grammar=g)) for seed, ask in enumerate(asks)]
     outs = run_batch(torch_pipe.shards, reqs, tokenizer.eos_ids, 120)
     texts = [text_of(tokenizer, o) for o in outs]
     for o, t in zip(outs, texts):
         assert o[-1] in tokenizer.eos_ids, t  # the grammar completed and the answer ended there
         jsonschema.validate(json.loads(t), PERSON)
-    assert len(set(texts)) > 10  # sampled, not one answer forced 20 times
+    assert len(set(texts)) > 10  # 20 prompts sampled, not one answer forced 20 times
 
 
 def test_a_batch_mixes_grammars_and_free_rows(torch_pipe, tokenizer):

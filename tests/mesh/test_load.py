@@ -1,4 +1,4 @@
-"""Sustained load on a two-peer torch ring: 64 streaming clients for about a minute (TOGETHER_LOAD_S). Nothing is lost,
+"""Sustained load on a two-peer torch ring: 64 streaming clients for half a minute (TOGETHER_LOAD_S). Nothing is lost,
 duplicated or mixed up between streams, and afterwards no peer holds a sequence, a cache byte, a
 pending frame, or more tasks and file descriptors than before."""
 
@@ -18,7 +18,7 @@ from tests.mesh.cluster import Cluster, two_peer_ring
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m"
 WORKERS = 64
-SECONDS = float(os.environ.get("TOGETHER_LOAD_S", "60"))  # longer: TOGETHER_LOAD_S=300
+SECONDS = float(os.environ.get("TOGETHER_LOAD_S", "30"))  # a soak: TOGETHER_LOAD_S=300
 SUBJECTS = ["cats", "the moon", "bread", "rivers", "chess", "winter", "bees", "trains", "paper", "music", "glass",
             "salt", "clouds", "maps", "tea", "bridges", "owls", "volcanoes", "copper", "tides", "ferns", "kites",
             "honey", "deserts", "pianos", "lighthouses", "maples", "comets", "otters", "canals", "wool", "caves"]
@@ -151,7 +151,7 @@ def ring(embedded_path):
         yield c
 
 
-def test_64_streams_for_a_minute_lose_nothing_mix_nothing_and_leak_nothing(ring):
+def test_64_streams_for_half_a_minute_lose_nothing_mix_nothing_and_leak_nothing(ring):
     a = ring.peers["a"]
     peers = [ring.peers["a"], ring.peers["b"]]
     want = {}

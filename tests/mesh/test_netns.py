@@ -181,7 +181,8 @@ def test_two_namespaces_with_the_readmes_flags_only_form_one_ring_that_chats_lik
         assert "0.0.0.0" not in st.stdout and "127.0.0.1" not in st.stdout, st.stdout
     finally:
         m.close()
-    alone = together("generate", "--model", str(embedded_path), "--backend", "torch", "--dtype", "float32",
+    # one process with the same defaults as the peers (torch, --dtype auto: its packed kernel on this CPU)
+    alone = together("generate", "--model", str(embedded_path), "--backend", "torch",
                      "--prompt", prompt, "--max-tokens", "24")
     assert alone.returncode == 0, alone.stderr
     assert r.choices[0].message.content.strip() == alone.stdout.strip()

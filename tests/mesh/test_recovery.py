@@ -125,7 +125,9 @@ def test_no_room_anywhere_fails_fast_with_503_and_heals_when_a_peer_joins(embedd
         assert "error" in result or result["text"][1] is None  # ended by an error event, not "length"
         with pytest.raises(APIStatusError) as e:
             client(a).chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4)
-        assert e.value.status_code == 503 and "incomplete" in str(e.value)
+        # refused at once when this peer's plan already says so, or admitted in the moment before the
+        # coordinator's new plan arrives and failed fast by the scheduler once it does: a 503 either way
+        assert e.value.status_code == 503 and ("incomplete" in str(e.value) or "no peer can take" in str(e.value))
         torch_peer(c, "d", *mem)  # a peer comes back: the ring heals by itself
         c.wait_ready(a, stages=3)
         r = client(a).chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4, temperature=0)
