@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp_sse import sse_response
 
-from apps.chat import ChatRequest, ChatRun, Finish, TextDelta, ToolCallDelta, start_chat
+from apps.chat import ChatRequest, ChatRun, Finish, TextDelta, ToolCallDelta, function_tool, start_chat
 from apps.openai_schema import InvalidRequest
 from backends.errors import RequestError
 from backends.sampling import SamplingParams
@@ -199,10 +199,7 @@ def chat_tools(tools: Any) -> list[dict[str, Any]] | None:
         schema = t.get("input_schema")
         if not isinstance(schema, dict):
             raise _bad(f"tools.{i}.input_schema: field required (a JSON schema object)")
-        fn: dict[str, Any] = {"name": t["name"], "parameters": schema}
-        if isinstance(t.get("description"), str):
-            fn["description"] = t["description"]
-        out.append({"type": "function", "function": fn})
+        out.append(function_tool(t["name"], schema, t.get("description")))
     return out
 
 

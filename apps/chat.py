@@ -180,6 +180,14 @@ async def start_chat(app: web.Application, req: ChatRequest) -> ChatRun:
     return ChatRun(sched, reqs, len(prompt), plan)
 
 
+def function_tool(name: str, parameters: dict[str, Any], description: Any = None) -> dict[str, Any]:
+    """A tool of another API (Anthropic's input_schema, Responses' flat function) as an OpenAI chat tool."""
+    fn: dict[str, Any] = {"name": name, "parameters": parameters}
+    if isinstance(description, str):
+        fn["description"] = description
+    return {"type": "function", "function": fn}
+
+
 def arguments_json(args: Any) -> str:
     """A call's arguments as the JSON text OpenAI sends (models may give an object or a string)."""
     if isinstance(args, str):

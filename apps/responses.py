@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp_sse import sse_response
 
-from apps.chat import ChatRequest, ChatRun, Finish, TextDelta, ToolCallDelta, start_chat
+from apps.chat import ChatRequest, ChatRun, Finish, TextDelta, ToolCallDelta, function_tool, start_chat
 from apps.openai_schema import InvalidRequest
 from backends.sampling import SamplingParams
 from mesh.scheduler import RingUnavailable
@@ -121,10 +121,7 @@ def chat_tools(tools: Any) -> list[dict[str, Any]] | None:
         params = t.get("parameters") or {"type": "object", "properties": {}}
         if not isinstance(params, dict):
             raise _bad(f"tools[{i}].parameters must be a JSON schema object", "tools")
-        fn: dict[str, Any] = {"name": t["name"], "parameters": params}
-        if isinstance(t.get("description"), str):
-            fn["description"] = t["description"]
-        out.append({"type": "function", "function": fn})
+        out.append(function_tool(t["name"], params, t.get("description")))
     return out
 
 
