@@ -10,15 +10,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-def pytest_sessionstart(session):
-    """Build the torch backend's q4 CPU kernel once (25-70 s on a cold machine, cached in
-    ~/.cache/together/kernels) before any test or peer process needs it: peers starting together on a
-    cold cache would otherwise each wait on the build inside a test's time limit."""
-    from backends.torch import kernels
-
-    kernels.q4()  # None (one warning) where it cannot build: torch's int4 kernel then
-
-
 @pytest.fixture(scope="session")
 def embedded_path() -> Path:
     from backends.models import resolve_model

@@ -8,9 +8,10 @@ exact home in torch's int8 kernel (one scale per output row, not per group), so 
 The kernel is fast with bfloat16 activations only (float32 ones are ~20x slower), so packed weights
 go with bfloat16 compute on a CPU; everything else takes the dense path.
 
-Where the CPU has AVX512-BF16 our own kernel (kernels/q4.cpp, compiled once per machine) replaces it:
-scales and biases as stored (float16, not rounded to bfloat16), weights read once per tile of 8 rows, and
-no dequantized copy for a prefill chunk. TOGETHER_KERNEL=torch keeps torch's.
+Where the CPU has AVX512-BF16 our own kernel (kernels/q4.cpp, compiled once per machine) can replace it
+with TOGETHER_KERNEL=q4: scales and biases as stored (float16, not rounded to bfloat16), weights read once
+per tile of 8 rows, and no dequantized copy for a prefill chunk. Not the default: its rows are not yet
+independent of the batch (see DEFAULT_KERNEL).
 """
 
 from __future__ import annotations
@@ -30,8 +31,11 @@ BLOCK_N = 64  # the kernel's packed layout interleaves blocks of 64 output rows 
 # from this many rows up (a prefill chunk) dequantizing a layer's weight and one dense bfloat16 matmul
 # beats the int4 kernel, whose large-M path is ~2x slower than the dense one (perf/bench_torch.py)
 DENSE_ROWS = 64
-# ours: decode 1.08-1.27x, 8 streams 1.46x, prefill 1.28x torch's in perf/bench_torch*.py (issue 13)
-DEFAULT_KERNEL = "q4"
+# ours (q4): decode 1.08-1.27x, 8 streams 1.46x, prefill 1.28x torch's in perf/bench_torch*.py (issue 13), but
+# a row's output still depends on how many rows share the call (its tiles sum in another order), so a
+# sequence's tokens would depend on its batch and its drafts: opt-in (TOGETHER_KERNEL=q4) until it is
+# row-invariant (tests/backends/test_torch_packed.py checks the default kernel is)
+DEFAULT_KERNEL = "torch"
 
 
 def packable(a: Affine | None, dtype: torch.dtype, device: torch.device) -> bool:
