@@ -28,12 +28,9 @@ _state: dict[str, ModuleType | None] = {}
 
 def cpu_supported() -> bool:
     """AVX512-BF16 (vdpbf16ps) is what the kernel is built on."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags and "avx512bw" in flags
+    from backends.shard import cpu_flags
+
+    return {"avx512_bf16", "avx512bw"} <= cpu_flags()
 
 
 def cache_dir() -> Path:
