@@ -10,6 +10,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+def pytest_sessionstart(session):
+    """Build the torch backend's CPU kernels (once per machine, ~1 min) before any test starts peers: every
+    torch peer of a multi-process test would otherwise wait on the same build inside its start-up timeout."""
+    from backends.torch import kernels
+
+    kernels.q4()
+
+
 @pytest.fixture(scope="session")
 def embedded_path() -> Path:
     from backends.models import resolve_model

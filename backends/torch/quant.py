@@ -8,10 +8,10 @@ exact home in torch's int8 kernel (one scale per output row, not per group), so 
 The kernel is fast with bfloat16 activations only (float32 ones are ~20x slower), so packed weights
 go with bfloat16 compute on a CPU; everything else takes the dense path.
 
-Where the CPU has AVX512-BF16 our own kernel (kernels/q4.cpp, compiled once per machine) can replace it
-with TOGETHER_KERNEL=q4: scales and biases as stored (float16, not rounded to bfloat16), weights read once
-per tile of 8 rows, and no dequantized copy for a prefill chunk. Not the default: its rows are not yet
-independent of the batch (see DEFAULT_KERNEL).
+Where the CPU has AVX512-BF16 our own kernel (kernels/q4.cpp, compiled once per machine) replaces it (the
+default; TOGETHER_KERNEL=torch keeps torch's): scales and biases as stored (float16, not rounded to
+bfloat16), weights read once per tile of 4 rows, no dequantized copy for a prefill chunk, and a row's
+output independent of how many rows share the call (tokens do not depend on the batch or the drafts).
 """
 
 from __future__ import annotations
@@ -31,11 +31,9 @@ BLOCK_N = 64  # the kernel's packed layout interleaves blocks of 64 output rows 
 # from this many rows up (a prefill chunk) dequantizing a layer's weight and one dense bfloat16 matmul
 # beats the int4 kernel, whose large-M path is ~2x slower than the dense one (perf/bench_torch.py)
 DENSE_ROWS = 64
-# ours (q4): decode 1.08-1.27x, 8 streams 1.46x, prefill 1.28x torch's in perf/bench_torch*.py (issue 13), but
-# a row's output still depends on how many rows share the call (its tiles sum in another order), so a
-# sequence's tokens would depend on its batch and its drafts: opt-in (TOGETHER_KERNEL=q4) until it is
-# row-invariant (tests/backends/test_torch_packed.py checks the default kernel is)
-DEFAULT_KERNEL = "torch"
+# ours (q4) where it builds: faster than torch's at every row count (perf/bench_torch*.py, issue 13) and
+# row-invariant (tests/backends/test_torch_packed.py checks both kernels are); torch's where it cannot
+DEFAULT_KERNEL = "q4"
 
 
 def packable(a: Affine | None, dtype: torch.dtype, device: torch.device) -> bool:
@@ -103,7 +101,7 @@ def default_kernel() -> str:
 class PackedLinear(nn.Module):
     """y = x W^T + b with W in affine groups, packed as one (4-bit) or two (8-bit) int4 planes, for torch's
     int4 kernel (`kernel="torch"`) or ours (`kernel="q4"`: scales and biases as stored, weights read once
-    per tile of 8 rows)."""
+    per tile of 4 rows)."""
 
     packed0: torch.Tensor
     sz0: torch.Tensor

@@ -277,22 +277,27 @@ def test_tensor_parallel_ranks_keep_packed_groups(tmp_path):
         g.close()
 
 
-def test_a_rows_output_does_not_depend_on_its_batch_with_the_default_kernel(embedded):
+def test_a_rows_output_does_not_depend_on_its_batch(embedded, kernel, monkeypatch):
     """A sequence's tokens must not depend on which sequences share its frame or how many drafts ride
-    with it: each row of a packed projection gives the same bits alone and inside any batch. (Our q4
-    kernel does not yet: its tiles sum in another order, which is why it is opt-in.)"""
+    with it: each row of a packed projection (4-bit layers and the 8-bit head, both kernels) gives the
+    same bits alone and inside any batch, across every tile boundary of ours (tiles of 4 rows)."""
     import torch
 
     from backends.pipeline import Pipeline, SliceSpec
-    from backends.torch.quant import PackedLinear, default_kernel
+    from backends.torch.quant import PackedLinear
 
-    pipe = Pipeline.load(embedded, [SliceSpec("torch", 0, 1)], dtype="bfloat16", threads=1)
-    mods = [m for obj in vars(pipe.shards[0]).values() if isinstance(obj, torch.nn.Module)
-            for m in obj.modules() if isinstance(m, PackedLinear)]
-    assert mods and {m.kernel for m in mods} == {default_kernel()}
+    monkeypatch.setenv("TOGETHER_KERNEL", kernel)
+    n = 30  # the embedded model's layers
+    mods = []
+    for spec in (SliceSpec("torch", 0, 1), SliceSpec("torch", n - 1, n)):  # a first layer; the last and the head
+        pipe = Pipeline.load(embedded, [spec], dtype="bfloat16", threads=1)
+        mods += [m for obj in vars(pipe.shards[0]).values() if isinstance(obj, torch.nn.Module)
+                 for m in obj.modules() if isinstance(m, PackedLinear)]
+    assert mods and {m.kernel for m in mods} == {kernel}
+    assert {m.bits for m in mods} == {4, 8}
     g = torch.Generator().manual_seed(0)
     for m in mods:
         x = torch.randn(20, m.in_features, generator=g).to(torch.bfloat16)
         alone = torch.cat([m(x[i:i + 1]) for i in range(20)])
-        for rows in (2, 5, 8, 9, 20):
-            assert torch.equal(m(x[:rows]), alone[:rows]), (m.in_features, m.out_features, rows)
+        for rows in (2, 3, 4, 5, 8, 9, 20):
+            assert torch.equal(m(x[:rows]), alone[:rows]), (m.kernel, m.in_features, m.out_features, rows)

@@ -4,7 +4,9 @@
 // multiply per 16 rows. A nibble q becomes the bfloat16 128 + q by one OR (0x4300 | q is exact); the
 // 128 offset and the group's bias come back through per-group sums of x (bias - 128 sum_p scale_p).
 // Scales and biases come as float16 (GGUF's and MLX's own, 4 bytes a group as torch's kernel) or float32.
-// Weights are decoded once per tile of up to 8 activation rows. Float32 accumulation, bfloat16 out.
+// Weights are decoded once per tile of up to 4 activation rows. Float32 accumulation, bfloat16 out.
+// A row's sums run in the same order whatever the number of rows in the call (two chains per row in
+// every tile, groups and tiles in a fixed order), so a row's output does not depend on its batch.
 #include <torch/extension.h>
 #include <immintrin.h>
 #include <cstdint>
@@ -21,7 +23,8 @@ inline __m512bh pair(const uint16_t* p) {  // x[k], x[k+1] in every lane (memcpy
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
 
-constexpr int TILE = 8;
+// rows per tile: 4 measured fastest at 1, 4, 8 and 16 rows (8 ran out of registers: 24 accumulators)
+constexpr int TILE = 4;
 constexpr int64_t BLOCK = 16;  // output rows per vector
 
 // q: (N/16, P, K/4, 32) bytes: byte j of step t holds row j/2 of the block, low nibble k = 4t + j%2,
@@ -29,7 +32,10 @@ constexpr int64_t BLOCK = 16;  // output rows per vector
 template <int MT, typename T>
 void block_tile(const uint16_t* x, int64_t K, const float* xs, int64_t G, int64_t g, const uint8_t* q,
                 const T* s, const T* c, int64_t P, uint16_t* y, int64_t ldy, int64_t b0, int64_t b1) {
-  constexpr int NA = MT >= 4 ? 1 : (MT >= 2 ? 2 : 4);  // independent chains per row hide dpbf16 latency
+  // two independent chains per row hide dpbf16's latency; the same two for every MT, or a row's sum would
+  // be grouped differently by the size of its tile and so by its batch (a constant chain index also keeps
+  // the accumulators in registers: with 4, (2t) % 4 indexed them at run time, 1.6x slower at one row)
+  constexpr int NA = 2;
   const __m512i lowmask = _mm512_set1_epi16(0x000F), one28 = _mm512_set1_epi16(0x4300);
   const int64_t steps = g / 4;
   for (int64_t b = b0; b < b1; ++b) {
@@ -48,19 +54,16 @@ void block_tile(const uint16_t* x, int64_t K, const float* xs, int64_t G, int64_
           __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(qg + t * 32)));
           __m512bh lo = (__m512bh)_mm512_ternarylogic_epi32(w, lowmask, one28, 0xEA);  // (w & 15) | 0x4300
           __m512bh hi = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 4), lowmask, one28, 0xEA);
-          const int a0 = (int)((2 * t) % NA), a1 = (int)((2 * t + 1) % NA);
-          for (int m = 0; m < MT; ++m) {
+                    for (int m = 0; m < MT; ++m) {
             const uint16_t* xm = x + m * K + kg + 4 * t;
             __m512bh x0 = pair(xm), x1 = pair(xm + 2);
-            acc[m][a0] = _mm512_dpbf16_ps(acc[m][a0], lo, x0);
-            acc[m][a1] = _mm512_dpbf16_ps(acc[m][a1], hi, x1);
+            acc[m][0] = _mm512_dpbf16_ps(acc[m][0], lo, x0);
+            acc[m][1] = _mm512_dpbf16_ps(acc[m][1], hi, x1);
           }
         }
         __m512 sv = load16(sb + gi * BLOCK);
         for (int m = 0; m < MT; ++m) {
-          __m512 a = acc[m][0];
-          for (int i = 1; i < NA; ++i) a = _mm512_add_ps(a, acc[m][i]);
-          tot[m] = _mm512_fmadd_ps(sv, a, tot[m]);
+          tot[m] = _mm512_fmadd_ps(sv, _mm512_add_ps(acc[m][0], acc[m][1]), tot[m]);
         }
       }
     }
@@ -82,7 +85,7 @@ void run_tile(int mt, const uint16_t* x, int64_t K, const float* xs, int64_t G, 
               const T* s, const T* c, int64_t P, uint16_t* y, int64_t ldy, int64_t b0, int64_t b1) {
   switch (mt) {
 #define CASE(M) case M: block_tile<M, T>(x, K, xs, G, g, q, s, c, P, y, ldy, b0, b1); break;
-    CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+    CASE(1) CASE(2) CASE(3) CASE(4)
 #undef CASE
   }
 }
@@ -117,7 +120,7 @@ torch::Tensor q4_mm(torch::Tensor x, torch::Tensor q, torch::Tensor s, torch::Te
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const bool half = s.scalar_type() == at::kHalf;
   // blocks of rows over torch's intra-op threads (one on a peer); 16 blocks (256 rows) stay in cache
-  // while every tile of 8 activation rows passes over them
+  // while every tile of 4 activation rows passes over them
   at::parallel_for(0, NB, 16, [&](int64_t lo, int64_t hi) {
     for (int64_t b0 = lo; b0 < hi; b0 += 16) {
       const int64_t b1 = std::min<int64_t>(hi, b0 + 16);
