@@ -1,15 +1,22 @@
 """This peer's stage of the ring: it checks a frame, runs it through its shard off the event loop, and
 passes the hidden states on to the next stage, or (last stage) the sampled tokens back to the frame's
-origin."""
+origin.
+
+A hop's time on a stage is thread hand-offs more than work (perf/bench_hop.py, bench_ring.py): a frame
+is checked and queued for the compute thread as it comes off its stream, before any task is made for
+it, and the compute thread is a plain thread blocked on a queue whose result reaches the event loop in
+one `call_soon_threadsafe` (an executor adds its own futures, locks and a second callback)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
+import threading
 import time
-from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence, TypeVar
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence, TypeVar
 
 import grpc
 import numpy as np
@@ -31,6 +38,76 @@ _DROPPED = grpc.StatusCode.FAILED_PRECONDITION
 BACKLOG = 32  # frames a stage takes off one stream before the earliest is done (the ring keeps far fewer)
 
 
+class ComputeThread:
+    """The one thread every call into a shard runs on (loading and forwards never overlap), fed by a
+    queue: it blocks on the queue between calls and hands each result to the caller's event loop
+    in one call_soon_threadsafe."""
+
+    def __init__(self, name: str = "compute") -> None:
+        self.name = name
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], asyncio.Future[Any]] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def submit(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """Queue `fn`; its result (or exception) settles the returned future on the running loop."""
+        if self._closed:
+            raise RuntimeError("the compute thread is shut down")
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._jobs.put((fn, fut))
+        if self._thread is None:  # started by the first call (a stage that never computes has none)
+            self._thread = threading.Thread(target=self._work, name=self.name, daemon=True)
+            self._thread.start()
+        return fut
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, fut = job
+            if fut.cancelled():  # its caller is gone (a read of a flag: no lock needed)
+                continue
+            try:
+                result, error = fn(), None
+            except BaseException as e:  # the caller's to handle, as an executor would hand it back
+                result, error = None, e
+            try:
+                fut.get_loop().call_soon_threadsafe(_settle, fut, result, error)
+            except RuntimeError:  # the loop is closed: nobody waits
+                pass
+            del job, fn, fut, result, error  # no reference to a frame's buffers while blocked
+
+    def close(self) -> None:
+        """Stop after the call under way; the calls still queued are cancelled."""
+        self._closed = True
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job[1].get_loop().call_soon_threadsafe(job[1].cancel)
+        self._jobs.put(None)
+
+
+def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
+
+
+@dataclass
+class _Begun:
+    """A frame checked and queued for the compute thread."""
+
+    sh: LayerShard
+    index: int
+    entries: list[pb.SeqEntry]
+    ids: list[str]
+    computed: asyncio.Future[tuple[list[pb.SeqEntry], list[tuple[str, str]], Hidden | list[Sample], float]]
+
+
 class Stage:
     """The loaded shard (if any) and the one compute thread every call into it runs on."""
 
@@ -41,7 +118,7 @@ class Stage:
         self.view, self.links, self.metrics = view, links, metrics
         self._deliver, self._group_failed = deliver, group_failed
         self.shard: LayerShard | None = None
-        self._compute = ThreadPoolExecutor(1, thread_name_prefix="compute")  # one worker per backend
+        self._compute = ComputeThread()  # one per backend
         self.hop_ms: list[float] = []  # recent compute time of frames at this stage
         self._hop_tokens: list[int] = []  # tokens (frame positions) of those frames
         self.bytes_per_token_hop = 0  # serialized size of a one-token frame to the next stage
@@ -49,13 +126,13 @@ class Stage:
         # release): the sweep frees it
         self.lease = lease
         self.seen: dict[str, tuple[str, float]] = {}  # seq id -> (its origin, last frame here)
-        self._busy: Counter[str] = Counter()  # sequences of the frames under way here (they overlap)
+        self._busy: dict[str, int] = {}  # sequences of the frames under way here (they overlap), and how many
         self._sweeper: asyncio.Task[None] | None = None
         self._received: deque[asyncio.Task[None]] = deque()  # frames taken off the Forward streams, in order
 
     async def call(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the compute thread: loading and forwards never overlap, the loop stays free."""
-        return await asyncio.get_running_loop().run_in_executor(self._compute, fn)
+        return await self._compute.submit(fn)
 
     async def load(self, make: Callable[[], LayerShard]) -> None:
         self.shard = None  # the old slice's memory goes before the new one's comes
@@ -66,7 +143,7 @@ class Stage:
             self._sweeper.cancel()
         for t in self._received:
             t.cancel()
-        self._compute.shutdown(wait=False, cancel_futures=True)
+        self._compute.close()
 
     def tokens_per_s(self) -> float:
         """Tokens (frame positions) per second of compute over the recent frames, not frames."""
@@ -104,7 +181,7 @@ class Stage:
         while self.seen:
             await asyncio.sleep(max(0.05, self.lease / 4))
             now = time.monotonic()
-            idle = [s for s, (_, t) in self.seen.items() if now - t > self.lease and not self._busy[s]]
+            idle = [s for s, (_, t) in self.seen.items() if now - t > self.lease and s not in self._busy]
             freed = await self.release(idle) if idle else 0
             if freed:
                 log.warning("freed %d sequence(s) idle for over %.1f s (their API peer is gone?)",
@@ -120,12 +197,21 @@ class Stage:
             self._received.popleft()
         if len(self._received) >= BACKLOG:
             await asyncio.wait([self._received[0]])
-        task = asyncio.ensure_future(self._run_or_fail(frame))
+        # the compute is queued now, and the task that sends its result on starts while it runs
+        task = asyncio.ensure_future(self._run_or_fail(frame, self._begin_or_error(frame)))
         self._received.append(task)
 
-    async def _run_or_fail(self, frame: pb.Frame) -> None:
+    def _begin_or_error(self, frame: pb.Frame) -> _Begun | Exception:
         try:
-            await self.handle_frame(frame)
+            return self._begin(frame)
+        except Exception as e:  # the frame's own task reports it (below)
+            return e
+
+    async def _run_or_fail(self, frame: pb.Frame, begun: _Begun | Exception) -> None:
+        try:
+            if isinstance(begun, Exception):
+                raise begun
+            await self._finish(frame, begun)
         except FrameError as e:
             await self.fail(frame, e)
         except Exception as e:  # a bug fails this frame, never the stream or the frames behind it
@@ -135,43 +221,76 @@ class Stage:
     async def handle_frame(self, frame: pb.Frame) -> None:
         """Run one frame through this stage, then pass it on (or return the tokens to its origin).
         A sequence this stage cannot run (unknown here, out of step) leaves the frame alone."""
+        await self._finish(frame, self._begin(frame))
+
+    def _begin(self, frame: pb.Frame) -> _Begun:
+        """Check a frame and queue its compute (FrameError: refused)."""
         sh, index, entries, x = self._check(frame)
+        computed = self._compute.submit(lambda: _timed(sh, entries, x))
         ids = [e.seq_id for e in entries]
         self._renew(ids, frame.origin)
-        self._busy.update(ids)
+        for s in ids:
+            self._busy[s] = self._busy.get(s, 0) + 1
+        return _Begun(sh, index, entries, ids, computed)
+
+    async def _finish(self, frame: pb.Frame, begun: _Begun) -> None:
+        """Wait for a begun frame's compute, then pass its output on. The next message is made while
+        the compute runs (the loop is idle then) and the stage's own records are kept after the
+        output left: Python run right after a compute finds its caches cold (the weights went
+        through them) and is ~20x slower than warm (~100 us to make and encode a one-token Frame
+        against ~6 us, measured on this 2-core VM), and that time is the hop's."""
+        sh, index = begun.sh, begun.index
+        ahead = _next_message(frame, begun.entries, sh.is_last)
         try:
-            kept, dropped, out, seconds = await self._forward(sh, frame, entries, x)
+            kept, dropped, out, seconds = await self._forward(sh, frame, begun.computed)
+        except BaseException:
+            self._unbusy(begun.ids)
+            raise
+        nxt: pb.Frame | None = None
+        try:
+            if isinstance(out, list) != isinstance(ahead, pb.Result):  # not what the shard's is_last said
+                ahead = _next_message(frame, begun.entries, isinstance(out, list))
+            if dropped:
+                why = "; ".join([e for e in (frame.error,) if e] + [why for _, why in dropped])
+                ahead.failed_seqs.extend(s for s, _ in dropped)
+                ahead.error, ahead.error_code = why, _DROPPED.value[0]
+                if isinstance(ahead, pb.Frame):
+                    del ahead.seqs[:]
+                    ahead.seqs.extend(kept)
+            ahead.hop_ms.append(seconds * 1000)
+            if isinstance(out, list):  # the last stage sampled: tokens go back to the origin
+                assert isinstance(ahead, pb.Result)
+                ahead.results.extend(pb.TokenResult(seq_id=s.seq_id, token=s.token, logprob=s.logprob,
+                                                  top_tokens=[t for t, _ in s.top_logprobs],
+                                                  top_logprobs=[lp for _, lp in s.top_logprobs]) for s in out)
+                await self.send_result(frame.origin, ahead)
+                return
+            assert isinstance(ahead, pb.Frame)
+            nxt = ahead
+            nxt.dtype = out.dtype
+            nxt.shape.extend(out.shape)
+            addr, _ = self.view.stage_of(index + 1)
+            # the hidden states go onto the wire uncopied (a shard never writes a returned buffer again)
+            await self.send_frame(addr, nxt, memoryview(out.data).cast("B"))
         finally:
-            self._busy.subtract(ids)
-            self._busy += Counter()  # drops the zeros
-        self._renew([e.seq_id for e in kept], frame.origin)  # idle time counts from the frame's end
-        self.metrics.stage_compute_seconds.observe(seconds)
-        self.hop_ms.append(seconds * 1000)
-        self._hop_tokens.append(sum(e.length for e in kept))
-        del self.hop_ms[:-64], self._hop_tokens[:-64]
-        hops = list(frame.hop_ms) + [seconds * 1000]
-        failed, error, code = list(frame.failed_seqs), frame.error, frame.error_code
-        if dropped:
-            failed += [s for s, _ in dropped]
-            error, code = "; ".join([e for e in (error,) if e] + [why for _, why in dropped]), _DROPPED.value[0]
-        if isinstance(out, list):  # the last stage sampled: tokens go back to the origin
-            self.metrics.stage_tokens.inc(len(out))
-            res = pb.Result(frame_id=frame.frame_id, hop_ms=hops, failed_seqs=failed, error=error,
-                            error_code=code, results=[
-                pb.TokenResult(seq_id=s.seq_id, token=s.token, logprob=s.logprob,
-                               top_tokens=[t for t, _ in s.top_logprobs],
-                               top_logprobs=[lp for _, lp in s.top_logprobs]) for s in out])
-            await self.send_result(frame.origin, res)
-            return
-        addr, _ = self.view.stage_of(index + 1)
-        nxt = pb.Frame(frame_id=frame.frame_id, epoch=frame.epoch, seqs=kept, dtype=out.dtype,
-                       shape=list(out.shape), origin=frame.origin, hop_ms=hops,
-                       failed_seqs=failed, error=error, error_code=code)
-        # the hidden states go onto the wire uncopied (a shard never writes a returned buffer again)
-        payload = memoryview(out.data).cast("B")
-        if len(kept) == 1 and kept[0].length == 1:
-            self.bytes_per_token_hop = nxt.ByteSize() + len(payload) + 3  # + data's tag and length
-        await self.send_frame(addr, nxt, payload)
+            self._unbusy(begun.ids)
+            self._renew([e.seq_id for e in kept], frame.origin)  # idle time counts from the frame's end
+            self.metrics.stage_compute_seconds.observe(seconds)
+            self.hop_ms.append(seconds * 1000)
+            self._hop_tokens.append(sum(e.length for e in kept))
+            del self.hop_ms[:-64], self._hop_tokens[:-64]
+            if isinstance(out, list):
+                self.metrics.stage_tokens.inc(len(out))
+            elif nxt is not None and len(kept) == 1 and kept[0].length == 1:
+                # + data's tag and length, unless it went into the message (a stage of its own)
+                self.bytes_per_token_hop = nxt.ByteSize() + (0 if nxt.data else out.nbytes + 3)
+
+    def _unbusy(self, ids: list[str]) -> None:
+        for s in ids:
+            if (n := self._busy.get(s, 0)) > 1:
+                self._busy[s] = n - 1
+            else:
+                self._busy.pop(s, None)
 
     def _check(self, frame: pb.Frame) -> tuple[LayerShard, int, list[pb.SeqEntry], np.ndarray | Hidden]:
         """Refuse a frame of another plan, for a peer that is no stage, or with inconsistent contents."""
@@ -199,17 +318,12 @@ class Stage:
             raise FrameError(grpc.StatusCode.INVALID_ARGUMENT, f"corrupt frame: {e}") from None
         return sh, index, entries, x
 
-    async def _forward(self, sh: LayerShard, frame: pb.Frame, entries: list[pb.SeqEntry], x: np.ndarray | Hidden
+    async def _forward(self, sh: LayerShard, frame: pb.Frame, computed: asyncio.Future[
+                           tuple[list[pb.SeqEntry], list[tuple[str, str]], Hidden | list[Sample], float]]
                        ) -> tuple[list[pb.SeqEntry], list[tuple[str, str]], Hidden | list[Sample], float]:
-        """The frame run on the compute thread, and its compute time there (not its wait for the
-        thread nor the hand-offs: those are the hop's, and frames behind others wait)."""
-        def timed() -> tuple[list[pb.SeqEntry], list[tuple[str, str]], Hidden | list[Sample], float]:
-            t0 = time.perf_counter()
-            kept, dropped, out = _run(sh, entries, x)
-            return kept, dropped, out, time.perf_counter() - t0
-
+        """The frame's compute on the compute thread, its errors as this frame's failure."""
         try:
-            return await self.call(timed)
+            return await computed
         except FrameError:
             raise
         except GroupError as e:  # a rank of this peer's group is gone: the stage is lost
@@ -231,7 +345,7 @@ class Stage:
         if address == self.view.address:
             if len(payload):
                 frame.data = bytes(payload)
-            await self._run_or_fail(frame)
+            await self._run_or_fail(frame, self._begin_or_error(frame))
         else:
             try:
                 await self.links.stream(address, "Forward").send(frame, payload)
@@ -252,6 +366,25 @@ class Stage:
                 await self.links.stream(origin, "Deliver").send(res)
             except ConnectionError as e:
                 log.warning("cannot return results to %s: %s", origin, e)
+
+
+def _next_message(frame: pb.Frame, entries: list[pb.SeqEntry], last: bool) -> pb.Frame | pb.Result:
+    """What a stage sends on after `frame`, without the compute's output: the Result to the origin
+    (last stage) or the next stage's Frame."""
+    if last:
+        return pb.Result(frame_id=frame.frame_id, hop_ms=frame.hop_ms, failed_seqs=frame.failed_seqs,
+                         error=frame.error, error_code=frame.error_code)
+    return pb.Frame(frame_id=frame.frame_id, epoch=frame.epoch, seqs=entries, origin=frame.origin,
+                    hop_ms=frame.hop_ms, failed_seqs=frame.failed_seqs, error=frame.error, error_code=frame.error_code)
+
+
+def _timed(sh: LayerShard, entries: list[pb.SeqEntry], x: np.ndarray | Hidden
+           ) -> tuple[list[pb.SeqEntry], list[tuple[str, str]], Hidden | list[Sample], float]:
+    """_run on the compute thread, and its compute time there (not its wait for the thread nor the
+    hand-offs: those are the hop's, and frames behind others wait)."""
+    t0 = time.perf_counter()
+    kept, dropped, out = _run(sh, entries, x)
+    return kept, dropped, out, time.perf_counter() - t0
 
 
 def _run(sh: LayerShard, entries: list[pb.SeqEntry], x: np.ndarray | Hidden

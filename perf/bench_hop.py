@@ -3,18 +3,22 @@
 1. In-process costs of one Frame of hidden states (1 and 8 tokens of SmolLM2's 576, float32 and
    bfloat16): building the message, protobuf encode and decode, the seal of a keyed mesh (sending:
    what `mesh.links` does; receiving: the server's check on the raw bytes, then the parse), the
-   receiver's `Hidden` check, and the hand-off to the compute thread and back (`Stage.call`: a
-   one-thread executor) beside a dedicated thread fed by a queue.
+   receiver's `Hidden` check, the sender's step again with its caches cold (after 64 MB read, as a
+   stage's compute streams its weights through them: what a hop pays right after a compute), and
+   the hand-off to the compute thread and back: a one-thread
+   executor (what `Stage.call` was before issue 13's hop work), a bare thread fed by a queue, and
+   `mesh.stage.ComputeThread` (what a stage runs now).
 2. The wire between two real processes on 127.0.0.1: this process sends Frames on a long-lived
    Forward stream with `mesh.links` (the mesh's own sender: seals and TLS with a key), a server
    process answers each with a Result on a Deliver stream back to this process's server, as a last
    stage does; one hop is half the round trip. The server answers from its grpc.aio handler ("loop"),
-   after a hop to a one-thread executor as a stage does ("executor"), from a grpc sync server's
-   handler thread ("sync", open mesh only), and after 10 ms of CPU work on the executor, the time
-   subtracted ("after compute": what a hop costs once a stage has computed, threads asleep).
+   after a hop to a one-thread executor as a stage did before ("executor"), after a hop to the
+   stage's own `ComputeThread` ("thread"), from a grpc sync server's handler thread ("sync", open
+   mesh only), and after 10 ms of CPU work on the ComputeThread, the time subtracted ("after
+   compute": what a hop costs once a stage has computed, threads asleep).
    Not measured here: a model's compute and the stage's frame checks (bench_ring.py has the whole).
 
-    .venv/bin/python perf/bench_hop.py [--frames 300] [--quick]
+    .venv/bin/python perf/bench_hop.py [--frames 300] [--quick] [--modes loop,executor,thread,sync,compute]
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from backends.wire import Hidden  # noqa: E402
 from mesh.auth import CHANNEL_OPTIONS, SEAL_LEN, SERVER_OPTIONS, MeshKeyVerifier, add_port, make_server  # noqa: E402
 from mesh.links import Peers  # noqa: E402
 from mesh.seal import sealed, sealed_bytes  # noqa: E402
+from mesh.stage import ComputeThread  # noqa: E402
 from protos import together_pb2 as pb  # noqa: E402
 from protos import together_pb2_grpc as pbg  # noqa: E402
 
@@ -80,6 +85,7 @@ def timed(fn: Callable[[], Any], n: int) -> tuple[float, float]:
 
 def in_process(n: int) -> list[tuple[str, str, tuple[float, float]]]:
     rows = []
+    flush = np.ones(64 << 20, np.uint8)  # more than the caches hold: reading it evicts the sender's code and data
     key = KEY.encode()
     for dtype in ("float32", "bfloat16"):
         for tokens in (1, 8):
@@ -103,20 +109,31 @@ def in_process(n: int) -> list[tuple[str, str, tuple[float, float]]]:
             def send_now(k: bytes | None) -> None:  # the header encoded, the payload appended, sealed once
                 sealed_bytes(k, FORWARD, "bench", frame(tokens, dtype, b""), payload)
 
+            def send_cold() -> None:
+                flush.sum()
+                t = time.perf_counter()
+                send_now(None)
+                took.append(time.perf_counter() - t)
+
             what = f"{tokens} tok {dtype}"
+            took: list[float] = []
+            for _ in range(max(50, n // 20)):
+                send_cold()
             rows += [
                 (what, "encode (SerializeToString)", timed(f.SerializeToString, n)),
                 (what, "decode (FromString)", timed(lambda: pb.Frame.FromString(raw), n)),
                 (what, "send open, before: copy + encode", timed(lambda: send_before(None), n)),
                 (what, "send open, now: header + payload", timed(lambda: send_now(None), n)),
+                (what, "  the same, caches cold (64 MB read first)", pct(took)),
                 (what, "send keyed, before: + seal, parse, encode", timed(lambda: send_before(key), n)),
                 (what, "send keyed, now: + seal once", timed(lambda: send_now(key), n)),
                 (what, "receive keyed, before: check, copy, parse", timed(lambda: receive(False), n)),
                 (what, "receive keyed, now: check, parse a view", timed(lambda: receive(True), n)),
                 (what, "Hidden from the frame", timed(lambda: Hidden(f.data, f.dtype, tuple(f.shape)), n)),
             ]
-    rows += [("-", "executor hand-off and back (Stage.call)", asyncio.run(executor_hop(n))),
-             ("-", "dedicated thread + queue and back", asyncio.run(thread_hop(n)))]
+    rows += [("-", "executor hand-off and back (before)", asyncio.run(executor_hop(n))),
+             ("-", "dedicated thread + queue and back", asyncio.run(thread_hop(n))),
+             ("-", "ComputeThread and back (Stage.call now)", asyncio.run(compute_thread_hop(n)))]
     return rows
 
 
@@ -127,6 +144,16 @@ async def executor_hop(n: int) -> tuple[float, float]:
         await loop.run_in_executor(ex, int)
         xs.append(time.perf_counter() - t)
     ex.shutdown()
+    return pct(xs)
+
+
+async def compute_thread_hop(n: int) -> tuple[float, float]:
+    ct, xs = ComputeThread(), []
+    for _ in range(n):
+        t = time.perf_counter()
+        await ct.submit(int)
+        xs.append(time.perf_counter() - t)
+    ct.close()
     return pct(xs)
 
 
@@ -164,7 +191,7 @@ def serve(port: int, back: str, mode: str, key: str | None) -> None:
     """The far side: a server that answers each Frame with a Result on Deliver to `back`."""
     if mode == "sync":
         return serve_sync(port, back)
-    ex = ThreadPoolExecutor(1)
+    ex, ct = ThreadPoolExecutor(1), ComputeThread()
 
     class Far(pbg.TogetherServicer):
         async def Forward(self, request_iterator: AsyncIterator[pb.Frame], context: Any) -> None:
@@ -173,8 +200,10 @@ def serve(port: int, back: str, mode: str, key: str | None) -> None:
             async for f in request_iterator:
                 if mode == "executor":
                     await loop.run_in_executor(ex, int)
+                elif mode == "thread":
+                    await ct.submit(int)
                 elif mode == "compute":
-                    await loop.run_in_executor(ex, burn, COMPUTE_S)
+                    await ct.submit(lambda: burn(COMPUTE_S))
                 await peers.stream(back, "Deliver").send(pb.Result(frame_id=f.frame_id, hop_ms=[0.1]))
 
     async def main() -> None:
@@ -260,7 +289,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--frames", type=int, default=300)
     ap.add_argument("--quick", action="store_true", help="a third of the frames")
-    ap.add_argument("--modes", default="loop,executor,sync,compute", help="which far sides to time")
+    ap.add_argument("--modes", default="loop,executor,thread,sync,compute", help="which far sides to time")
     ap.add_argument("--serve", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--key", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -286,7 +315,8 @@ def main() -> int:
     print(f"\none hop between two processes on 127.0.0.1 (half a Frame -> Result round trip), float32, "
           f"load avg {load0:.1f} -> {os.getloadavg()[0]:.1f}")
     print(f"{'far side answers from':<24}{'mesh':<7}{'tokens':>7}{'p50 us':>9}{'p90 us':>9}")
-    names = {"loop": "its grpc.aio handler", "executor": "a one-thread executor", "sync": "a grpc sync thread",
+    names = {"loop": "its grpc.aio handler", "executor": "a one-thread executor", "thread": "its ComputeThread",
+             "sync": "a grpc sync thread",
              "compute": "after 10 ms compute"}
     for mode, mesh, tokens, (p50, p90) in wire:
         print(f"{names[mode]:<24}{mesh:<7}{tokens:>7}{p50:>9.0f}{p90:>9.0f}")
