@@ -8,10 +8,11 @@ timed by this thread's CPU time (the machines we measure on are shared: other pr
 would swamp wall time; `--wall` for wall time).
 
     .venv/bin/python perf/bench_torch_batch.py [--batches 1,4,8,16] [--steps 32] [--prompt 64]
-        [--rounds 3] [--dtype auto] [--profile 8] [--kernels torch,q4]
+        [--rounds 3] [--dtype auto] [--profile 8] [--kernels torch,q4] [--fused 1,0]
 
 `--kernels` compares the packed-weight kernels (torch's int4 kernel, our kernels/q4.cpp) in one run:
-one shard each, rounds interleaved.
+one shard each, rounds interleaved; `--fused 1,0` likewise the layers' fused path (kernels/layer.cpp)
+against torch ops (TOGETHER_FUSED=0).
 """
 
 from __future__ import annotations
@@ -82,19 +83,26 @@ def main() -> int:
     ap.add_argument("--wall", action="store_true", help="time by the wall clock, not this thread's CPU time")
     ap.add_argument("--kernels", default="", help="packed-weight kernels to compare, e.g. torch,q4 (default: "
                     "the process default, TOGETHER_KERNEL)")
+    ap.add_argument("--fused", default="", help="the layers' fused path (kernels/layer.cpp) on and off to "
+                    "compare, e.g. 1,0 (default: the process default, TOGETHER_FUSED)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     ck = open_checkpoint(cache_dir() / "models" / EMBEDDED["smollm2-135m"]["file"])
     dtype = default_dtype("torch", ck, "cpu") if args.dtype == "auto" else args.dtype
     kernels = [k for k in args.kernels.split(",") if k] or [os.environ.get("TOGETHER_KERNEL", "")]
+    fused = [f for f in args.fused.split(",") if f] or [os.environ.get("TOGETHER_FUSED", "")]
     shards: dict[str, TorchShard] = {}
     for k in kernels:
-        if k:
-            os.environ["TOGETHER_KERNEL"] = k  # read when the packed projections are built
-        shards[k] = TorchShard(ck, 0, ck.config.num_hidden_layers, dtype)
+        for f in fused:
+            if k:
+                os.environ["TOGETHER_KERNEL"] = k  # read when the packed projections are built
+            if f:
+                os.environ["TOGETHER_FUSED"] = f  # read when the slice is loaded
+            shards[(k or "default") + (" unfused" if f == "0" else "")] = TorchShard(
+                ck, 0, ck.config.num_hidden_layers, dtype)
     if args.profile:
         for k, shard in shards.items():
-            print(f"kernel {k or 'default'}:")
+            print(f"kernel {k}:")
             profile(shard, args.profile, args.steps, args.prompt)
         return 0
     batches = [int(b) for b in args.batches.split(",")]
@@ -117,7 +125,7 @@ def main() -> int:
         base = med.get((k, 1))
         for b in batches:
             ratio = f"{med[k, b] / base:.2f}x" if base else "-"
-            print(f"| {k or 'default'} | {b} | {med[k, b]:.1f} | {med[k, b] / b:.1f} | {ratio} |")
+            print(f"| {k} | {b} | {med[k, b]:.1f} | {med[k, b] / b:.1f} | {ratio} |")
     return 0
 
 

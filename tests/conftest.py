@@ -16,6 +16,7 @@ def pytest_sessionstart(session):
     from backends.torch import kernels
 
     kernels.q4()
+    kernels.layer()
 
 
 @pytest.fixture(scope="session")

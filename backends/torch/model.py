@@ -4,8 +4,9 @@ projections, half-split RoPE (HF layout), SDPA with GQA, a preallocated per-sequ
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
-from typing import Callable, cast
+from typing import Any, Callable, cast
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,8 @@ from torch import nn
 
 from backends.config import ModelConfig
 from backends.errors import ModelError
-from backends.torch.quant import Loader, weight_format
+from backends.torch import kernels
+from backends.torch.quant import Loader, PackedLinear, weight_format
 from backends.weights import Checkpoint, expected_shapes, validate_slice
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -173,7 +175,8 @@ class StepKV:
     outside attention (TP ranks sum them row by row); inside, a batch whose slots are adjacent is
     permuted into slot order and reads the pool's rows in place, others are gathered (one copy)."""
 
-    def __init__(self, pool: KVPool, slots: list[int], pos: torch.Tensor, rowwise: bool = False):
+    def __init__(self, pool: KVPool, slots: list[int], pos: torch.Tensor, rowwise: bool = False,
+                 kernel: Callable[..., torch.Tensor] | None = None):
         B, L = pos.shape
         dev = pool.device
         self.pool, self.slots, self.offset = pool, slots, int(pos[0, 0])
@@ -182,6 +185,12 @@ class StepKV:
         for s, e in zip(slots, ends):
             pool.reserve(s, e)
         self.S = S = max(ends)
+        # kernels/layer.cpp's attend: a decode step's or a drafted chunk's RoPE, KV append and attention
+        # in one call per layer, each row over its own slot (no mask, no gather, no permutation)
+        self.kernel = kernel if kernel is not None and (L == 1 or self.rowwise) else None
+        if self.kernel is not None:
+            self.slot_rows, self.starts = torch.tensor(slots), pos[:, 0].contiguous()
+            return
         self.mask: torch.Tensor | None = None
         self.first, self.gather = slots[0], False
         self.perm: torch.Tensor | None = None
@@ -230,7 +239,18 @@ class StepKV:
         return o if self.unperm is None else o[self.unperm]
 
 
-class RMSNorm(nn.Module):
+# bumped whenever a block's module gets an attribute set (an adapter's wrapper replacing a projection, a
+# weight loaded): a slice's fused-forward plan (SliceModel._make_plan) holds the modules it was made from
+_generation = [0]
+
+
+class _Watched(nn.Module):
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        _generation[0] += 1
+
+
+class RMSNorm(_Watched):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
@@ -241,7 +261,7 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-class Attention(nn.Module):
+class Attention(_Watched):
     def __init__(self, a: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = a.n_heads, a.n_kv_heads, a.head_dim
@@ -251,18 +271,25 @@ class Attention(nn.Module):
         self.reduce = a.reduce
 
     def forward(self, x, cos, sin, kv: StepKV, layer: int):
-        B, L, _ = x.shape  # (B, L, C)
-        qkv = self.wqkv(x).to(cos.dtype)  # attention runs in the dtype of the caches (SliceModel.kv_dtype)
+        o = self.wo(self.attend(self.wqkv(x), cos, sin, kv, layer).to(x.dtype))
+        return o if self.reduce is None else self.reduce(o)
+
+    def attend(self, qkv: torch.Tensor, cos, sin, kv: StepKV, layer: int) -> torch.Tensor:
+        """The attention output (B, L, H D) of the fused projection's output qkv (B, L, (H + 2 Hkv) D)."""
+        B, L, _ = qkv.shape
+        kernel = getattr(kv, "kernel", None)  # a training forward's attention has none
+        if kernel is not None:  # in qkv's dtype
+            return kernel(qkv, cos, sin, kv.pool.k, kv.pool.v, layer, kv.slot_rows, kv.starts, self.n_heads, self.n_kv)
+        qkv = qkv.to(cos.dtype)  # attention runs in the dtype of the caches (SliceModel.kv_dtype)
         nq = self.n_heads + self.n_kv  # one RoPE call for the heads of q and k together
         qk = apply_rope(qkv[..., :nq * self.hd].view(B, L, nq, self.hd), cos, sin).transpose(1, 2)
         q, k = qk[:, :self.n_heads], qk[:, self.n_heads:]  # (B, H, L, D), (B, Hkv, L, D)
         v = qkv[..., nq * self.hd:].view(B, L, self.n_kv, self.hd).transpose(1, 2)
         o = kv.attend(layer, q, k, v, self.n_kv != self.n_heads)  # (B, H, L, D)
-        o = self.wo(o.transpose(1, 2).reshape(B, L, -1).to(x.dtype))
-        return o if self.reduce is None else self.reduce(o)
+        return o.transpose(1, 2).reshape(B, L, -1)
 
 
-class MLP(nn.Module):
+class MLP(_Watched):
     def __init__(self, a: ModelArgs):
         super().__init__()
         self.w13: nn.Module = nn.Linear(a.hidden_size, 2 * a.intermediate_size, bias=a.mlp_bias)  # gate ; up
@@ -275,7 +302,7 @@ class MLP(nn.Module):
         return o if self.reduce is None else self.reduce(o)
 
 
-class Block(nn.Module):
+class Block(_Watched):
     def __init__(self, a: ModelArgs):
         super().__init__()
         self.attention_norm = RMSNorm(a.hidden_size, a.norm_eps)
@@ -296,6 +323,9 @@ class SliceModel(nn.Module):
     # keys, values and attention: float32 on a CPU, whose bfloat16 SDPA decodes ~8x slower than float32
     kv_dtype = torch.float32
     weight_format = "float32"  # what the layers' projections hold: a dtype, or e.g. "int4/g32"
+    # kernels/layer.cpp's (rmsnorm, add_rmsnorm, attend) where load_slice found it usable, else
+    # None: every step as torch ops (builtin functions, not the module: a deepcopy takes them as they are)
+    fused: tuple[Any, ...] | None = None
 
     def __init__(self, a: ModelArgs):
         super().__init__()
@@ -328,15 +358,82 @@ class SliceModel(nn.Module):
         x = x.to(dtype)
         freqs = pos.to(self.inv_freq.device, torch.float32)[..., None] * self.inv_freq  # (B, L, D/2)
         cos, sin = freqs.cos().to(self.kv_dtype)[:, :, None], freqs.sin().to(self.kv_dtype)[:, :, None]
+        if self.fused is not None and len(self.layers):
+            return self._fused_forward(x, cos, sin, StepKV(pool, slots, pos, rowwise, self.fused[2]))
         kv = StepKV(pool, slots, pos, rowwise)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, kv, i)
         return self.norm(x) if self.norm is not None else x
 
+    def _fused_forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: StepKV) -> torch.Tensor:
+        """The blocks' forward with the norms (each with the residual add before it) and decode attention
+        in kernels/layer.cpp, over (B L, C) rows, from a plan of plain tensors and functions
+        (`_plan`): at batch 1 torch's dispatch of ~50 small ops a layer and nn.Module's attribute lookups
+        and calls cost more than the matmuls' compute did (perf/bench_torch_batch.py --profile 1)."""
+        rmsnorm, add_rmsnorm, _ = cast(tuple, self.fused)
+        if self._plan[0] != _generation[0]:
+            self._plan = (_generation[0], *self._make_plan())
+        _, plan, norm = self._plan
+        shape, eps, kernel = x.shape, self.args.norm_eps, kv.kernel
+        rows = (shape[0], shape[1])
+        x = x.reshape(-1, shape[-1])
+        pk, pv = kv.pool.k, kv.pool.v  # after StepKV reserved this step's room
+        slots, starts = (kv.slot_rows, kv.starts) if kernel is not None else (None, None)
+        h = y = x
+        for i, (an, wqkv, wo, fn, w13, w2, att) in enumerate(plan):
+            if i == 0:
+                xn = rmsnorm(x, an, eps)
+            else:  # the previous block's MLP residual, then this block's norm
+                x, xn = add_rmsnorm(h, y, an, eps)
+            qkv = wqkv(xn, rows)
+            if kernel is not None:
+                o = kernel(qkv, cos, sin, pk, pv, i, slots, starts, att.n_heads, att.n_kv)
+            else:  # a prefill chunk: torch's attention (one SDPA over the chunk)
+                o = att.attend(qkv.view(*rows, -1), cos, sin, kv, i).reshape(x.shape[0], -1).to(x.dtype)
+            h, hn = add_rmsnorm(x, wo(o, rows), fn, eps)
+            g, u = w13(hn, rows).chunk(2, dim=-1)
+            y = w2(F.silu(g) * u, rows)
+        out = add_rmsnorm(h, y, norm, eps)[1] if norm is not None else h + y
+        return out.view(shape)
+
+    _plan: tuple = (-1, [], None)  # (_generation when made, _make_plan())
+
+    def _make_plan(self) -> tuple[list[tuple], torch.Tensor | None]:
+        """Per block: (attention norm weight, wqkv, wo, MLP norm weight, w13, w2, the attention module), each
+        projection a function of ((B L, in) rows, (B, L)) with its tensor-parallel reduce; one of our q4
+        kernel's packed projections as a direct call of the kernel (the module's forward: ~13 us a call);
+        and the final norm's weight (None but on the last slice)."""
+        plan = []
+        for i in range(len(self.layers)):
+            blk = self.block(i)
+            att, ffn = blk.attention, blk.feed_forward
+            plan.append((blk.attention_norm.weight, _rows_fn(att.wqkv, None), _rows_fn(att.wo, att.reduce),
+                         blk.ffn_norm.weight, _rows_fn(ffn.w13, None), _rows_fn(ffn.w2, ffn.reduce), att))
+        return plan, None if self.norm is None else self.norm.weight
+
     def head(self, h: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
             raise ModelError(f"layers [{self.args.start}, {self.args.end}) are not the last slice: no head")
         return self.lm_head(h)
+
+
+def _rows_fn(m: nn.Module, reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> Callable[..., torch.Tensor]:
+    """m as a function of (rows (N, in), (B, L)) -> (N, out), then `reduce` if any (see _make_plan)."""
+    if isinstance(m, PackedLinear) and m.q4 is not None and m.bias is None and reduce is None:
+        f, q, s, c, g = m.q4, m.q4q, m.q4s, m.q4c, m.group_size
+        return lambda x, rows: f(x, q, s, c, g)  # x: bfloat16, as every packed slice computes in
+    if reduce is None:
+        return lambda x, rows: m(x.view(*rows, -1)).flatten(0, 1)  # a LoRA wrapper reads (B, L, C)
+    return lambda x, rows: reduce(m(x.view(*rows, -1))).flatten(0, 1)
+
+
+def fused_ops(device: torch.device, dtype: torch.dtype) -> tuple[Any, ...] | None:
+    """kernels/layer.cpp's ops where they serve a slice: on a CPU (float32 caches), float32 or bfloat16
+    activations, the kernel built, and not turned off (TOGETHER_FUSED=0: benchmarks compare the two)."""
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or os.environ.get("TOGETHER_FUSED") == "0":
+        return None
+    mod = kernels.layer()
+    return None if mod is None else (mod.rmsnorm, mod.add_rmsnorm, mod.attend)
 
 
 def load_slice(ck: Checkpoint, start: int, end: int, dtype: str = "float32",
@@ -374,6 +471,7 @@ def load_slice(ck: Checkpoint, start: int, end: int, dtype: str = "float32",
     model.inv_freq = rope_inv_freq(a).to(dev)
     model.compute_dtype = tdt
     model.kv_dtype = torch.float32 if dev.type == "cpu" else tdt
+    model.fused = fused_ops(dev, tdt)
     blocks = [model.block(j) for j in range(end - start)]
     projs = [m for b in blocks for m in (b.attention.wqkv, b.attention.wo, b.feed_forward.w13, b.feed_forward.w2)]
     projs += [model.lm_head] if model.lm_head is not None else []
