@@ -15,18 +15,9 @@ import torch.nn.functional as F  # noqa: E402
 from backends.shard import SeqChunk  # noqa: E402
 from backends.torch.model import KVPool, StepKV, apply_rope  # noqa: E402
 from backends.torch.shard import TorchShard  # noqa: E402
-from tests.backends.test_torch_packed import quantized_dir  # noqa: E402
+# the embedded prompt and the one-compute-thread fixture (autouse once imported) of the packed tests
+from tests.backends.test_torch_packed import PROMPT, one_thread, quantized_dir  # noqa: E402,F401
 from tests.helpers import greedy  # noqa: E402
-
-PROMPT = np.array([1, 9690, 28, 1178, 314, 253, 1345, 282, 1148, 30, 198, 2], np.int32)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # small shared machines: see test_torch_backend.py
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")
