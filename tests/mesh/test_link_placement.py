@@ -13,7 +13,6 @@ import urllib.request
 
 import pytest
 
-from mesh.local import wait_port
 from tests.mesh.netns import NetnsMesh, NetnsUnavailable
 from tests.mesh.test_ring import reference
 
@@ -76,13 +75,14 @@ def run_ring(embedded_path, placement: str) -> dict:
             rate_limit(m, SLOW)
         except NetnsUnavailable as e:
             pytest.skip(f"tc htb unavailable: {e}")
-        # the API peer (its tokenizer takes seconds) first; the others once it listens, settling less:
-        # every peer knows the others before any claims, so the coordinator places all three at once
-        common = ("--backend", "torch", "--dtype", "float32", "--placement", placement)
-        a = m.add(0, "a", *common, "--settle", "5", api=True)
-        wait_port(a.host, a.port)
-        m.add(1, "b", *common, "--settle", "3")
-        m.add(SLOW, "c", *common, "--settle", "3", "--link-delay-ms", str(DELAY_MS))
+        # all three at one instant, each looking for the others (mDNS) for 5 s before it claims: however
+        # slowly each one starts on a busy machine, every peer knows the others before any claims, so the
+        # coordinator places all three at once (started one after another, a late peer would find the
+        # model already placed on the first and stand by)
+        common = ("--backend", "torch", "--dtype", "float32", "--placement", placement, "--settle", "5")
+        a = m.add(0, "a", *common, api=True)
+        m.add(1, "b", *common)
+        m.add(SLOW, "c", *common, "--link-delay-ms", str(DELAY_MS))
         body = m.wait_complete(a, timeout=240)
         layers = {s["name"]: s["end"] - s["start"] for s in body["ring"]}
         post(a, {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True})

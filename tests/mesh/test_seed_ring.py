@@ -142,6 +142,8 @@ def test_a_standby_with_an_empty_cache_takes_a_killed_stage_and_a_corrupt_chunk_
         c.wait_ready(a, stages=2)
         spare = torch_peer(c, "s", env["s"], "--peer", a.address)
         wait_log(spare, "standing by")
+        # its plan line comes as it enters the mesh; its API serves once its tokenizer is in (it says so)
+        wait_log(spare, "joined mesh")
         assert "failed its SHA-256 check; fetching it again" in b.log() + spare.log()
         before = metric(spare, "weight_bytes_received")
         want, _ = stream_text(a, 120)
