@@ -8,10 +8,11 @@ exact home in torch's int8 kernel (one scale per output row, not per group), so 
 The kernel is fast with bfloat16 activations only (float32 ones are ~20x slower), so packed weights
 go with bfloat16 compute on a CPU; everything else takes the dense path.
 
-Where the CPU has AVX512-BF16 our own kernel (kernels/q4.cpp, compiled once per machine) replaces it (the
+Where the CPU has AVX512-BF16 our own kernels (kernels/q4.cpp, compiled once per machine) replace it (the
 default; TOGETHER_KERNEL=torch keeps torch's): scales and biases as stored (float16, not rounded to
 bfloat16), weights read once per tile of 4 rows, no dequantized copy for a prefill chunk, and a row's
-output independent of how many rows share the call (tokens do not depend on the batch or the drafts).
+output independent of how many rows share the call (tokens do not depend on the batch or the drafts);
+8-bit groups keep one byte plane (q8_mm), not two nibble planes.
 """
 
 from __future__ import annotations
@@ -84,6 +85,20 @@ def _q4_layout(a: Affine) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             torch.from_numpy(np.ascontiguousarray(meta[-1])))
 
 
+def _q8_layout(a: Affine) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """8-bit `a` for our q8 kernel (kernels/q4.cpp's q8_mm), output rows in blocks of 16: bytes (N/16, K/2, 32)
+    (step t: k = 2t, 2t + 1; byte j: row j/2, input 2t + j%2; rows 8-15 in bytes 16-31); scales and biases
+    (N/16, K/g, 16), float16 where that holds them exactly, else float32."""
+    q, s, b = unpack(a), a.scales.astype(np.float32), a.biases.astype(np.float32)
+    n, k = q.shape
+    nb, g = n // 16, k // a.group_size
+    packed = q.reshape(nb, 16, k // 2, 2).transpose(0, 2, 1, 3).reshape(nb, k // 2, 32)  # (block, t, row, e)
+    meta = [x.reshape(nb, 16, g).transpose(0, 2, 1) for x in (s, b)]  # (block, group, row)
+    exact = all(np.array_equal(x.astype(np.float16).astype(np.float32), x) for x in meta)
+    meta = [np.ascontiguousarray(x.astype(np.float16 if exact else np.float32)) for x in meta]
+    return torch.from_numpy(np.ascontiguousarray(packed)), torch.from_numpy(meta[0]), torch.from_numpy(meta[1])
+
+
 def q4_fits(a: Affine) -> bool:
     """Whether our q4 kernel takes `a`'s shape (blocks of 16 output rows)."""
     return a.packed.shape[0] % 16 == 0 and a.group_size % 4 == 0
@@ -116,11 +131,13 @@ class PackedLinear(nn.Module):
         self.dtype, self.device = torch.bfloat16, torch.device("cpu")
         kernel = kernel or default_kernel()
         mod = kernels.q4() if kernel == "q4" and q4_fits(a) else None
-        self.q4 = None if mod is None else mod.q4_mm  # a builtin function: deepcopy takes it as it is
+        # q4_mm, or q8_mm for 8-bit groups (one byte plane, half the vdpbf16ps of two nibble planes); a builtin
+        # function: deepcopy takes it as it is
+        self.q4 = None if mod is None else mod.q4_mm if a.bits == 4 else mod.q8_mm
         self.kernel = "q4" if self.q4 is not None else "torch"
         self.planes = 1 if a.bits == 4 else 2
         if self.q4 is not None:
-            for name, t in zip(("q4q", "q4s", "q4c"), _q4_layout(a)):
+            for name, t in zip(("q4q", "q4s", "q4c"), _q4_layout(a) if a.bits == 4 else _q8_layout(a)):
                 self.register_buffer(name, t)
         else:
             q, s, b = unpack(a), a.scales.astype(np.float32), a.biases.astype(np.float32)
@@ -155,6 +172,10 @@ class PackedLinear(nn.Module):
 
     def _q4_dense(self) -> torch.Tensor:
         n, k, g, nb = self.out_features, self.in_features, self.group_size, self.out_features // 16
+        if self.bits == 8:  # q8 layout: (block, t, row, e) bytes, w = s u + c
+            q = self.q4q.view(nb, k // 2, 16, 2).transpose(1, 2).reshape(nb, 16, k // g, g)
+            s8, c8 = (x.float().transpose(1, 2)[..., None] for x in (self.q4s, self.q4c))  # (block, row, G, 1)
+            return torch.addcmul(c8, q, s8).reshape(n, k).to(torch.bfloat16).T
         s = self.q4s.float().permute(0, 3, 1, 2)[..., None]  # (block, row, P, G, 1)
         w = self.q4c.float().transpose(1, 2)[..., None]  # the bias (block, row, G, 1)
         for i in range(self.planes):  # one plane at a time: no float copy of every plane at once

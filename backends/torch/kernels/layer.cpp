@@ -288,7 +288,7 @@ at::Tensor attend(at::Tensor qkv, at::Tensor cos, at::Tensor sin, at::Tensor pk,
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rmsnorm", &rmsnorm, "weight * rmsnorm(x)");
-  m.def("add_rmsnorm", &add_rmsnorm, "(x + a, weight * rmsnorm(x + a))");
-  m.def("attend", &attend, "RoPE, KV append and decode attention over the pool");
+  m.def("rmsnorm", &rmsnorm, py::call_guard<py::gil_scoped_release>(), "weight * rmsnorm(x)");
+  m.def("add_rmsnorm", &add_rmsnorm, py::call_guard<py::gil_scoped_release>(), "(x + a, weight * rmsnorm(x + a))");
+  m.def("attend", &attend, py::call_guard<py::gil_scoped_release>(), "RoPE, KV append and decode attention over the pool");
 }

@@ -1,4 +1,6 @@
-// Group-quantized matmul over 4-bit planes (GGUF Q4_0/Q4_1/Q8_0, MLX 4/8-bit) with bfloat16
+// Group-quantized matmuls with bfloat16 activations on AVX512-BF16: q4_mm over 4-bit planes (GGUF Q4_0/Q4_1,
+// MLX 4-bit; 8-bit groups as two planes where q8_mm does not serve) and q8_mm over bytes (GGUF Q8_0, MLX 8-bit),
+// below. q4_mm: group-quantized matmul over 4-bit planes with bfloat16
 // activations, on AVX512-BF16. Output rows sit in the vector lanes (blocks of 16 rows), so one
 // vdpbf16ps does 16 rows x 2 inputs against a broadcast pair of activations, and a group's scale is one
 // multiply per 16 rows. A nibble q becomes the bfloat16 128 + q by one OR (0x4300 | q is exact); the
@@ -29,6 +31,22 @@ constexpr int64_t BLOCK = 16;  // output rows per vector
 
 // q: (N/16, P, K/4, 32) bytes: byte j of step t holds row j/2 of the block, low nibble k = 4t + j%2,
 // high nibble k = 4t + 2 + j%2. s: (N/16, P, G, 16); c (the biases): (N/16, G, 16).
+// x's sums over each group of g inputs (bfloat16 -> float32 is a 16-bit shift), for the groups' constants
+std::vector<float> group_sums(const uint16_t* xp, int64_t n, int64_t g) {
+  std::vector<float> xs(n);
+  for (int64_t i = 0; i < n; ++i) {
+    __m512 a = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= g; j += 16)
+      a = _mm512_add_ps(a, _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(xp + i * g + j))), 16)));
+    float sum = _mm512_reduce_add_ps(a);
+    for (; j < g; ++j) sum += float(c10::bit_cast<at::BFloat16>(xp[i * g + j]));
+    xs[i] = sum;
+  }
+  return xs;
+}
+
 template <int MT, typename T>
 void block_tile(const uint16_t* x, int64_t K, const float* xs, int64_t G, int64_t g, const uint8_t* q,
                 const T* s, const T* c, int64_t P, uint16_t* y, int64_t ldy, int64_t b0, int64_t b1) {
@@ -104,17 +122,7 @@ torch::Tensor q4_mm(torch::Tensor x, torch::Tensor q, torch::Tensor s, torch::Te
   TORCH_CHECK(s.is_contiguous() && s.numel() == N * P * G && c.is_contiguous() && c.numel() == N * G, "q4_mm: s, c");
   auto y = torch::empty({M, N}, x.options());
   const uint16_t* xp = (const uint16_t*)x.data_ptr();
-  std::vector<float> xs(M * G);  // group sums of x, for the groups' constants
-  for (int64_t i = 0; i < M * G; ++i) {
-    __m512 a = _mm512_setzero_ps();
-    int64_t j = 0;
-    for (; j + 16 <= g; j += 16)  // bfloat16 -> float32 is a 16-bit shift
-      a = _mm512_add_ps(a, _mm512_castsi512_ps(_mm512_slli_epi32(
-          _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(xp + i * g + j))), 16)));
-    float sum = _mm512_reduce_add_ps(a);
-    for (; j < g; ++j) sum += float(c10::bit_cast<at::BFloat16>(xp[i * g + j]));
-    xs[i] = sum;
-  }
+  const std::vector<float> xs = group_sums(xp, M * G, g);
   uint16_t* yp = (uint16_t*)y.data_ptr();
   const float* xsp = xs.data();
   const uint8_t* qp = q.data_ptr<uint8_t>();
@@ -138,8 +146,97 @@ torch::Tensor q4_mm(torch::Tensor x, torch::Tensor q, torch::Tensor s, torch::Te
   return y;
 }
 
+// 8-bit groups (GGUF Q8_0, MLX 8-bit) in one plane: a byte u becomes the bfloat16 u exactly (u < 256 has 8
+// significant bits) through float32, so each weight takes one vdpbf16ps lane instead of two nibble planes'.
+// q: (N/16, K/2, 32) bytes: step t holds k = 2t, 2t + 1; byte j is row j/2 (bytes 0-15, rows 0-7) or
+// 8 + (j-16)/2 (bytes 16-31), input k = 2t + j%2. s and c (the biases): (N/16, G, 16); w = s u + c.
+constexpr int TILE8 = 8;  // rows per tile of q8_mm: its decode costs more than a nibble's, so more rows share it
+
+template <int MT, typename T>
+void block_tile8(const uint16_t* x, int64_t K, const float* xs, int64_t G, int64_t g, const uint8_t* q,
+                 const T* s, const T* c, uint16_t* y, int64_t ldy, int64_t b0, int64_t b1) {
+  const int64_t steps = g / 2;  // even: g % 4 == 0
+  for (int64_t b = b0; b < b1; ++b) {
+    __m512 tot[MT];
+    for (int m = 0; m < MT; ++m) tot[m] = _mm512_setzero_ps();
+    const uint8_t* qb = q + b * (K / 2) * 32;
+    const T* sb = s + b * G * BLOCK;
+    const T* cb = c + b * G * BLOCK;
+    for (int64_t gi = 0; gi < G; ++gi) {
+      __m512 acc[MT][2];  // two chains, alternate steps: the same for every MT (rows batch-invariant)
+      for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+      const uint8_t* qg = qb + gi * steps * 32;
+      const int64_t kg = gi * g;
+      for (int64_t t = 0; t < steps; t += 2) {
+        __m512bh w[2];
+        for (int e = 0; e < 2; ++e) {
+          const uint8_t* qt = qg + (t + e) * 32;
+          __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)qt)));
+          __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(qt + 16))));
+          w[e] = _mm512_cvtne2ps_pbh(hi, lo);  // bfloat16 elements 0-15 from lo, 16-31 from hi
+        }
+        for (int m = 0; m < MT; ++m) {
+          const uint16_t* xm = x + m * K + kg + 2 * t;
+          acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w[0], pair(xm));
+          acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w[1], pair(xm + 2));
+        }
+      }
+      __m512 sv = load16(sb + gi * BLOCK);
+      for (int m = 0; m < MT; ++m) tot[m] = _mm512_fmadd_ps(sv, _mm512_add_ps(acc[m][0], acc[m][1]), tot[m]);
+    }
+    for (int64_t gi = 0; gi < G; ++gi) {
+      __m512 cv = load16(cb + gi * BLOCK);
+      for (int m = 0; m < MT; ++m) tot[m] = _mm512_fmadd_ps(cv, _mm512_set1_ps(xs[m * G + gi]), tot[m]);
+    }
+    for (int m = 0; m < MT; ++m)
+      _mm256_storeu_si256((__m256i*)(y + m * ldy + b * BLOCK), (__m256i)_mm512_cvtneps_pbh(tot[m]));
+  }
+}
+
+// x (M, K) bfloat16; q (N/16, K/2, 32) uint8; scales s and biases c (N/16, G, 16), both float16 or both
+// float32 -> (M, N) bfloat16
+torch::Tensor q8_mm(torch::Tensor x, torch::Tensor q, torch::Tensor s, torch::Tensor c, int64_t g) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "q8_mm: x must be (M, K) bfloat16");
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kByte && q.is_contiguous() && q.size(2) == 32,
+              "q8_mm: q must be (N/16, K/2, 32) uint8");
+  x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), NB = q.size(0), N = NB * BLOCK, G = K / g;
+  TORCH_CHECK(q.size(1) * 2 == K && g % 4 == 0 && K % g == 0, "q8_mm: K and the group size disagree");
+  TORCH_CHECK((s.scalar_type() == at::kFloat || s.scalar_type() == at::kHalf) && s.scalar_type() == c.scalar_type(),
+              "q8_mm: scales and biases must be both float16 or both float32");
+  TORCH_CHECK(s.is_contiguous() && s.numel() == N * G && c.is_contiguous() && c.numel() == N * G, "q8_mm: s, c");
+  auto y = torch::empty({M, N}, x.options());
+  const uint16_t* xp = (const uint16_t*)x.data_ptr();
+  const std::vector<float> xs = group_sums(xp, M * G, g);
+  uint16_t* yp = (uint16_t*)y.data_ptr();
+  const float* xsp = xs.data();
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const bool half = s.scalar_type() == at::kHalf;
+  at::parallel_for(0, NB, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t b0 = lo; b0 < hi; b0 += 16) {
+      const int64_t b1 = std::min<int64_t>(hi, b0 + 16);
+      for (int64_t m0 = 0; m0 < M; m0 += TILE8) {
+        const int mt = (int)std::min<int64_t>(TILE8, M - m0);
+#define CASE(MT) case MT: \
+          if (half) block_tile8<MT>(xp + m0 * K, K, xsp + m0 * G, G, g, qp, s.data_ptr<at::Half>(), \
+                                    c.data_ptr<at::Half>(), yp + m0 * N, N, b0, b1); \
+          else block_tile8<MT>(xp + m0 * K, K, xsp + m0 * G, G, g, qp, s.data_ptr<float>(), c.data_ptr<float>(), \
+                               yp + m0 * N, N, b0, b1); \
+          break;
+        switch (mt) { CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8) }
+#undef CASE
+      }
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("q4_mm", &q4_mm, "group-quantized 4-bit-plane matmul, bfloat16 activations (AVX512-BF16)");
+  // the GIL is let go while they run: the peer's event loop serves frames and the API meanwhile
+  m.def("q4_mm", &q4_mm, py::call_guard<py::gil_scoped_release>(),
+        "group-quantized 4-bit-plane matmul, bfloat16 activations (AVX512-BF16)");
+  m.def("q8_mm", &q8_mm, py::call_guard<py::gil_scoped_release>(),
+        "group-quantized 8-bit matmul, bfloat16 activations (AVX512-BF16)");
 }
