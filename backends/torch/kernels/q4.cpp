@@ -108,42 +108,51 @@ void run_tile(int mt, const uint16_t* x, int64_t K, const float* xs, int64_t G, 
   }
 }
 
-// x (M, K) bfloat16; q (N/16, P, K/4, 32) uint8; scales s (N/16, P, G, 16), biases c (N/16, G, 16), both
-// float16 or both float32 -> (M, N) bfloat16
-torch::Tensor q4_mm(torch::Tensor x, torch::Tensor q, torch::Tensor s, torch::Tensor c, int64_t g) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "q4_mm: x must be (M, K) bfloat16");
-  TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kByte && q.is_contiguous() && q.size(3) == 32,
-              "q4_mm: q must be (N/16, P, K/4, 32) uint8");
+// The matmuls' shared part: checks of x and of the groups' constants, x's group sums, then `tile(mt, m0, b0, b1,
+// ...)` over blocks of 16 output-row vectors (split over torch's intra-op threads, one on a peer; 16 blocks, 256
+// rows, stay in cache while every tile of up to `rows` activation rows passes over them).
+template <typename F>
+torch::Tensor run_blocks(const char* name, torch::Tensor x, const torch::Tensor& s, const torch::Tensor& c,
+                         int64_t NB, int64_t g, int64_t planes, int rows, F tile) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, name, ": x must be (M, K) bfloat16");
   x = x.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), NB = q.size(0), P = q.size(1), N = NB * BLOCK, G = K / g;
-  TORCH_CHECK(q.size(2) * 4 == K && g % 4 == 0 && K % g == 0, "q4_mm: K and the group size disagree");
+  const int64_t M = x.size(0), K = x.size(1), N = NB * BLOCK, G = K / g;
+  TORCH_CHECK(g % 4 == 0 && K % g == 0, name, ": K and the group size disagree");
   TORCH_CHECK((s.scalar_type() == at::kFloat || s.scalar_type() == at::kHalf) && s.scalar_type() == c.scalar_type(),
-              "q4_mm: scales and biases must be both float16 or both float32");
-  TORCH_CHECK(s.is_contiguous() && s.numel() == N * P * G && c.is_contiguous() && c.numel() == N * G, "q4_mm: s, c");
+              name, ": scales and biases must be both float16 or both float32");
+  TORCH_CHECK(s.is_contiguous() && s.numel() == N * planes * G && c.is_contiguous() && c.numel() == N * G,
+              name, ": scales or biases of the wrong shape");
   auto y = torch::empty({M, N}, x.options());
   const uint16_t* xp = (const uint16_t*)x.data_ptr();
   const std::vector<float> xs = group_sums(xp, M * G, g);
   uint16_t* yp = (uint16_t*)y.data_ptr();
-  const float* xsp = xs.data();
-  const uint8_t* qp = q.data_ptr<uint8_t>();
   const bool half = s.scalar_type() == at::kHalf;
-  // blocks of rows over torch's intra-op threads (one on a peer); 16 blocks (256 rows) stay in cache
-  // while every tile of 4 activation rows passes over them
   at::parallel_for(0, NB, 16, [&](int64_t lo, int64_t hi) {
     for (int64_t b0 = lo; b0 < hi; b0 += 16) {
       const int64_t b1 = std::min<int64_t>(hi, b0 + 16);
-      for (int64_t m0 = 0; m0 < M; m0 += TILE) {
-        int mt = (int)std::min<int64_t>(TILE, M - m0);
-        if (half)
-          run_tile(mt, xp + m0 * K, K, xsp + m0 * G, G, g, qp, s.data_ptr<at::Half>(), c.data_ptr<at::Half>(), P,
-                   yp + m0 * N, N, b0, b1);
-        else
-          run_tile(mt, xp + m0 * K, K, xsp + m0 * G, G, g, qp, s.data_ptr<float>(), c.data_ptr<float>(), P,
-                   yp + m0 * N, N, b0, b1);
-      }
+      for (int64_t m0 = 0; m0 < M; m0 += rows)
+        tile((int)std::min<int64_t>(rows, M - m0), xp + m0 * K, K, xs.data() + m0 * G, G, yp + m0 * N, N, b0, b1,
+             half);
     }
   });
   return y;
+}
+
+// x (M, K) bfloat16; q (N/16, P, K/4, 32) uint8; scales s (N/16, P, G, 16), biases c (N/16, G, 16), both
+// float16 or both float32 -> (M, N) bfloat16
+torch::Tensor q4_mm(torch::Tensor x, torch::Tensor q, torch::Tensor s, torch::Tensor c, int64_t g) {
+  TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kByte && q.is_contiguous() && q.size(3) == 32 &&
+              q.size(2) * 4 == x.size(-1), "q4_mm: q must be (N/16, P, K/4, 32) uint8");
+  const int64_t P = q.size(1);
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  return run_blocks("q4_mm", x, s, c, q.size(0), g, P, TILE,
+                    [&](int mt, const uint16_t* xm, int64_t K, const float* xs, int64_t G, uint16_t* y, int64_t N,
+                        int64_t b0, int64_t b1, bool half) {
+    if (half)
+      run_tile(mt, xm, K, xs, G, g, qp, s.data_ptr<at::Half>(), c.data_ptr<at::Half>(), P, y, N, b0, b1);
+    else
+      run_tile(mt, xm, K, xs, G, g, qp, s.data_ptr<float>(), c.data_ptr<float>(), P, y, N, b0, b1);
+  });
 }
 
 // 8-bit groups (GGUF Q8_0, MLX 8-bit) in one plane: a byte u becomes the bfloat16 u exactly (u < 256 has 8
@@ -193,44 +202,26 @@ void block_tile8(const uint16_t* x, int64_t K, const float* xs, int64_t G, int64
   }
 }
 
+
 // x (M, K) bfloat16; q (N/16, K/2, 32) uint8; scales s and biases c (N/16, G, 16), both float16 or both
 // float32 -> (M, N) bfloat16
 torch::Tensor q8_mm(torch::Tensor x, torch::Tensor q, torch::Tensor s, torch::Tensor c, int64_t g) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "q8_mm: x must be (M, K) bfloat16");
-  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kByte && q.is_contiguous() && q.size(2) == 32,
-              "q8_mm: q must be (N/16, K/2, 32) uint8");
-  x = x.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), NB = q.size(0), N = NB * BLOCK, G = K / g;
-  TORCH_CHECK(q.size(1) * 2 == K && g % 4 == 0 && K % g == 0, "q8_mm: K and the group size disagree");
-  TORCH_CHECK((s.scalar_type() == at::kFloat || s.scalar_type() == at::kHalf) && s.scalar_type() == c.scalar_type(),
-              "q8_mm: scales and biases must be both float16 or both float32");
-  TORCH_CHECK(s.is_contiguous() && s.numel() == N * G && c.is_contiguous() && c.numel() == N * G, "q8_mm: s, c");
-  auto y = torch::empty({M, N}, x.options());
-  const uint16_t* xp = (const uint16_t*)x.data_ptr();
-  const std::vector<float> xs = group_sums(xp, M * G, g);
-  uint16_t* yp = (uint16_t*)y.data_ptr();
-  const float* xsp = xs.data();
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kByte && q.is_contiguous() && q.size(2) == 32 &&
+              q.size(1) * 2 == x.size(-1), "q8_mm: q must be (N/16, K/2, 32) uint8");
   const uint8_t* qp = q.data_ptr<uint8_t>();
-  const bool half = s.scalar_type() == at::kHalf;
-  at::parallel_for(0, NB, 16, [&](int64_t lo, int64_t hi) {
-    for (int64_t b0 = lo; b0 < hi; b0 += 16) {
-      const int64_t b1 = std::min<int64_t>(hi, b0 + 16);
-      for (int64_t m0 = 0; m0 < M; m0 += TILE8) {
-        const int mt = (int)std::min<int64_t>(TILE8, M - m0);
+  return run_blocks("q8_mm", x, s, c, q.size(0), g, 1, TILE8,
+                    [&](int mt, const uint16_t* xm, int64_t K, const float* xs, int64_t G, uint16_t* y, int64_t N,
+                        int64_t b0, int64_t b1, bool half) {
+    switch (mt) {
 #define CASE(MT) case MT: \
-          if (half) block_tile8<MT>(xp + m0 * K, K, xsp + m0 * G, G, g, qp, s.data_ptr<at::Half>(), \
-                                    c.data_ptr<at::Half>(), yp + m0 * N, N, b0, b1); \
-          else block_tile8<MT>(xp + m0 * K, K, xsp + m0 * G, G, g, qp, s.data_ptr<float>(), c.data_ptr<float>(), \
-                               yp + m0 * N, N, b0, b1); \
-          break;
-        switch (mt) { CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8) }
+        if (half) block_tile8<MT>(xm, K, xs, G, g, qp, s.data_ptr<at::Half>(), c.data_ptr<at::Half>(), y, N, b0, b1); \
+        else block_tile8<MT>(xm, K, xs, G, g, qp, s.data_ptr<float>(), c.data_ptr<float>(), y, N, b0, b1); \
+        break;
+      CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
 #undef CASE
-      }
     }
   });
-  return y;
 }
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
