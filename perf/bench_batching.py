@@ -12,6 +12,7 @@ lookup drafts change the positions per frame with the text) and `--prefix-cache-
     .venv/bin/python perf/bench_batching.py [--backend torch] [--dtype auto] [--tokens 48]
                                             [--streams 1,4,8,16] [--rounds 2] [--one-frame]
                                             [--split measured,even] [--draft off] [--prefix-cache-memory 0]
+                                            [--micro-batches 0,3] [--peer-frames 2]
 """
 
 from __future__ import annotations
@@ -115,16 +116,22 @@ def measured_cut(model: str, backend: str, dtype: str) -> int:
     return stages[0][2]
 
 
-def ring_setups(splits: list[str], cut: int, n: int, micro_batches: int = 0, one_frame: bool = False
-                ) -> tuple[dict[str, int], dict[str, tuple[list[int], int]]]:
+def ring_setups(splits: list[str], cut: int, n: int, micro_batches: int | list[int] = 0, one_frame: bool = False,
+                peer_frames: list[int] | None = None) -> tuple[dict[str, int], dict[str, tuple[list[int], int]]]:
     """The two-peer rings' cuts by `--split` name (measured: `cut`, even: half, or a layer) and every
-    configuration to run: name -> (layer cuts, --micro-batches), one peer first."""
+    configuration to run: name -> (layer cuts, --micro-batches), one peer first; a ring for each cut and
+    each of `micro_batches` (0: one frame per stage), and one peer with each of `peer_frames` frames."""
     cuts = {s: cut if s == "measured" else n // 2 if s == "even" else int(s) for s in splits}
     if not all(0 < c < n for c in cuts.values()):
         raise SystemExit(f"--split: every cut must leave both peers layers of [0, {n})")
+    mbs = [micro_batches] if isinstance(micro_batches, int) else micro_batches
     setups = {"one peer": ([0, n], 0)}
+    for f in peer_frames or []:
+        setups[f"one peer, {f} frames"] = ([0, n], f)
     for c in cuts.values():
-        setups[f"ring [0,{c}) [{c},{n})" if len(cuts) > 1 else "two-peer ring"] = ([0, c, n], micro_batches)
+        for mb in mbs:
+            name = f"ring [0,{c}) [{c},{n})" if len(cuts) > 1 else "two-peer ring"
+            setups[name + (f", {mb} frames" if len(mbs) > 1 and mb else "")] = ([0, c, n], mb)
     if one_frame:
         setups["ring, 1 frame"] = ([0, next(iter(cuts.values())), n], 1)
     return cuts, setups
@@ -171,7 +178,11 @@ def main() -> int:
     ap.add_argument("--split", default="measured",
                     help="the two-peer ring's cut: measured (as the coordinator places), even, or a layer; "
                          "several, comma-separated, one ring each")
-    ap.add_argument("--micro-batches", type=int, default=0, help="the two-peer rings' --micro-batches")
+    ap.add_argument("--micro-batches", default="0",
+                    help="the two-peer rings' --micro-batches (0: one frame per stage); several, comma-separated, "
+                         "one ring each")
+    ap.add_argument("--peer-frames", default="",
+                    help="also one peer with this many frames in flight (its --micro-batches); comma-separated")
     ap.add_argument("--draft", default="off", help="every peer's --draft (off, lookup)")
     ap.add_argument("--prefix-cache-memory", default="0",
                     help="every peer's --prefix-cache-memory ('default': the peers' own default)")
@@ -186,7 +197,8 @@ def main() -> int:
     n = open_checkpoint(model).config.num_hidden_layers
     splits = a.split.split(",")
     cut = measured_cut(model, a.backend, a.dtype) if "measured" in splits else n // 2
-    cuts, setups = ring_setups(splits, cut, n, a.micro_batches, a.one_frame)
+    mbs = [int(x) for x in a.micro_batches.split(",")]
+    cuts, setups = ring_setups(splits, cut, n, mbs, a.one_frame, [int(x) for x in a.peer_frames.split(",") if x])
     extra = peer_args(a.draft, a.prefix_cache_memory)
     meshes: dict[str, tuple[LocalMesh, str]] = {}
     runs: dict[str, dict[int, list[dict]]] = {name: {k: [] for k in streams} for name in setups}
@@ -210,7 +222,7 @@ def main() -> int:
           f"best of {a.rounds} interleaved rounds, 1 compute thread per peer, {os.cpu_count()} cores, "
           f"load avg {load0:.1f} -> {os.getloadavg()[0]:.1f}; draft {a.draft}, prefix cache {a.prefix_cache_memory} "
           f"on every peer; ring cut {', '.join(f'{s}={c}' for s, c in cuts.items())}, micro-batches "
-          f"{a.micro_batches or 'one per stage'}, TOGETHER_KERNEL={os.environ.get('TOGETHER_KERNEL', 'default')}")
+          f"{a.micro_batches if a.micro_batches != '0' else 'one per stage'}, TOGETHER_KERNEL={os.environ.get('TOGETHER_KERNEL', 'default')}")
     w = max(15, *(len(name) + 1 for name in results))
     print("decode tok/s: the streams' own decode rates (after their first token) summed; the ratios are of it; "
           "wall tok/s: all tokens over the wall time, prefill included; busy: each peer's compute "

@@ -17,6 +17,9 @@ def test_ring_setups_cut_where_asked():
     assert setups == {"one peer": ([0, 30], 0), "ring [0,19) [19,30)": ([0, 19, 30], 3),
                       "ring [0,15) [15,30)": ([0, 15, 30], 3), "ring [0,17) [17,30)": ([0, 17, 30], 3),
                       "ring, 1 frame": ([0, 19, 30], 1)}
+    cuts, setups = bb.ring_setups(["measured"], 19, 30, micro_batches=[0, 3], peer_frames=[2])
+    assert setups == {"one peer": ([0, 30], 0), "one peer, 2 frames": ([0, 30], 2),
+                      "two-peer ring": ([0, 19, 30], 0), "two-peer ring, 3 frames": ([0, 19, 30], 3)}
     with pytest.raises(SystemExit):
         bb.ring_setups(["30"], 19, 30)  # a cut that leaves a peer no layer
 
