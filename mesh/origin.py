@@ -11,6 +11,7 @@ from typing import Sequence
 
 import grpc
 
+from mesh import trace
 from mesh.links import Peers
 from mesh.protocol import FrameError
 from mesh.stage import Stage
@@ -52,6 +53,8 @@ class Origin:
 
     def deliver(self, result: pb.Result) -> None:
         """A Result came back (from the last stage, or a failure from any stage)."""
+        if trace.ON:
+            trace.mark("deliver", result.frame_id)
         fut = self.pending.pop(result.frame_id, None)
         if fut is not None and not fut.done():
             fut.set_result(result)

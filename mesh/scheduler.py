@@ -19,6 +19,7 @@ from backends.shard import Sample
 from backends.tokenizer import Tokenizer
 from backends.weights import Checkpoint
 from mesh.auth import MAX_MESSAGE_BYTES
+from mesh import trace
 from mesh.batching import Flight, Request, group_size, pick
 from mesh.drafting import Drafting, landed
 from mesh.metrics import PeerMetrics
@@ -233,6 +234,8 @@ class Scheduler:
             fl = Flight(frame, [(r, r.incarnation, n) for r, n in fed], computed,
                         alone=not self._flights, launch_no=self._launches,
                         drafts={e.seq_id: list(e.draft_ids) for e in seqs if e.drafts})
+            if trace.ON:
+                trace.mark("launch", frame.frame_id)
             self._flights[frame.frame_id] = asyncio.ensure_future(self._fly(fl))
 
     async def _fly(self, fl: Flight) -> None:
@@ -250,6 +253,8 @@ class Scheduler:
             for r, _, _ in fl.entries:
                 r.inflight -= 1
             self._wake.set()
+        if trace.ON:
+            trace.mark("back", fl.frame.frame_id)
         live = [(r, n) for r, inc, n in fl.entries if inc == r.incarnation and not r.ended]
         try:
             self._land(fl, result, live)

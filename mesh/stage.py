@@ -24,6 +24,7 @@ import numpy as np
 from backends.errors import GroupError, RequestError
 from backends.shard import LayerShard, Sample, SeqChunk
 from backends.wire import Hidden, WireError
+from mesh import trace
 from mesh.links import Payload, Peers
 from mesh.metrics import PeerMetrics
 from mesh.protocol import FrameError, params_from_pb
@@ -226,7 +227,10 @@ class Stage:
     def _begin(self, frame: pb.Frame) -> _Begun:
         """Check a frame and queue its compute (FrameError: refused)."""
         sh, index, entries, x = self._check(frame)
-        computed = self._compute.submit(lambda: _timed(sh, entries, x))
+        fid = frame.frame_id
+        if trace.ON:
+            trace.mark("submit", fid)
+        computed = self._compute.submit(lambda: _timed(sh, entries, x, fid))
         ids = [e.seq_id for e in entries]
         self._renew(ids, frame.origin)
         for s in ids:
@@ -243,6 +247,8 @@ class Stage:
         ahead = _next_message(frame, begun.entries, sh.is_last)
         try:
             kept, dropped, out, seconds = await self._forward(sh, frame, begun.computed)
+            if trace.ON:
+                trace.mark("resume", frame.frame_id)
         except BaseException:
             self._unbusy(begun.ids)
             raise
@@ -264,6 +270,8 @@ class Stage:
                                                   top_tokens=[t for t, _ in s.top_logprobs],
                                                   top_logprobs=[lp for _, lp in s.top_logprobs]) for s in out)
                 await self.send_result(frame.origin, ahead)
+                if trace.ON:
+                    trace.mark("sent", frame.frame_id)
                 return
             assert isinstance(ahead, pb.Frame)
             nxt = ahead
@@ -272,6 +280,8 @@ class Stage:
             addr, _ = self.view.stage_of(index + 1)
             # the hidden states go onto the wire uncopied (a shard never writes a returned buffer again)
             await self.send_frame(addr, nxt, memoryview(out.data).cast("B"))
+            if trace.ON:
+                trace.mark("sent", frame.frame_id)
         finally:
             self._unbusy(begun.ids)
             self._renew([e.seq_id for e in kept], frame.origin)  # idle time counts from the frame's end
@@ -378,13 +388,18 @@ def _next_message(frame: pb.Frame, entries: list[pb.SeqEntry], last: bool) -> pb
                     hop_ms=frame.hop_ms, failed_seqs=frame.failed_seqs, error=frame.error, error_code=frame.error_code)
 
 
-def _timed(sh: LayerShard, entries: list[pb.SeqEntry], x: np.ndarray | Hidden
+def _timed(sh: LayerShard, entries: list[pb.SeqEntry], x: np.ndarray | Hidden, frame_id: int = 0
            ) -> tuple[list[pb.SeqEntry], list[tuple[str, str]], Hidden | list[Sample], float]:
     """_run on the compute thread, and its compute time there (not its wait for the thread nor the
     hand-offs: those are the hop's, and frames behind others wait)."""
+    if trace.ON:
+        trace.mark("cstart", frame_id)
     t0 = time.perf_counter()
     kept, dropped, out = _run(sh, entries, x)
-    return kept, dropped, out, time.perf_counter() - t0
+    t1 = time.perf_counter()
+    if trace.ON:
+        trace.mark("cend", frame_id)
+    return kept, dropped, out, t1 - t0
 
 
 def _run(sh: LayerShard, entries: list[pb.SeqEntry], x: np.ndarray | Hidden
