@@ -13,7 +13,7 @@ import grpc
 
 from backends.constrain import check_grammar
 from backends.errors import RequestError
-from backends.generation import Generation
+from backends.generation import Delta, Generation
 from backends.sampling import SamplingParams
 from backends.shard import Sample
 from backends.tokenizer import Tokenizer
@@ -96,6 +96,7 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._releases: set[asyncio.Task[int]] = set()  # held until done: the loop keeps only weak references
+        self._outbox: list[tuple[asyncio.Queue[Delta | Exception | None], Delta | Exception | None]] | None = None
         self.recovery_timeout = recovery_timeout
         self.times = StepTimes(node, frame_timeout_floor)  # step times, and the deadlines they give
         # recent windows for the web page's percentiles (the totals live in self.metrics)
@@ -192,11 +193,11 @@ class Scheduler:
             try:
                 if self.drafting is not None:  # a draft model drafts off the loop before the frames go
                     await self.drafting.prepare(self.running, self._group())
-                self._fill()
-            except Exception as e:  # the loop outlives any bug: only the requests of that frame fail
-                log.exception("a scheduler step failed")
-                self._fail([r for r in self.running if r.ready],
-                           RequestError(f"this request's step failed: {type(e).__name__}: {e}"))
+            except Exception as e:
+                self._step_failed(e)
+                await asyncio.sleep(0.05)
+                continue
+            if not self._try_fill():
                 await asyncio.sleep(0.05)
             if not self.waiting and not self.running and not self._flights:
                 await self._wake.wait()
@@ -207,6 +208,20 @@ class Scheduler:
                     await asyncio.wait_for(self._wake.wait(), 0.05)
                 except asyncio.TimeoutError:
                     pass
+
+    def _step_failed(self, e: Exception) -> None:
+        """The loop outlives any bug: only the requests of that frame fail."""
+        log.exception("a scheduler step failed")
+        self._fail([r for r in self.running if r.ready],
+                   RequestError(f"this request's step failed: {type(e).__name__}: {e}"))
+
+    def _try_fill(self) -> bool:
+        try:
+            self._fill()
+            return True
+        except Exception as e:
+            self._step_failed(e)
+            return False
 
     def _fill(self) -> None:
         """Send frames until every slot of the ring is taken or no sequence is ready to go."""
@@ -256,6 +271,7 @@ class Scheduler:
         if trace.ON:
             trace.mark("back", fl.frame.frame_id)
         live = [(r, n) for r, inc, n in fl.entries if inc == r.incarnation and not r.ended]
+        self._outbox = []  # this frame's tokens reach their streams once the next frame is on its way
         try:
             self._land(fl, result, live)
         except Exception as e:
@@ -264,6 +280,20 @@ class Scheduler:
                        RequestError(f"this request's step failed: {type(e).__name__}: {e}"))
         finally:
             self._retire([r for r, _, _ in fl.entries])
+            # the next frame goes now, before the streams' handlers run: its compute overlaps their work
+            # (a draft model drafts on the loop's own turn first)
+            if self.drafting is None or self.drafting.model is None:
+                self._try_fill()
+            out, self._outbox = self._outbox, None
+            for q, item in out:
+                q.put_nowait(item)
+
+    def _post(self, r: Request, item: Delta | Exception | None) -> None:
+        """A token (or the end) for `r`'s stream: now, or after the next frame left (`_fly`)."""
+        if self._outbox is None:
+            r.queue.put_nowait(item)
+        else:
+            self._outbox.append((r.queue, item))
 
     def _land(self, fl: Flight, result: pb.Result, live: list[tuple[Request, int]]) -> None:
         wall = time.perf_counter() - fl.t0
@@ -366,7 +396,7 @@ class Scheduler:
             r.fed, r.sent = r.fed + min(n, accepted), r.sent + min(n, accepted)
             r.trim = accepted < len(drafted)
             if r.gen.finished:
-                r.queue.put_nowait(None)
+                self._post(r, None)
                 self.running.remove(r)
                 r.ended = True
                 done.append(r)
@@ -386,7 +416,7 @@ class Scheduler:
         self.metrics.tokens.inc()  # one sampled token of one sequence (a frame carries many)
         if r.gen.params.logprobs >= 0:
             r.deltas.append(d)
-        r.queue.put_nowait(d)
+        self._post(r, d)
 
     def _fail(self, batch: list[Request], err: Exception) -> None:
         self.metrics.errors.inc(len(batch))
@@ -394,7 +424,7 @@ class Scheduler:
             if r in self.running:
                 self.running.remove(r)
             r.ended = True
-            r.queue.put_nowait(err)
+            self._post(r, err)
         self._retire(batch)
 
     def _retire(self, reqs: list[Request]) -> None:

@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import grpc
 import numpy as np
@@ -348,6 +348,11 @@ class Stage:
             log.exception("frame %d failed in %s's compute", frame.frame_id, self.view.name)
             raise FrameError(grpc.StatusCode.INTERNAL,
                              f"{self.view.name} failed: {type(e).__name__}: {e}") from None
+
+    def start_here(self, frame: pb.Frame) -> Awaitable[None]:
+        """Queue a frame's compute on this stage now (its check and submit run before this returns) and
+        return what passes its output on once computed (an origin's own stage 0: no task hop first)."""
+        return self._run_or_fail(frame, self._begin_or_error(frame))
 
     async def send_frame(self, address: str, frame: pb.Frame, payload: Payload = b"") -> None:
         """Pass a frame (its hidden states in `payload`, if not in `data`) to the stage at `address`

@@ -318,3 +318,35 @@ def test_a_slow_ring_gets_a_first_prompt_deadline_from_its_measured_speed(embedd
     slow = sched.times.deadline(90)
     assert fast < 18  # the old fixed guess
     assert slow >= 4 * 90 * 0.2
+
+
+def test_the_next_frame_leaves_before_the_last_ones_tokens_reach_their_streams(embedded, tokenizer) -> None:
+    """A frame's return launches the next frame first (its compute then overlaps the streams' handlers), and
+    only then hands the tokens to their streams, each stream's still in order."""
+    log: list[str] = []
+
+    class Ring(FakeRing):
+        def new_frame_id(self) -> int:  # called as the scheduler builds a frame, in step with its launch
+            fid = super().new_frame_id()
+            log.append(f"launch {fid}")
+            return fid
+
+    class Recording(asyncio.Queue):
+        def put_nowait(self, item) -> None:
+            log.append("end" if item is None else f"token {item.token}" if isinstance(item, Delta) else "error")
+            super().put_nowait(item)
+
+    async def main() -> list[Delta]:
+        sched = Scheduler(Ring(embedded), tokenizer)
+        await sched.start()
+        try:
+            r = sched.submit([1, 2, 3], SamplingParams(temperature=0, max_tokens=3))
+            r.queue = Recording()
+            deltas, err = await drain(r.queue)
+            assert err is None
+            return deltas
+        finally:
+            await sched.stop()
+
+    assert len(asyncio.run(main())) == 3
+    assert log == ["launch 1", "launch 2", f"token {TOKEN}", "launch 3", f"token {TOKEN}", f"token {TOKEN}", "end"]
