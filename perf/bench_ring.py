@@ -5,10 +5,13 @@ thread each) and is driven through the OpenAI API after a warm-up: prefill token
 to first token of a prompt of ~160 tokens, the time to first token of a ~2,000-token prompt (which
 goes in chunks that follow each other through the stages), decode tokens/s from a greedy stream of
 fixed length, and the added time per network hop of a one-token frame (step wall time minus every
-stage's compute time, divided by the hops), as the API peer's scheduler measures it.
+stage's compute time, divided by the hops), as the API peer's scheduler measures it. Every peer runs
+with `--prefix-cache-memory 0` (a prompt timed again would be found in the cache of an earlier round)
+and `--draft off` unless told otherwise.
 
     .venv/bin/python perf/bench_ring.py [--backend torch] [--dtype auto] [--tokens 64] [--rounds 3]
-                                        [--stages 1,2,3] [--prefill-chunk 512]
+                                        [--stages 1,2,3] [--prefill-chunk 512] [--draft off]
+                                        [--prefix-cache-memory 0]
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mesh.local import LocalMesh, http_json  # noqa: E402
+from perf.bench_batching import peer_args  # noqa: E402
 
 PROMPT = ("Write a detailed story about a lighthouse keeper who finds a message in a bottle, "
           "with the sea, the storm, the town and the letter described at length. ") * 4
@@ -34,7 +38,8 @@ class Config:
     """One ring of `stages` real peers, kept up for the whole run so the rounds of every
     configuration interleave (a shared machine's load then falls on all of them alike)."""
 
-    def __init__(self, model: str, backend: str, dtype: str, stages: int, chunk: int) -> None:
+    def __init__(self, model: str, backend: str, dtype: str, stages: int, chunk: int,
+                 extra: tuple[str, ...] = ()) -> None:
         from openai import OpenAI
 
         self.stages, self.cuts = stages, [round(i * 30 / stages) for i in range(stages + 1)]
@@ -44,7 +49,7 @@ class Config:
             for i in range(stages):
                 p = self.mesh.add(f"s{i}", "--backend", backend, "--dtype", dtype, "--no-mdns", "--settle", "0.5",
                                   "--layers", f"{self.cuts[i]}-{self.cuts[i + 1]}", "--prefill-chunk", str(chunk),
-                                  *(["--peer", api.address] if api else []), api=i == 0)
+                                  *(["--peer", api.address] if api else []), *extra, api=i == 0)
                 api = api or p
             assert api is not None
             self.mesh.wait_ready(api, stages=stages)
@@ -106,6 +111,10 @@ def main() -> int:
     ap.add_argument("--prefill-chunk", type=int, default=512)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--draft", default="off", help="every peer's --draft (off, lookup)")
+    ap.add_argument("--prefix-cache-memory", default="0",
+                    help="every peer's --prefix-cache-memory (0, the default: every prompt is computed, not "
+                         "found in a prefix cache from an earlier round; 'default': the peers' own default)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     from backends.models import resolve_model
@@ -115,7 +124,8 @@ def main() -> int:
     configs: list[Config] = []
     try:
         for k in a.stages.split(","):
-            configs.append(Config(model, a.backend, a.dtype, int(k), a.prefill_chunk))
+            configs.append(Config(model, a.backend, a.dtype, int(k), a.prefill_chunk,
+                                  peer_args(a.draft, a.prefix_cache_memory)))
         for _ in range(a.rounds):  # interleaved: each round measures every configuration in turn
             for c in configs:
                 c.round(a.tokens)
@@ -125,7 +135,8 @@ def main() -> int:
             c.mesh.stop()
     base = rows[0]
     print(f"\nring overhead on 127.0.0.1: smollm2-135m, {a.backend} {a.dtype}, 1 compute thread per peer, "
-          f"{os.cpu_count()} cores, load avg {load0:.1f} -> {os.getloadavg()[0]:.1f}")
+          f"{os.cpu_count()} cores, load avg {load0:.1f} -> {os.getloadavg()[0]:.1f}; draft {a.draft}, prefix cache "
+          f"{a.prefix_cache_memory} on every peer")
     print(f"{'config':<30}{'prefill tok/s':>14}{'decode tok/s':>14}{'decode vs 1':>13}{'TTFT 2k ms':>12}"
           f"{'TTFT vs 1':>11}{'hop p50 ms':>12}{'hop p90 ms':>12}{'bytes/tok/hop':>15}")
     for r in rows:
