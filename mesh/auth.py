@@ -65,6 +65,9 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
 # with GOAWAY "too_many_pings".
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = CHANNEL_OPTIONS + (
     ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
+    # gRPC sets SO_REUSEPORT by default: a second peer given a port another one listens on would share
+    # it (the kernel splitting connections between them) instead of being told the port is taken
+    ("grpc.so_reuseport", 0),
 )
 
 MeshKey = str | bytes | None

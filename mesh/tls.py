@@ -75,11 +75,14 @@ def add_port(server: grpc.aio.Server, address: str, mesh_key: str | bytes | None
     """Listen on `address`: mutual TLS with the mesh key's certificates when a key is set (a peer
     without it cannot finish the handshake), plaintext otherwise. The port, 0 if it is taken."""
     key = (mesh_key.encode() if isinstance(mesh_key, str) else bytes(mesh_key)) if mesh_key else b""
-    if not key:  # an empty key means no key, as everywhere
-        return server.add_insecure_port(address)
-    ca, peer_key, peer_cert = tls_material(key)
-    creds = grpc.ssl_server_credentials([(peer_key, peer_cert)], root_certificates=ca, require_client_auth=True)
-    return server.add_secure_port(address, creds)
+    try:
+        if not key:  # an empty key means no key, as everywhere
+            return server.add_insecure_port(address)
+        ca, peer_key, peer_cert = tls_material(key)
+        creds = grpc.ssl_server_credentials([(peer_key, peer_cert)], root_certificates=ca, require_client_auth=True)
+        return server.add_secure_port(address, creds)
+    except RuntimeError:  # grpc's "Failed to bind": the port is taken (SO_REUSEPORT is off, mesh/auth.py)
+        return 0
 
 
 class ExplainRefusal(grpc.aio.UnaryUnaryClientInterceptor):
