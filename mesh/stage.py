@@ -360,7 +360,7 @@ class Stage:
         if address == self.view.address:
             if len(payload):
                 frame.data = bytes(payload)
-            await self._run_or_fail(frame, self._begin_or_error(frame))
+            await self.start_here(frame)
         else:
             try:
                 await self.links.stream(address, "Forward").send(frame, payload)
