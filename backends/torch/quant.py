@@ -65,24 +65,20 @@ def _plane(q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> tuple[torch.Te
 
 
 def _q4_layout(a: Affine) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`a` for our q4 kernel (kernels/q4.cpp), output rows in blocks of 16 (the vector lanes): nibble
-    planes (N/16, P, K/4, 32) uint8 (byte j of step t: row j/2, low nibble k = 4t + j%2, high 4t + 2 + j%2);
+    """4-bit `a` for our q4 kernel (kernels/q4.cpp), output rows in blocks of 16 (the vector lanes): one nibble
+    plane (N/16, P=1, K/4, 32) uint8 (byte j of step t: row j/2, low nibble k = 4t + j%2, high 4t + 2 + j%2);
     scales (N/16, P, K/g, 16) and biases (N/16, K/g, 16), in float16 where that holds them exactly (GGUF's
     and MLX's own: 4 bytes a group, as torch's kernel), else float32."""
     q, s, b = unpack(a), a.scales.astype(np.float32), a.biases.astype(np.float32)
-    planes, scales = ([q], [s]) if a.bits == 4 else ([q >> 4, q & 15], [16 * s, s])
     n, k = q.shape
     nb, g = n // 16, k // a.group_size
-    packed = []
-    for p in planes:
-        h = p.reshape(nb, 16, k // 4, 2, 2).transpose(0, 2, 1, 4, 3)  # (block, t, row, e, half)
-        packed.append((h[..., 0] | (h[..., 1] << 4)).reshape(nb, k // 4, 32))
-    meta = [x.reshape(nb, 16, g).transpose(0, 2, 1) for x in scales + [b]]  # (block, group, row)
+    h = q.reshape(nb, 16, k // 4, 2, 2).transpose(0, 2, 1, 4, 3)  # (block, t, row, e, half)
+    packed = (h[..., 0] | (h[..., 1] << 4)).reshape(nb, 1, k // 4, 32)
+    meta = [x.reshape(nb, 16, g).transpose(0, 2, 1) for x in (s, b)]  # (block, group, row)
     exact = all(np.array_equal(x.astype(np.float16).astype(np.float32), x) for x in meta)
     meta = [x.astype(np.float16 if exact else np.float32) for x in meta]
-    return (torch.from_numpy(np.ascontiguousarray(np.stack(packed, 1))),
-            torch.from_numpy(np.ascontiguousarray(np.stack(meta[:-1], 1))),
-            torch.from_numpy(np.ascontiguousarray(meta[-1])))
+    return (torch.from_numpy(np.ascontiguousarray(packed)), torch.from_numpy(np.ascontiguousarray(meta[0][:, None])),
+            torch.from_numpy(np.ascontiguousarray(meta[1])))
 
 
 def _q8_layout(a: Affine) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -176,14 +172,12 @@ class PackedLinear(nn.Module):
             q = self.q4q.view(nb, k // 2, 16, 2).transpose(1, 2).reshape(nb, 16, k // g, g)
             s8, c8 = (x.float().transpose(1, 2)[..., None] for x in (self.q4s, self.q4c))  # (block, row, G, 1)
             return torch.addcmul(c8, q, s8).reshape(n, k).to(torch.bfloat16).T
-        s = self.q4s.float().permute(0, 3, 1, 2)[..., None]  # (block, row, P, G, 1)
-        w = self.q4c.float().transpose(1, 2)[..., None]  # the bias (block, row, G, 1)
-        for i in range(self.planes):  # one plane at a time: no float copy of every plane at once
-            p = self.q4q[:, i].view(nb, k // 4, 16, 2, 1)  # (block, t, row, e, half)
-            q = torch.cat([p & 15, p >> 4], dim=-1).transpose(-1, -2).reshape(nb, k // 4, 16, 4)
-            q = q.transpose(1, 2).reshape(nb, 16, k // g, g)
-            w = torch.addcmul(w, q, s[:, :, i])
-        return w.reshape(n, k).to(torch.bfloat16).T
+        s = self.q4s[:, 0].float().transpose(1, 2)[..., None]  # the one plane's scales (block, row, G, 1)
+        c = self.q4c.float().transpose(1, 2)[..., None]  # the bias (block, row, G, 1)
+        p = self.q4q[:, 0].view(nb, k // 4, 16, 2, 1)  # (block, t, row, e, half)
+        q = torch.cat([p & 15, p >> 4], dim=-1).transpose(-1, -2).reshape(nb, k // 4, 16, 4)
+        q = q.transpose(1, 2).reshape(nb, 16, k // g, g)
+        return torch.addcmul(c, q, s).reshape(n, k).to(torch.bfloat16).T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -1,5 +1,5 @@
 // Group-quantized matmuls with bfloat16 activations on AVX512-BF16: q4_mm over 4-bit planes (GGUF Q4_0/Q4_1,
-// MLX 4-bit; 8-bit groups as two planes where q8_mm does not serve) and q8_mm over bytes (GGUF Q8_0, MLX 8-bit),
+// MLX 4-bit; it sums P planes, backends/torch/quant.py packs one) and q8_mm over bytes (GGUF Q8_0, MLX 8-bit),
 // below. q4_mm: group-quantized matmul over 4-bit planes with bfloat16
 // activations, on AVX512-BF16. Output rows sit in the vector lanes (blocks of 16 rows), so one
 // vdpbf16ps does 16 rows x 2 inputs against a broadcast pair of activations, and a group's scale is one
