@@ -265,6 +265,9 @@ def as_json(model: Model, machines: list[Described], p: planner.Placement) -> di
     names = {d.machine.node_id: d.machine.label for d in machines}
     return {"model": model.label, "stages": [{"peer": names[n], "start": a, "end": b} for n, a, b in p.stages],
             "standby": [names[n] for n in p.standby],
+            "peers": [{"peer": d.machine.label, "backend": d.backend, "format": d.format,
+                       "layer_ms": d.machine.layer_ms, "prefill_ms": d.machine.prefill_ms, "head_ms": d.machine.head_ms,
+                       "estimated": d.estimated} for d in machines],
             "decode_tokens_per_s": p.decode_tokens_per_s, "prefill_tokens_per_s": p.prefill_tokens_per_s,
             "hops": [{"from": names.get(h.src, h.src), "to": names.get(h.dst, h.dst), "bytes": h.bytes, "ms": h.ms}
                      for h in p.hops if h.src != h.dst],

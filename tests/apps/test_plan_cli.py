@@ -144,6 +144,10 @@ def test_plan_on_a_live_two_peer_mesh(embedded_path, capsys) -> None:
     assert [s["peer"] for s in out["stages"]] and out["stages"][-1]["end"] == 30
     assert {s["peer"] for s in out["stages"]} | set(out["standby"]) == {"a", "b"}
     assert out["decode_tokens_per_s"] > 0
-    # the peers' measured prefill_ms came through their PeerInfo: without it a prefill token would be
-    # counted at a decode step's cost, and prefill no faster than decode
-    assert out["prefill_tokens_per_s"] > 3 * out["decode_tokens_per_s"]
+    # the peers' measured prefill_ms came through their PeerInfo (a token of a chunk through a layer costs
+    # a fraction of a one-token step: the weights are read once for the chunk); without it a prefill token
+    # would be counted at a decode step's cost, and prefill predicted no faster than decode
+    speeds = {p["peer"]: p for p in out["peers"]}
+    assert set(speeds) == {"a", "b"}
+    assert all(0 < s["prefill_ms"] < s["layer_ms"] and not s["estimated"] for s in speeds.values()), speeds
+    assert out["prefill_tokens_per_s"] > out["decode_tokens_per_s"]
