@@ -370,15 +370,17 @@ class SliceModel(nn.Module):
         in kernels/layer.cpp, over (B L, C) rows, from a plan of plain tensors and functions
         (`_plan`): at batch 1 torch's dispatch of ~50 small ops a layer and nn.Module's attribute lookups
         and calls cost more than the matmuls' compute did (perf/bench_torch_batch.py --profile 1)."""
-        rmsnorm, add_rmsnorm, _ = cast(tuple, self.fused)
+        rmsnorm, add_rmsnorm = cast(tuple, self.fused)[:2]
         if self._plan[0] != _generation[0]:
             self._plan = (_generation[0], *self._make_plan())
-        _, plan, norm = self._plan
+        _, plan, norm, blocks = self._plan
         shape, eps, kernel = x.shape, self.args.norm_eps, kv.kernel
         rows = (shape[0], shape[1])
         x = x.reshape(-1, shape[-1])
         pk, pv = kv.pool.k, kv.pool.v  # after StepKV reserved this step's room
         slots, starts = (kv.slot_rows, kv.starts) if kernel is not None else (None, None)
+        if kernel is not None and blocks is not None:  # a decode step: the loop below in one call, without the GIL
+            return blocks.forward(x, cos, sin, pk, pv, slots, starts).view(shape)
         h = y = x
         for i, (an, wqkv, wo, fn, w13, w2, att) in enumerate(plan):
             if i == 0:
@@ -396,20 +398,27 @@ class SliceModel(nn.Module):
         out = add_rmsnorm(h, y, norm, eps)[1] if norm is not None else h + y
         return out.view(shape)
 
-    _plan: tuple = (-1, [], None)  # (_generation when made, _make_plan())
+    _plan: tuple = (-1, [], None, None)  # (_generation when made, *_make_plan())
 
-    def _make_plan(self) -> tuple[list[tuple], torch.Tensor | None]:
+    def _make_plan(self) -> tuple[list[tuple], torch.Tensor | None, Any]:
         """Per block: (attention norm weight, wqkv, wo, MLP norm weight, w13, w2, the attention module), each
         projection a function of ((B L, in) rows, (B, L)) with its tensor-parallel reduce; one of our q4
         kernel's packed projections as a direct call of the kernel (the module's forward: ~13 us a call);
-        and the final norm's weight (None but on the last slice)."""
-        plan = []
+        the final norm's weight (None but on the last slice); and the same decode step as one call of
+        kernels/layer.cpp's Blocks where every projection is a plain one it runs (else None)."""
+        plan, projs = [], []
         for i in range(len(self.layers)):
             blk = self.block(i)
             att, ffn = blk.attention, blk.feed_forward
             plan.append((blk.attention_norm.weight, _rows_fn(att.wqkv, None), _rows_fn(att.wo, att.reduce),
                          blk.ffn_norm.weight, _rows_fn(ffn.w13, None), _rows_fn(ffn.w2, ffn.reduce), att))
-        return plan, None if self.norm is None else self.norm.weight
+            projs += [_proj(att.wqkv, None), _proj(att.wo, att.reduce), _proj(ffn.w13, None), _proj(ffn.w2, ffn.reduce)]
+        norm = None if self.norm is None else self.norm.weight
+        blocks = None
+        if self.fused is not None and len(self.fused) > 3 and plan and all(p is not None for p in projs):
+            blocks = self.fused[3]([p[0] for p in plan], [p[3] for p in plan], projs, [p[6].n_heads for p in plan],
+                                   [p[6].n_kv for p in plan], norm, self.args.norm_eps)
+        return plan, norm, blocks
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
@@ -427,13 +436,26 @@ def _rows_fn(m: nn.Module, reduce: Callable[[torch.Tensor], torch.Tensor] | None
     return lambda x, rows: reduce(m(x.view(*rows, -1))).flatten(0, 1)
 
 
+def _proj(m: nn.Module, reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[int, list[torch.Tensor], int] | None:
+    """m as kernels/layer.cpp's Blocks takes a projection: (0, [W], 0) for a plain nn.Linear without a bias,
+    (1, [q, s, c], group) for our q4 kernel's packed weights, (2, ...) for its q8 ones; None for anything else
+    (an adapter's wrapper, a bias, torch's int4 kernel, a tensor-parallel reduce): the step then runs op by op."""
+    if reduce is not None:
+        return None
+    if isinstance(m, PackedLinear) and m.q4 is not None and m.bias is None:
+        return (1 if m.bits == 4 else 2), [m.q4q, m.q4s, m.q4c], m.group_size
+    if type(m) is nn.Linear and m.bias is None:
+        return 0, [m.weight], 0
+    return None
+
+
 def fused_ops(device: torch.device, dtype: torch.dtype) -> tuple[Any, ...] | None:
     """kernels/layer.cpp's ops where they serve a slice: on a CPU (float32 caches), float32 or bfloat16
     activations, the kernel built, and not turned off (TOGETHER_FUSED=0: benchmarks compare the two)."""
     if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or os.environ.get("TOGETHER_FUSED") == "0":
         return None
     mod = kernels.layer()
-    return None if mod is None else (mod.rmsnorm, mod.add_rmsnorm, mod.attend)
+    return None if mod is None else (mod.rmsnorm, mod.add_rmsnorm, mod.attend, mod.Blocks)
 
 
 def load_slice(ck: Checkpoint, start: int, end: int, dtype: str = "float32",

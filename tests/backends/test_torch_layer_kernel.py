@@ -160,6 +160,46 @@ def test_embedded_fused_greedy_equals_torch_ops(layer, embedded, dtype, monkeypa
     assert got["b"] == greedy([plain], PROMPT[:5], 6)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_a_decode_step_in_one_blocks_call_is_the_op_by_op_loop_bit_for_bit(layer, embedded, dtype, monkeypatch):
+    """Blocks (the decode step as one call without the GIL) runs the fused ops of the Python loop in its order:
+    the same bits, for batched decode rows at ragged positions and for a drafted (row-wise) chunk; packed
+    4- and 8-bit projections (bfloat16) and dense ones (float32) alike."""
+    from backends.torch.model import _generation
+
+    m = shard(embedded, dtype, True, monkeypatch, 0, 6).model
+    with torch.inference_mode():
+        plan, norm, blocks = m._make_plan()
+    assert blocks is not None  # every projection of the embedded model is one Blocks runs
+
+    calls = []
+
+    class Counted:  # Blocks, its calls counted (a decode step must take it)
+        def forward(self, *a):
+            calls.append(1)
+            return blocks.forward(*a)
+
+    def run(use: bool) -> list[torch.Tensor]:
+        m._plan = (_generation[0], plan, norm, Counted() if use else None)
+        out = []
+        with torch.inference_mode():
+            pool = m.new_pool()
+            slots = [pool.alloc() for _ in range(3)]
+            for step in range(4):  # rows joining at different steps: ragged positions in one batch
+                rows = [r for r in range(3) if r <= step]
+                ids = torch.tensor([[(7 * step + 13 * r) % 1000 + 1] for r in rows])
+                pos = torch.tensor([[step - r] for r in rows])
+                out.append(m(ids, pos, pool, [slots[r] for r in rows]))
+            ids, pos = torch.tensor([[5, 9, 11, 2]]), torch.arange(4, 8)[None]
+            out.append(m(ids, pos, pool, [slots[0]], rowwise=True))  # a drafted chunk after row 0's steps
+        return out
+
+    fast, loop = run(True), run(False)
+    assert len(calls) == 5
+    assert all(torch.equal(a, b) for a, b in zip(fast, loop))
+    assert not torch.equal(fast[0][0], fast[1][0])
+
+
 def test_split_fused_slices_give_the_whole_slices_tokens(layer, tmp_path, monkeypatch):
     ck = quantized_dir(tmp_path / "q", "Q4_1", np.random.default_rng(8))
     whole = shard(ck, "bfloat16", True, monkeypatch)
@@ -191,6 +231,7 @@ def test_an_adapter_applied_after_a_step_changes_the_fused_forward(layer, tmp_pa
     after = step()
     assert not torch.equal(after[0], before[0])  # row 0 runs the adapter now
     assert torch.equal(after[1], before[1])  # row 1 does not
+    assert sh.model._plan[3] is None  # an adapter's wrapper is no projection Blocks runs: the step goes op by op
 
 
 def test_torch_ops_where_the_kernel_cannot_build(tmp_path, monkeypatch, caplog, embedded):

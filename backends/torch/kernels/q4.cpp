@@ -10,6 +10,7 @@
 // A row's sums run in the same order whatever the number of rows in the call (two chains per row in
 // every tile, groups and tiles in a fixed order), so a row's output does not depend on its batch.
 #include <torch/extension.h>
+#include <torch/library.h>
 #include <immintrin.h>
 #include <cstdint>
 #include <cstring>
@@ -222,7 +223,25 @@ torch::Tensor q8_mm(torch::Tensor x, torch::Tensor q, torch::Tensor s, torch::Te
     }
   });
 }
+// the operators' form (const references, as the dispatcher calls them): layer.cpp's Blocks runs a slice's decode
+// step in one call and reaches these through the dispatcher, as together::q4_mm and together::q8_mm
+at::Tensor q4_op(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, const at::Tensor& c, int64_t g) {
+  return q4_mm(x, q, s, c, g);
+}
+at::Tensor q8_op(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, const at::Tensor& c, int64_t g) {
+  return q8_mm(x, q, s, c, g);
+}
 }  // namespace
+
+TORCH_LIBRARY(together, m) {
+  m.def("q4_mm(Tensor x, Tensor q, Tensor s, Tensor c, int g) -> Tensor");
+  m.def("q8_mm(Tensor x, Tensor q, Tensor s, Tensor c, int g) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(together, CPU, m) {
+  m.impl("q4_mm", &q4_op);
+  m.impl("q8_mm", &q8_op);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // the GIL is let go while they run: the peer's event loop serves frames and the API meanwhile
