@@ -187,6 +187,10 @@ def _add_join_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     j.add_argument("--cors-origin", default=None, help="allow browser calls from this origin (off by default)")
     j.add_argument("--max-kv-tokens", type=int, default=1 << 20,
                    help="cap on KV-cache tokens admitted at once (also bounded by the ring's memory)")
+    j.add_argument("--cpus", default=None, metavar="LIST",
+                   help="pin this peer's compute to these CPU cores, e.g. 0 or 2-3 (Linux; --threads defaults "
+                        "to their number): peers sharing one machine each take their own cores, or the OS "
+                        "moves their compute threads between cores and each move starts on cold caches")
     j.add_argument("--micro-batches", type=int, default=0, metavar="N",
                    help="frames of this API peer in the ring at once, each carrying its own group of the "
                         "running sequences (default 0: one per stage, so every stage has work)")

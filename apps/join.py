@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -125,16 +126,48 @@ def _node_config(a: argparse.Namespace) -> NodeConfig:
         prefix_memory = None if a.prefix_cache_memory is None else parse_size(a.prefix_cache_memory)
     except ValueError as e:
         raise TogetherError(f"--prefix-cache-memory: {e} (0 turns the prefix cache off)") from None
+    cpus = parse_cpus(a.cpus) if a.cpus else None
     path = local_model(a.model)  # else from a peer, else from PyPI / the hub (`_model_path`)
     return NodeConfig(model=model_label(a.model), model_path=str(path or ""), backend=backend, host=a.host,
                      port=a.port, mesh=a.mesh, mesh_key=a.mesh_key, peers=list(a.peer), name=a.name,
                      max_memory=max_memory, layers=layers, dtype=a.dtype, wire_dtype=a.wire_dtype, device=a.device,
-                     threads=a.threads, mdns=not a.no_mdns, adapters=list(a.adapter),
+                     threads=a.threads if a.threads or not cpus else len(cpus), cpus=cpus, mdns=not a.no_mdns, adapters=list(a.adapter),
                      tp_group=a.tp_group, tp_size=tp_size if a.tp_group else 0, seq_lease=a.seq_lease,
                      link_delay_ms=a.link_delay_ms, placement=a.placement, weight_faults=a.weight_faults,
                      draft=a.draft.strip(), draft_tokens=a.draft_tokens, prefix_cache_memory=prefix_memory,
                      settle_s=a.settle if not a.no_mdns else 0.0,
                      interfaces=[a.host] if a.host not in ("0.0.0.0", "") else None)
+
+
+def parse_cpus(text: str) -> frozenset[int]:
+    """--cpus: CPU numbers and ranges, e.g. "0", "2-3" or "0,4-7", each one this process may run on."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        if not lo.isdigit() or (dash and not hi.isdigit()) or int(hi or lo) < int(lo):
+            raise TogetherError(f"--cpus {text!r}: expected CPU numbers and ranges, e.g. 0 or 0-3 or 0,2")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    have = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    if have is None:
+        raise TogetherError("--cpus: this system cannot pin threads to CPUs (Linux only); drop --cpus")
+    if not cpus or not cpus <= have:
+        raise TogetherError(f"--cpus {text!r}: this process may run on CPUs {format_cpus(have)} only; "
+                            f"pick some of those")
+    return frozenset(cpus)
+
+
+def format_cpus(cpus: set[int] | frozenset[int]) -> str:
+    """0,1,2,5 -> "0-2,5"."""
+    out: list[str] = []
+    run: list[int] = []
+    for c in sorted(cpus):
+        if run and c != run[-1] + 1:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+            run = []
+        run.append(c)
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(out)
 
 
 def _api_socket(a: argparse.Namespace) -> socket.socket:
@@ -171,11 +204,13 @@ async def _start_api(a: argparse.Namespace, node: Node, tok: Tokenizer, sock: so
 def _runs(node: Node) -> str:
     """What this peer runs and how fast, e.g. "torch bfloat16 int4/g32, 0.82 ms per layer (measured in 0.4 s)"."""
     sp = node.speed
+    pinned = f", compute on CPU {format_cpus(node.cfg.cpus)}" if node.cfg.cpus else ""
     if sp is None:
         later = node.cfg.layers or node.cfg.tp_group  # its range does not wait for its speed
-        return f"{node.cfg.backend} {node.dtype}, speed " + ("measured once its layers load" if later else "not measured")
+        return (f"{node.cfg.backend} {node.dtype}, speed " + ("measured once its layers load" if later else "not measured")
+                + pinned)
     return (f"{node.cfg.backend} {sp.dtype} {sp.weight_format}, {sp.layer_ms:.2f} ms per layer "
-            f"(measured in {sp.seconds:.1f} s)")
+            f"(measured in {sp.seconds:.1f} s){pinned}")
 
 
 async def _model_path(cfg: NodeConfig, a: argparse.Namespace) -> list[str]:

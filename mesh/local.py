@@ -47,6 +47,16 @@ def http_json(url: str, timeout: float = 2.0, api_key: str | None = None) -> tup
         return 0, {}
 
 
+def own_cpu(i: int) -> str | None:
+    """The --cpus of a harness's peer i: one core of this host each, in turn (None where threads cannot be
+    pinned). Peers sharing a host's cores run faster each on its own core: unpinned, the OS moves their
+    compute threads between cores and every move starts on cold caches (perf/bench_batching.py --no-pin)."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    return str(cpus[i % len(cpus)])
+
+
 class PeerProc:
     """One `together join` child process, logging to a file."""
 
@@ -161,9 +171,11 @@ class LocalMesh(PeerGroup):
         self.dir = Path(tempfile.mkdtemp(prefix="together-mesh-"))
 
     def add(self, name: str, *args: str, api: bool = False, mesh: str | None = None,
-            key: str | None = "same", threads: int = 1, env: dict[str, str] | None = None) -> PeerProc:
-        # peers of one host talk over loopback: their mDNS never leaves this machine
-        a = ["--host", "127.0.0.1", "--model", self.model, "--mesh", mesh or self.mesh, *args]
+            key: str | None = "same", threads: int = 1, env: dict[str, str] | None = None,
+            cpus: str | None = None) -> PeerProc:
+        # peers of one host talk over loopback: their mDNS never leaves this machine; cpus: its --cpus
+        a = ["--host", "127.0.0.1", "--model", self.model, "--mesh", mesh or self.mesh, *args,
+             *(("--cpus", cpus) if cpus else ())]
         k = self.mesh_key if key == "same" else key
         if k:
             a += ["--mesh-key", k]

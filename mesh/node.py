@@ -78,6 +78,7 @@ class NodeConfig:
     wire_dtype: str | None = None
     device: str | None = None  # torch: auto, cpu, cuda[:N] or mps (see backends.shard.resolve_device)
     threads: int | None = None
+    cpus: frozenset[int] | None = None  # --cpus: the cores the compute thread runs on (None: any)
     mdns: bool = True
     interfaces: list[str] | None = None
     settle_s: float = 2.0
@@ -128,7 +129,8 @@ class Node:
         self.tasks = TaskSet()
         # roles that call each other both ways get late-bound callbacks (the other is built below)
         self.stage = Stage(self.view, self.links, self.metrics, deliver=lambda r: self.origin.deliver(r),
-                           group_failed=lambda why: self.tp.group_failed(why), lease=cfg.seq_lease)
+                           group_failed=lambda why: self.tp.group_failed(why), lease=cfg.seq_lease,
+                           cpus=cfg.cpus)
         self.origin = Origin(self.view, self.stage, self.links, self.tasks)
         self.coordinator = CoordinatorRole(
             self.view, self.links, self.tasks, cfg.model, self.num_layers, kv_reserve, cfg.claim_window_s,

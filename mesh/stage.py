@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 import time
@@ -44,8 +45,9 @@ class ComputeThread:
     queue: it blocks on the queue between calls and hands each result to the caller's event loop
     in one call_soon_threadsafe."""
 
-    def __init__(self, name: str = "compute") -> None:
-        self.name = name
+    def __init__(self, name: str = "compute", cpus: frozenset[int] | None = None) -> None:
+        # cpus: the cores this thread (and the threads its backend starts from it) may run on; None: any
+        self.name, self.cpus = name, cpus
         self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], asyncio.Future[Any]] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -62,6 +64,8 @@ class ComputeThread:
         return fut
 
     def _work(self) -> None:
+        if self.cpus:  # this thread's own affinity (Linux): the backend's threads, started from it, inherit it
+            os.sched_setaffinity(0, self.cpus)
         while (job := self._jobs.get()) is not None:
             fn, fut = job
             if fut.cancelled():  # its caller is gone (a read of a flag: no lock needed)
@@ -114,12 +118,13 @@ class Stage:
 
     def __init__(self, view: PlanView, links: Peers, metrics: PeerMetrics,
                  deliver: Callable[[pb.Result], None], group_failed: Callable[[str], None],
-                 lease: float = DEFAULT_LEASE_S) -> None:
-        # deliver: hand a Result to this peer's own origin; group_failed: a rank of the TP group is gone
+                 lease: float = DEFAULT_LEASE_S, cpus: frozenset[int] | None = None) -> None:
+        # deliver: hand a Result to this peer's own origin; group_failed: a rank of the TP group is gone;
+        # cpus: the cores the compute thread is pinned to (--cpus)
         self.view, self.links, self.metrics = view, links, metrics
         self._deliver, self._group_failed = deliver, group_failed
         self.shard: LayerShard | None = None
-        self._compute = ComputeThread()  # one per backend
+        self._compute = ComputeThread(cpus=cpus)  # one per backend
         self.hop_ms: list[float] = []  # recent compute time of frames at this stage
         self._hop_tokens: list[int] = []  # tokens (frame positions) of those frames
         self.bytes_per_token_hop = 0  # serialized size of a one-token frame to the next stage

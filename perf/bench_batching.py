@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mesh.local import LocalMesh  # noqa: E402
+from mesh.local import LocalMesh, own_cpu  # noqa: E402
 
 TOPICS = ["cats", "the moon", "bread", "rivers", "chess", "winter", "bees", "trains", "paper", "music",
           "glass", "salt", "clouds", "maps", "tea", "bridges"]
@@ -145,9 +145,9 @@ def peer_args(draft: str, prefix_cache_memory: str) -> tuple[str, ...]:
 
 
 def start(model: str, backend: str, dtype: str, cuts: list[int], micro_batches: int = 0,
-          extra: tuple[str, ...] = ()) -> tuple[LocalMesh, str]:
-    """A ring of peers holding [cuts[i], cuts[i+1]) (one compute thread each), warmed up; (its mesh,
-    its API URL)."""
+          extra: tuple[str, ...] = (), pin: bool = True) -> tuple[LocalMesh, str]:
+    """A ring of peers holding [cuts[i], cuts[i+1]) (one compute thread each, stage i's on core i with
+    `pin`), warmed up; (its mesh, its API URL)."""
     stages = len(cuts) - 1
     mesh = LocalMesh(model)
     try:
@@ -155,7 +155,8 @@ def start(model: str, backend: str, dtype: str, cuts: list[int], micro_batches: 
         for i in range(stages):
             p = mesh.add(f"s{i}", "--backend", backend, "--dtype", dtype, "--no-mdns", "--settle", "0.5",
                          "--layers", f"{cuts[i]}-{cuts[i + 1]}", *(["--peer", api.address] if api else []),
-                         "--micro-batches", str(micro_batches), *extra, api=i == 0, threads=1)
+                         "--micro-batches", str(micro_batches), *extra, api=i == 0, threads=1,
+                         cpus=own_cpu(i) if pin else None)
             api = api or p
         assert api is not None
         mesh.wait_ready(api, stages=stages)
@@ -186,6 +187,8 @@ def main() -> int:
     ap.add_argument("--draft", default="off", help="every peer's --draft (off, lookup)")
     ap.add_argument("--prefix-cache-memory", default="0",
                     help="every peer's --prefix-cache-memory ('default': the peers' own default)")
+    ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                    help="each peer's compute thread on a core of its own (--cpus; default), or wherever the OS puts it")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     from backends.models import resolve_model
@@ -204,7 +207,7 @@ def main() -> int:
     runs: dict[str, dict[int, list[dict]]] = {name: {k: [] for k in streams} for name in setups}
     try:
         for name, (cs, mb) in setups.items():
-            meshes[name] = start(model, a.backend, a.dtype, cs, mb, extra)
+            meshes[name] = start(model, a.backend, a.dtype, cs, mb, extra, a.pin)
         for _ in range(a.rounds):  # interleaved: a shared machine's load falls on every configuration alike
             for k in streams:
                 for name, (mesh, url) in meshes.items():
@@ -222,7 +225,8 @@ def main() -> int:
           f"best of {a.rounds} interleaved rounds, 1 compute thread per peer, {os.cpu_count()} cores, "
           f"load avg {load0:.1f} -> {os.getloadavg()[0]:.1f}; draft {a.draft}, prefix cache {a.prefix_cache_memory} "
           f"on every peer; ring cut {', '.join(f'{s}={c}' for s, c in cuts.items())}, micro-batches "
-          f"{a.micro_batches if a.micro_batches != '0' else 'one per stage'}, TOGETHER_KERNEL={os.environ.get('TOGETHER_KERNEL', 'default')}")
+          f"{a.micro_batches if a.micro_batches != '0' else 'one per stage'}, "
+          f"{'stage i computing on core i (--cpus)' if a.pin else 'compute threads not pinned'}, TOGETHER_KERNEL={os.environ.get('TOGETHER_KERNEL', 'default')}")
     w = max(15, *(len(name) + 1 for name in results))
     print("decode tok/s: the streams' own decode rates (after their first token) summed; the ratios are of it; "
           "wall tok/s: all tokens over the wall time, prefill included; busy: each peer's compute "

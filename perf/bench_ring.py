@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mesh.local import LocalMesh, http_json  # noqa: E402
+from mesh.local import LocalMesh, http_json, own_cpu  # noqa: E402
 from perf.bench_batching import peer_args  # noqa: E402
 
 PROMPT = ("Write a detailed story about a lighthouse keeper who finds a message in a bottle, "
@@ -39,7 +39,7 @@ class Config:
     configuration interleave (a shared machine's load then falls on all of them alike)."""
 
     def __init__(self, model: str, backend: str, dtype: str, stages: int, chunk: int,
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), pin: bool = True) -> None:
         from openai import OpenAI
 
         self.stages, self.cuts = stages, [round(i * 30 / stages) for i in range(stages + 1)]
@@ -49,7 +49,8 @@ class Config:
             for i in range(stages):
                 p = self.mesh.add(f"s{i}", "--backend", backend, "--dtype", dtype, "--no-mdns", "--settle", "0.5",
                                   "--layers", f"{self.cuts[i]}-{self.cuts[i + 1]}", "--prefill-chunk", str(chunk),
-                                  *(["--peer", api.address] if api else []), *extra, api=i == 0)
+                                  *(["--peer", api.address] if api else []), *extra, api=i == 0,
+                                  cpus=own_cpu(i) if pin else None)
                 api = api or p
             assert api is not None
             self.mesh.wait_ready(api, stages=stages)
@@ -115,6 +116,8 @@ def main() -> int:
     ap.add_argument("--prefix-cache-memory", default="0",
                     help="every peer's --prefix-cache-memory (0, the default: every prompt is computed, not "
                          "found in a prefix cache from an earlier round; 'default': the peers' own default)")
+    ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                    help="stage i's compute thread on core i (--cpus; default), or wherever the OS puts it")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     from backends.models import resolve_model
@@ -125,7 +128,7 @@ def main() -> int:
     try:
         for k in a.stages.split(","):
             configs.append(Config(model, a.backend, a.dtype, int(k), a.prefill_chunk,
-                                  peer_args(a.draft, a.prefix_cache_memory)))
+                                  peer_args(a.draft, a.prefix_cache_memory), a.pin))
         for _ in range(a.rounds):  # interleaved: each round measures every configuration in turn
             for c in configs:
                 c.round(a.tokens)
@@ -136,7 +139,7 @@ def main() -> int:
     base = rows[0]
     print(f"\nring overhead on 127.0.0.1: smollm2-135m, {a.backend} {a.dtype}, 1 compute thread per peer, "
           f"{os.cpu_count()} cores, load avg {load0:.1f} -> {os.getloadavg()[0]:.1f}; draft {a.draft}, prefix cache "
-          f"{a.prefix_cache_memory} on every peer")
+          f"{a.prefix_cache_memory} on every peer; {'stage i computing on core i mod cores (--cpus)' if a.pin else 'not pinned'}")
     print(f"{'config':<30}{'prefill tok/s':>14}{'decode tok/s':>14}{'decode vs 1':>13}{'TTFT 2k ms':>12}"
           f"{'TTFT vs 1':>11}{'hop p50 ms':>12}{'hop p90 ms':>12}{'bytes/tok/hop':>15}")
     for r in rows:

@@ -84,9 +84,11 @@ def main() -> int:
     ap.add_argument("--streams", default="1,8")
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                    help="a's compute thread on core 0 and b's on core 1 (--cpus; default), or unpinned")
     a = ap.parse_args()
     from backends.models import resolve_model
-    from mesh.local import LocalMesh
+    from mesh.local import LocalMesh, own_cpu
 
     model = str(resolve_model("smollm2-135m"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,15 +97,16 @@ def main() -> int:
         try:
             env = {"TOGETHER_TRACE": str(folder)}
             pa = mesh.add("a", "--backend", "torch", "--dtype", a.dtype, "--no-mdns", "--settle", "0.5",
-                          "--layers", f"0-{a.cut}", "--draft", "off", "--prefix-cache-memory", "0", api=True, env=env)
+                          "--layers", f"0-{a.cut}", "--draft", "off", "--prefix-cache-memory", "0", api=True, env=env,
+                          cpus=own_cpu(0) if a.pin else None)
             pb_ = mesh.add("b", "--backend", "torch", "--dtype", a.dtype, "--no-mdns", "--settle", "0.5",
                            "--layers", f"{a.cut}-30", "--peer", pa.address, "--draft", "off",
-                           "--prefix-cache-memory", "0", env=env)
+                           "--prefix-cache-memory", "0", env=env, cpus=own_cpu(1) if a.pin else None)
             mesh.wait_ready(pa, stages=2)
             names = {pa.proc.pid: "a", pb_.proc.pid: "b"}
             measure(pa.api, 2, 8)  # warm-up
             print(f"two-peer ring [0,{a.cut}) [{a.cut},30), torch {a.dtype}, {a.tokens} tokens per stream, "
-                  f"1 compute thread per peer")
+                  f"1 compute thread per peer, {'pinned to cores 0 and 1' if a.pin else 'not pinned'}")
             for k in (int(x) for x in a.streams.split(",")):
                 for f in folder.glob("*.log"):
                     f.write_text("")  # the peers append (O_APPEND): what the last run wrote goes

@@ -2,6 +2,7 @@
 executor, and a frame's compute queued as the frame comes off its stream, before any task runs."""
 
 import asyncio
+import os
 import threading
 
 import pytest
@@ -137,3 +138,34 @@ def test_the_next_message_is_made_while_the_compute_runs_and_the_records_after_i
     (_, _, m), = sent
     assert m.hop_ms[0] == 0.5 and m.hop_ms[1] == pytest.approx(records[0]) and m.shape[0] == 2
     assert [(e.seq_id, e.offset, e.length) for e in m.seqs] == [("a", 0, 2)]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="thread affinity is Linux's")
+def test_a_pinned_compute_thread_runs_on_its_cpus_and_the_caller_keeps_its_own():
+    """--cpus: the compute thread (and what its backend starts from it) runs on the given cores; the event
+    loop's thread, which submits, is not pinned."""
+    have = os.sched_getaffinity(0)
+    one = frozenset({max(have)})
+
+    async def go():
+        ct = ComputeThread(cpus=one)
+        inside = await ct.submit(lambda: os.sched_getaffinity(0))
+        ct.close()
+        return inside
+
+    assert asyncio.run(go()) == one
+    assert os.sched_getaffinity(0) == have
+
+
+def test_cpus_parse_and_refuse_what_this_process_cannot_run_on():
+    from apps.join import format_cpus, parse_cpus
+    from backends.errors import TogetherError
+
+    have = os.sched_getaffinity(0)
+    assert parse_cpus(format_cpus(have)) == have
+    assert parse_cpus(f"{min(have)}") == {min(have)}
+    assert format_cpus({0, 1, 2, 5, 7, 8}) == "0-2,5,7-8"
+    for bad, why in (("x", "expected CPU numbers"), ("1-", "expected CPU numbers"),
+                     (str(max(have) + 1), f"CPUs {format_cpus(have)} only")):
+        with pytest.raises(TogetherError, match=why):
+            parse_cpus(bad)

@@ -4,8 +4,10 @@ driven through the official openai client."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -16,6 +18,7 @@ pytestmark = pytest.mark.slow
 
 QUESTIONS = ["What is the capital of France?", "Name two primary colors."]
 KEY = "correct horse battery staple"
+LAST_CPU = max(os.sched_getaffinity(0))  # peer b's --cpus
 
 
 def reference(embedded, tokenizer, question: str, max_tokens: int, backend: str = "torch") -> str:
@@ -42,7 +45,7 @@ def ring(embedded_path):
     c = Cluster(str(embedded_path), mesh_key=KEY)
     try:
         api = c.add("a", "--backend", "torch", "--dtype", "float32", "--max-memory", "290MB", api=True)
-        c.add("b", "--backend", "torch", "--dtype", "float32", "--max-memory", "330MB")
+        c.add("b", "--backend", "torch", "--dtype", "float32", "--max-memory", "330MB", cpus=str(LAST_CPU))
         c.add("c", "--backend", "torch", "--dtype", "float32", "--max-memory", "520MB")
         c.add("other", "--backend", "torch", "--dtype", "float32", "--max-memory", "2GB",
               mesh=c.mesh + "-other", api=True)
@@ -73,6 +76,13 @@ def test_three_peers_split_by_memory_and_answer_like_one_process(ring, embedded,
 
     assert len(re.findall(r"torch\s+float32\s+float32\s+\d+\.\d\d\s+\[", render_plan(st.plan))) == 3
     assert re.search(r"torch float32 float32, \d+\.\d\d ms per layer \(measured in", api.log()), api.log()[-2000:]
+    # b runs with --cpus: its compute thread (which measured and loads and runs its layers) is pinned, its
+    # other threads (event loop, gRPC) are not
+    b = ring.peers["b"]
+    assert "ms per layer (measured in" in b.log() and f"compute on CPU {LAST_CPU}" in b.log(), b.log()[-2000:]
+    allowed = [(t / "status").read_text().split("Cpus_allowed_list:")[1].split()[0]
+               for t in Path(f"/proc/{b.proc.pid}/task").iterdir()]
+    assert str(LAST_CPU) in allowed and len(set(allowed)) == 2, allowed
 
     oa = client(api)
     for q in QUESTIONS:
