@@ -12,7 +12,8 @@ would swamp wall time; `--wall` for wall time).
 
 `--kernels` compares the packed-weight kernels (torch's int4 kernel, our kernels/q4.cpp) in one run:
 one shard each, rounds interleaved; `--fused 1,0` likewise the layers' fused path (kernels/layer.cpp)
-against torch ops (TOGETHER_FUSED=0).
+against torch ops (TOGETHER_FUSED=0), and `--fused 1,ops` a decode step as one call of its Blocks against the
+same fused ops called one by one from Python (TOGETHER_FUSED=ops).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import os
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -72,6 +74,15 @@ def profile(shard: TorchShard, b: int, steps: int, prompt: int) -> None:
     print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
+def python_bursts(share: float, stop: threading.Event, burst_s: float = 200e-6) -> None:
+    """Run Python (holding the GIL) `share` of the time in bursts of `burst_s`, sleeping between them."""
+    while not stop.is_set():
+        t = time.perf_counter()
+        while time.perf_counter() - t < burst_s:
+            pass
+        time.sleep(burst_s * (1 - share) / share)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,4,8,16")
@@ -81,6 +92,9 @@ def main() -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--profile", type=int, default=0, help="profile a batch of this size instead")
     ap.add_argument("--wall", action="store_true", help="time by the wall clock, not this thread's CPU time")
+    ap.add_argument("--beside-python", type=float, default=0.0, metavar="SHARE",
+                    help="run the steps beside a thread that runs Python this share of the time (200 us "
+                         "bursts, as a peer's event loop does; implies --wall): what the GIL costs a step")
     ap.add_argument("--kernels", default="", help="packed-weight kernels to compare, e.g. torch,q4 (default: "
                     "the process default, TOGETHER_KERNEL)")
     ap.add_argument("--fused", default="", help="the layers' fused path (kernels/layer.cpp) on and off to "
@@ -98,7 +112,7 @@ def main() -> int:
                 os.environ["TOGETHER_KERNEL"] = k  # read when the packed projections are built
             if f:
                 os.environ["TOGETHER_FUSED"] = f  # read when the slice is loaded
-            shards[(k or "default") + (" unfused" if f == "0" else "")] = TorchShard(
+            shards[(k or "default") + {"0": " unfused", "ops": " fused ops one by one"}.get(f, "")] = TorchShard(
                 ck, 0, ck.config.num_hidden_layers, dtype)
     if args.profile:
         for k, shard in shards.items():
@@ -108,16 +122,22 @@ def main() -> int:
     batches = [int(b) for b in args.batches.split(",")]
     for shard in shards.values():
         decode(shard, max(batches), 2, args.prompt)  # warm up
-    clock = time.perf_counter if args.wall else time.thread_time
+    clock = time.perf_counter if args.wall or args.beside_python else time.thread_time
+    stop = threading.Event()
+    if args.beside_python:
+        threading.Thread(target=python_bursts, args=(args.beside_python, stop), daemon=True).start()
     runs: dict[tuple[str, int], list[float]] = {(k, b): [] for k in shards for b in batches}
     for _ in range(args.rounds):
         for b in batches:
             for k, shard in shards.items():
                 runs[k, b].append(decode(shard, b, args.steps, args.prompt, clock=clock))
+    stop.set()
     med = {kb: statistics.median(r) for kb, r in runs.items()}
     first = next(iter(shards.values()))
     print(f"torch shard, {dtype} ({first.weight_format}), 1 thread, prompt {args.prompt}+, "
-          f"{args.steps} decode steps, median of {args.rounds}, {'wall' if args.wall else 'CPU'} time, "
+          f"{args.steps} decode steps, median of {args.rounds}, "
+          f"{'wall' if args.wall or args.beside_python else 'CPU'} time, "
+          f"{f'beside a thread running Python {args.beside_python:.0%} of the time, ' if args.beside_python else ''}"
           f"load avg {os.getloadavg()[0]:.1f}")
     print("| kernel | streams | aggregate decode tok/s | per stream tok/s | vs 1 stream |")
     print("|---|---|---|---|---|")

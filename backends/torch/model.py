@@ -450,12 +450,16 @@ def _proj(m: nn.Module, reduce: Callable[[torch.Tensor], torch.Tensor] | None) -
 
 
 def fused_ops(device: torch.device, dtype: torch.dtype) -> tuple[Any, ...] | None:
-    """kernels/layer.cpp's ops where they serve a slice: on a CPU (float32 caches), float32 or bfloat16
-    activations, the kernel built, and not turned off (TOGETHER_FUSED=0: benchmarks compare the two)."""
+    """kernels/layer.cpp's ops (rmsnorm, add_rmsnorm, attend, Blocks) where they serve a slice: on a CPU
+    (float32 caches), float32 or bfloat16 activations, the kernel built, and not turned off
+    (TOGETHER_FUSED=0: benchmarks compare the two)."""
     if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or os.environ.get("TOGETHER_FUSED") == "0":
         return None
     mod = kernels.layer()
-    return None if mod is None else (mod.rmsnorm, mod.add_rmsnorm, mod.attend, mod.Blocks)
+    if mod is None:
+        return None
+    # TOGETHER_FUSED=ops: the fused ops called one by one from Python, no Blocks (benchmarks compare the two)
+    return (mod.rmsnorm, mod.add_rmsnorm, mod.attend) + (() if os.environ.get("TOGETHER_FUSED") == "ops" else (mod.Blocks,))
 
 
 def load_slice(ck: Checkpoint, start: int, end: int, dtype: str = "float32",
