@@ -43,10 +43,7 @@ class Origin:
         self.pending[frame.frame_id] = fut
         try:
             addr, _ = self.view.stage_of(0)
-            if addr == self.view.address:  # stage 0 here: its compute is queued now, not a task later
-                self.tasks.spawn(self.stage.start_here(frame))
-            else:
-                self.tasks.spawn(self.stage.send_frame(addr, frame))
+            self.tasks.spawn(self.stage.send_frame(addr, frame))  # stage 0 here: its compute is queued now
             return await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
             raise FrameError(grpc.StatusCode.DEADLINE_EXCEEDED,

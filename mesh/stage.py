@@ -359,18 +359,21 @@ class Stage:
         return what passes its output on once computed (an origin's own stage 0: no task hop first)."""
         return self._run_or_fail(frame, self._begin_or_error(frame))
 
-    async def send_frame(self, address: str, frame: pb.Frame, payload: Payload = b"") -> None:
-        """Pass a frame (its hidden states in `payload`, if not in `data`) to the stage at `address`
-        (this one runs it in place); failures go to its origin."""
+    def send_frame(self, address: str, frame: pb.Frame, payload: Payload = b"") -> Awaitable[None]:
+        """Pass a frame (its hidden states in `payload`, if not in `data`) to the stage at `address`;
+        failures go to its origin. This stage runs it in place, its compute queued before this returns
+        (`start_here`: an origin's own stage 0 takes no task hop first)."""
         if address == self.view.address:
             if len(payload):
                 frame.data = bytes(payload)
-            await self.start_here(frame)
-        else:
-            try:
-                await self.links.stream(address, "Forward").send(frame, payload)
-            except ConnectionError as e:
-                await self.fail(frame, FrameError(grpc.StatusCode.UNAVAILABLE, str(e)))
+            return self.start_here(frame)
+        return self._send_on(address, frame, payload)
+
+    async def _send_on(self, address: str, frame: pb.Frame, payload: Payload) -> None:
+        try:
+            await self.links.stream(address, "Forward").send(frame, payload)
+        except ConnectionError as e:
+            await self.fail(frame, FrameError(grpc.StatusCode.UNAVAILABLE, str(e)))
 
     async def fail(self, frame: pb.Frame, e: FrameError) -> None:
         """Tell the frame's origin that its sequences failed here, and why."""

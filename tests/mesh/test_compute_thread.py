@@ -95,6 +95,28 @@ def test_a_frame_is_queued_for_compute_as_it_comes_off_the_stream(tiny_ck):
     assert [(a, m.frame_id, m.shape[0]) for a, _, m in sent] == [("127.0.0.1:6000", 1, 3)]
 
 
+def test_a_frame_sent_to_this_stage_is_queued_for_compute_before_its_task_runs(tiny_ck):
+    """send_frame to this peer's own address (an API peer's stage 0, as Origin.run_frame sends) queues the
+    compute as it is called: the compute runs while the loop is still busy, before the task that passes
+    its output on has run once."""
+    async def go():
+        links = FakeLinks()
+        sh = GatedShard(torch_shard(tiny_ck, 0, 2))
+        st, delivered, _ = make_stage(two_stage_view(), links, sh)
+        f = pb.Frame(frame_id=1, epoch=7, origin=st.view.address, tokens=[5, 9, 2],
+                     seqs=[pb.SeqEntry(seq_id="a", offset=0, length=3, start=True, history=[5, 9, 2])])
+        pending = st.send_frame(st.view.address, f)
+        started = sh.started.wait(WAIT_S)  # the loop is blocked here: only the compute thread can run
+        sh.gate.set()
+        await pending
+        st.close()
+        return started, links.sent, delivered
+
+    started, sent, delivered = asyncio.run(go())
+    assert started and not delivered
+    assert [(a, m.frame_id, m.shape[0]) for a, _, m in sent] == [("127.0.0.1:6000", 1, 3)]
+
+
 def test_the_next_message_is_made_while_the_compute_runs_and_the_records_after_it_left(tiny_ck, monkeypatch):
     """After a compute the caches are cold and Python is slow: the Frame to the next stage is made
     while the compute thread runs, and the stage's own records (compute time, lease) are kept once

@@ -331,9 +331,6 @@ class LoopbackStage:
             self.origin.deliver(pb.Result(frame_id=frame.frame_id,
                                           results=[pb.TokenResult(seq_id="s1", token=42)]))
 
-    def start_here(self, frame):  # stage 0 is this peer (the view's own address)
-        return self.send_frame(ME, frame)
-
     async def release(self, seq_ids):
         return len(seq_ids)
 
