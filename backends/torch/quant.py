@@ -69,30 +69,34 @@ def _q4_layout(a: Affine) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     plane (N/16, P=1, K/4, 32) uint8 (byte j of step t: row j/2, low nibble k = 4t + j%2, high 4t + 2 + j%2);
     scales (N/16, P, K/g, 16) and biases (N/16, K/g, 16), in float16 where that holds them exactly (GGUF's
     and MLX's own: 4 bytes a group, as torch's kernel), else float32."""
-    q, s, b = unpack(a), a.scales.astype(np.float32), a.biases.astype(np.float32)
+    q = unpack(a)
     n, k = q.shape
-    nb, g = n // 16, k // a.group_size
+    nb = n // 16
     h = q.reshape(nb, 16, k // 4, 2, 2).transpose(0, 2, 1, 4, 3)  # (block, t, row, e, half)
     packed = (h[..., 0] | (h[..., 1] << 4)).reshape(nb, 1, k // 4, 32)
-    meta = [x.reshape(nb, 16, g).transpose(0, 2, 1) for x in (s, b)]  # (block, group, row)
-    exact = all(np.array_equal(x.astype(np.float16).astype(np.float32), x) for x in meta)
-    meta = [x.astype(np.float16 if exact else np.float32) for x in meta]
-    return (torch.from_numpy(np.ascontiguousarray(packed)), torch.from_numpy(np.ascontiguousarray(meta[0][:, None])),
-            torch.from_numpy(np.ascontiguousarray(meta[1])))
+    s, c = _group_constants(a)
+    return torch.from_numpy(np.ascontiguousarray(packed)), s[:, None].contiguous(), c
 
 
 def _q8_layout(a: Affine) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """8-bit `a` for our q8 kernel (kernels/q4.cpp's q8_mm), output rows in blocks of 16: bytes (N/16, K/2, 32)
     (step t: k = 2t, 2t + 1; byte j: row j/2, input 2t + j%2; rows 8-15 in bytes 16-31); scales and biases
     (N/16, K/g, 16), float16 where that holds them exactly, else float32."""
-    q, s, b = unpack(a), a.scales.astype(np.float32), a.biases.astype(np.float32)
+    q = unpack(a)
     n, k = q.shape
-    nb, g = n // 16, k // a.group_size
+    nb = n // 16
     packed = q.reshape(nb, 16, k // 2, 2).transpose(0, 2, 1, 3).reshape(nb, k // 2, 32)  # (block, t, row, e)
-    meta = [x.reshape(nb, 16, g).transpose(0, 2, 1) for x in (s, b)]  # (block, group, row)
+    return (torch.from_numpy(np.ascontiguousarray(packed)), *_group_constants(a))
+
+
+def _group_constants(a: Affine) -> tuple[torch.Tensor, torch.Tensor]:
+    """`a`'s scales and biases as our kernels read them, (N/16, K/g, 16) each (block, group, row): float16
+    where that holds them exactly (GGUF's and MLX's own: 4 bytes a group), else float32."""
+    n, groups = a.scales.shape
+    meta = [x.astype(np.float32).reshape(n // 16, 16, groups).transpose(0, 2, 1) for x in (a.scales, a.biases)]
     exact = all(np.array_equal(x.astype(np.float16).astype(np.float32), x) for x in meta)
-    meta = [np.ascontiguousarray(x.astype(np.float16 if exact else np.float32)) for x in meta]
-    return torch.from_numpy(np.ascontiguousarray(packed)), torch.from_numpy(meta[0]), torch.from_numpy(meta[1])
+    s, c = (torch.from_numpy(np.ascontiguousarray(x.astype(np.float16 if exact else np.float32))) for x in meta)
+    return s, c
 
 
 def q4_fits(a: Affine) -> bool:
